@@ -1,0 +1,1 @@
+"""The user-facing compression steps and the artifact contract they share."""

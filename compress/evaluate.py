@@ -1,0 +1,188 @@
+"""`python -m compress.evaluate`: accuracy against speed for artifacts, beside the reference.
+
+Accuracy runs on the held-out protocol (articles 200-299 joined by blank lines, 512-token windows)
+and on the same tokens for every artifact: perplexity, mean KL(reference || artifact) per token,
+top-1 agreement. Speed runs each artifact in a fresh process (`compress.speed`) so peak RSS is its
+own. Writes report.json, report.md and pareto.png, and records the metrics in each manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from compress.artifact import command_line, machine_description, open_artifact, record_metrics, verify
+from compress.models import count_parameters, load_artifact_model, load_tokenizer
+from runtime.config import field, parse_config
+from runtime.errors import UserError, run_main
+from train.data import heldout_windows
+
+
+@dataclass
+class EvaluateConfig:
+    reference: str = field("artifacts/reference", help="the uncompressed reference artifact")
+    artifacts: list[str] = field([], help="artifacts to evaluate (the reference may be listed too)")
+    out: str = field("artifacts/eval", help="directory for report.json, report.md, pareto.png")
+    max_eval_tokens: int | None = field(None, help="evaluate only the first N held-out tokens (whole windows)")
+    seq_len: int = field(512, help="window length of the held-out protocol")
+    speed: bool = field(True, help="measure speed (each artifact in its own process)")
+    new_tokens: int = field(128, help="greedy tokens per decode measurement")
+    threads: int | None = field(None, help="torch threads for the speed runs")
+    device: str = field("cpu", help="device for the speed runs (cpu or cuda)")
+    record: bool = field(True, help="write the measured metrics into each artifact's manifest")
+
+    def validate(self) -> None:
+        if not self.artifacts:
+            raise UserError("artifacts: name at least one artifact")
+        if self.max_eval_tokens is not None and self.max_eval_tokens < self.seq_len:
+            raise UserError(f"max_eval_tokens: must be at least seq_len ({self.seq_len})")
+
+
+@torch.inference_mode()
+def accuracy_metrics(reference: torch.nn.Module, models: dict[str, torch.nn.Module],
+                     windows: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Perplexity, KL(ref || model) and top-1 agreement on the same next-token positions."""
+    sums = {name: {"nll": 0.0, "kl": 0.0, "agree": 0} for name in models}
+    ref_nll = 0.0
+    count = 0
+    for window in tqdm(windows, desc="accuracy (windows)", unit="win"):
+        ids = window[None]
+        targets = ids[0, 1:]
+        ref_logp = torch.log_softmax(reference(ids).logits[0, :-1].float(), dim=-1)
+        ref_nll += -ref_logp.gather(1, targets[:, None]).sum().item()
+        ref_top1 = ref_logp.argmax(-1)
+        ref_p = ref_logp.exp()
+        count += targets.numel()
+        for name, model in models.items():
+            logp = ref_logp if model is reference else torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+            sums[name]["nll"] += -logp.gather(1, targets[:, None]).sum().item()
+            sums[name]["kl"] += (ref_p * (ref_logp - logp)).sum().item()
+            sums[name]["agree"] += (logp.argmax(-1) == ref_top1).sum().item()
+    results = {"__reference__": {"perplexity": math.exp(ref_nll / count), "tokens": count}}
+    for name, s in sums.items():
+        results[name] = {"perplexity": math.exp(s["nll"] / count), "kl": max(s["kl"], 0.0) / count,
+                         "top1_agreement": s["agree"] / count, "tokens": count}
+    return results
+
+
+def run_speed(path: str, cfg: EvaluateConfig) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "compress.speed", "--artifact", path, "--device", cfg.device,
+           "--new-tokens", str(cfg.new_tokens)]
+    if cfg.threads:
+        cmd += ["--threads", str(cfg.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        raise UserError(f"speed measurement failed for {path}: {tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["speed"]
+
+
+def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Measure every artifact; write report.json / report.md / pareto.png under cfg.out."""
+    ref_artifact = open_artifact(cfg.reference)
+    artifacts = {p: open_artifact(p) for p in cfg.artifacts}
+    for artifact in [ref_artifact, *artifacts.values()]:
+        problems = verify(artifact)
+        if problems:
+            raise UserError(f"refusing to evaluate a damaged artifact: {problems[0]}")
+    tokenizer = load_tokenizer(ref_artifact.path)
+    windows = heldout_windows(tokenizer, cfg.seq_len, cfg.max_eval_tokens)
+    reference = load_artifact_model(ref_artifact.path)
+    same = {p: Path(p).resolve() == ref_artifact.path.resolve() for p in artifacts}
+    models = {p: reference if same[p] else load_artifact_model(p) for p in artifacts}
+    acc = accuracy_metrics(reference, models, windows)
+
+    rows = []
+    command = command_line("compress.evaluate")
+    for path, artifact in tqdm(artifacts.items(), desc="speed (artifacts)", unit="artifact"):
+        row = {"name": artifact.path.name, "path": str(artifact.path), "kind": artifact.kind,
+               "parameters": count_parameters(models[path]),
+               "size_mb": artifact.model_size_bytes() / 1e6, "backend": f"pytorch-{cfg.device}", **acc[path]}
+        if cfg.speed:
+            row.update(run_speed(path, cfg))
+        rows.append(row)
+        if cfg.record:
+            values = {k: v for k, v in row.items() if k not in ("name", "path", "kind")}
+            values["reference_perplexity"] = acc["__reference__"]["perplexity"]
+            record_metrics(artifact, values, command)
+    rows.sort(key=lambda r: (r["path"] != str(ref_artifact.path), r["name"]))
+    report = {"reference": str(ref_artifact.path), "reference_perplexity": acc["__reference__"]["perplexity"],
+              "protocol": {"split": "heldout articles 200-299", "seq_len": cfg.seq_len,
+                           "windows": int(windows.shape[0]), "tokens_scored": acc["__reference__"]["tokens"]},
+              "command": command, "config": asdict(cfg), "machine": machine_description(), "results": rows}
+    write_report(report, Path(cfg.out))
+    return report
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    p = report["protocol"]
+    lines = [f"Held-out: {p['windows']} windows x {p['seq_len']} tokens ({p['tokens_scored']} scored tokens); "
+             f"reference perplexity {report['reference_perplexity']:.2f}.", "",
+             "| artifact | kind | params | size MB | ppl | Δppl | KL | top-1 | prefill tok/s | decode b1 | "
+             "decode b8 | TTFT ms | peak RSS MB |", "|---" * 13 + "|"]
+    ref_ppl = report["reference_perplexity"]
+    for r in report["results"]:
+        def g(key: str, fmt: str, r: dict = r) -> str:
+            return format(r[key], fmt) if r.get(key) is not None else "–"
+        delta = f"{100 * (r['perplexity'] / ref_ppl - 1):+.1f}%"
+        lines.append(f"| {r['name']} | {r['kind']} | {r['parameters'] / 1e6:.1f}M | {r['size_mb']:.0f} | "
+                     f"{r['perplexity']:.2f} | {delta} | {r['kl']:.4f} | {r['top1_agreement']:.3f} | "
+                     f"{g('prefill_tok_s', '.0f')} | {g('decode_tok_s_b1', '.1f')} | {g('decode_tok_s_b8', '.1f')} | "
+                     f"{g('ttft_ms', '.0f')} | {g('peak_rss_mb', '.0f')} |")
+    lines += ["", f"Command: `{report['command']}`", f"Machine: {report['machine'].get('cpu', '?')}, "
+              f"{report['machine'].get('cpu_count')} cores, torch threads {report['machine'].get('torch_threads')}"]
+    return "\n".join(lines) + "\n"
+
+
+def pareto_plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for r in report["results"]:
+        x = r.get("decode_tok_s_b1")
+        if x is None:
+            continue
+        ax.scatter(x, r["perplexity"], s=40)
+        ax.annotate(r["name"], (x, r["perplexity"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.axhline(report["reference_perplexity"], color="grey", linestyle=":", linewidth=1, label="reference ppl")
+    ax.set_xlabel("decode tokens/s (batch 1)")
+    ax.set_ylabel("held-out perplexity (lower is better)")
+    ax.set_title("Accuracy against speed")
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(report: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(out / "report.json")
+    (out / ".report.md.tmp").write_text(markdown_table(report), encoding="utf-8")
+    (out / ".report.md.tmp").replace(out / "report.md")
+    pareto_plot(report, out / ".pareto.tmp.png")
+    (out / ".pareto.tmp.png").replace(out / "pareto.png")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cfg = parse_config(EvaluateConfig, argv, "python -m compress.evaluate", __doc__.splitlines()[0])
+    report = evaluate(cfg)
+    print(markdown_table(report))
+    print(f"wrote {cfg.out}/report.json, report.md, pareto.png")
+
+
+if __name__ == "__main__":
+    run_main(main)

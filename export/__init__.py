@@ -1,0 +1,1 @@
+"""Exporters: each reads an artifact and writes an artifact."""

@@ -1,0 +1,25 @@
+"""User-facing errors and the `main()` wrapper every command shares.
+
+It lives in `runtime` because that is the bottom layer: every other package may import it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+
+class UserError(Exception):
+    """Bad input from the user (file, field, flag): reported as one line, exit status 2."""
+
+
+def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
+    """Run a command's main, turning UserError into `error: ...` on stderr and exit 2."""
+    try:
+        main(argv)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

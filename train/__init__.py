@@ -1,0 +1,1 @@
+"""Training pieces used by the compression steps: data, Lightning modules, losses."""
