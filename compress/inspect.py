@@ -36,8 +36,12 @@ def inspect_artifact(path: str) -> tuple[str, list[str]]:
         if parent is None:
             out.append(f"  {link['kind']:<12} {link['path']}  (not found on this machine)")
             continue
-        ok = "hash ok" if parent.content_hash == link["content_hash"] else "HASH CHANGED since the child was made"
-        out.append(f"  {parent.kind:<12} {parent.path}  ({ok})")
+        if parent.content_hash != link["content_hash"]:
+            state = "a different artifact now: content hash changed since the child was made"
+        else:
+            damage = verify(parent)
+            state = "hash ok" if not damage else f"damaged: {damage[0]}"
+        out.append(f"  {parent.kind:<12} {parent.path}  ({state})")
     problems = verify(artifact)
     out += ["", "integrity: " + ("ok, every file matches its sha256" if not problems else "FAILED")]
     out += [f"  {p}" for p in problems]

@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny random Llama models with a real (small) tokenizer, and the real reference."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_tiny_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE trained on the corpus's train split in well under a second."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from train.data import load_corpus
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(load_corpus("train"), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_tiny_llama(vocab_size: int = 512, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                    intermediate: int = 128, seed: int = 0, tie: bool = True):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=1024, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=2)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture()
+def tiny_artifact(tmp_path, tiny_tokenizer):
+    """A `reference` artifact holding a tiny random Llama."""
+    from compress.artifact import open_artifact, write_artifact
+    from compress.models import describe_model
+
+    model = make_tiny_llama(vocab_size=len(tiny_tokenizer))
+    out = tmp_path / "tiny-ref"
+    with write_artifact(out, "reference", "tests", {"seed": 0}, extra={"model": describe_model(model)}) as tmp:
+        model.save_pretrained(tmp)
+        tiny_tokenizer.save_pretrained(tmp)
+    return open_artifact(out)
+
+
+@pytest.fixture(scope="session")
+def reference_artifact():
+    """The real SmolLM2 reference, built once and cached under artifacts/ (shared by all slow tests)."""
+    from compress.reference import ReferenceConfig, make_reference
+
+    return make_reference(ReferenceConfig(out=str(ROOT / "artifacts" / "reference"), if_missing=True))
