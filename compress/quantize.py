@@ -1,0 +1,241 @@
+"""`python -m compress.quantize`: GPTQ / RTN (INT4, INT8, GPTQ v1 checkpoint), dynamic INT8, fp16, bf16.
+
+GPTQ runs true-sequential, layer by layer: each layer is calibrated on the outputs of the already
+quantized layers before it. The result is a standard Hugging Face GPTQ checkpoint
+(`quantization_config.quant_method = "gptq"`) that GPTQModel, vLLM and TGI read unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from compress.artifact import Artifact, open_artifact, verify, write_artifact
+from compress.calibration import (
+    capture_layer_inputs,
+    collect_input_stats,
+    decoder_layers,
+    run_layer,
+    sequential_groups,
+)
+from compress.gptq import QuantResult, QuantSpec, quantize_gptq, quantize_rtn
+from compress.models import describe_model, load_artifact_model, load_tokenizer
+from runtime.config import field, parse_config
+from runtime.errors import UserError, run_main
+from runtime.quantized import SUPPORTED_BITS, pack_gptq, quantize_int8_weight, quantized_module_names
+from train.data import load_split_or_file, sample_windows, texts_hash, tokenize_joined
+
+METHODS = ("gptq", "rtn", "dynamic-int8", "fp16", "bf16")
+
+
+@dataclass
+class QuantizeConfig:
+    artifact: str = field("artifacts/reference", help="artifact to quantize")
+    out: str = field(None, help="output artifact directory")
+    method: str = field("gptq", help="quantization method", choices=METHODS)
+    bits: int = field(4, help="weight bits for gptq/rtn (4 or 8)")
+    group_size: int = field(128, help="columns per quantization group: 32, 64, 128, ... or -1 (per-channel)")
+    sym: bool = field(True, help="symmetric grid (--no-sym for asymmetric zero points)")
+    desc_act: bool = field(False, help="GPTQ act-order: quantize columns by decreasing Hessian diagonal")
+    damp: float = field(0.01, help="GPTQ damping, fraction of the mean Hessian diagonal")
+    true_sequential: bool = field(True, help="re-calibrate each group of Linears after the previous is quantized")
+    calibration: str | None = field(None, help="calibration file (.txt/.jsonl/.parquet; default: corpus train split)")
+    text_field: str = field("text", help="text field of a JSONL/Parquet calibration file")
+    n_samples: int = field(128, help="calibration windows")
+    seq_len: int = field(512, help="tokens per calibration window")
+    batch_size: int = field(8, help="calibration windows per forward pass")
+    seed: int = field(0, help="seed for sampling calibration windows")
+    save_dtype: str = field("float16", help="dtype for the unquantized tensors of gptq/rtn checkpoints",
+                            choices=("float16", "bfloat16", "float32"))
+    overwrite: bool = field(False, help="replace an existing artifact at --out")
+
+    def validate(self) -> None:
+        if not self.out:
+            raise UserError("out: required (the output artifact directory)")
+        if self.method in ("gptq", "rtn"):
+            if self.bits not in SUPPORTED_BITS:
+                raise UserError(f"bits: {self.bits} is not supported (GPTQ v1 packing here: 4 or 8)")
+            gs = self.group_size
+            if gs != -1 and (gs < 8 or gs & (gs - 1)):
+                raise UserError(f"group_size: must be a power of two >= 8 or -1 (per-channel), got {gs}")
+        if not 0 < self.damp < 1:
+            raise UserError(f"damp: must be in (0, 1), got {self.damp}")
+        for name in ("n_samples", "seq_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.calibration is not None and not Path(self.calibration).is_file():
+            raise UserError(f"calibration: file not found: {self.calibration}")
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec(self.bits, self.group_size, self.sym, self.desc_act, self.damp)
+
+
+def calibration_windows(cfg: QuantizeConfig, tokenizer: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+    texts = load_split_or_file(cfg.calibration, "train", cfg.text_field)
+    windows = sample_windows(tokenize_joined(tokenizer, texts), cfg.n_samples, cfg.seq_len, cfg.seed)
+    info = {"source": cfg.calibration or "lee_background.cor articles 0-199", "texts_sha256": texts_hash(texts),
+            "windows_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
+            "n_samples": cfg.n_samples, "seq_len": cfg.seq_len, "seed": cfg.seed}
+    return windows, info
+
+
+def _check_shapes(model: torch.nn.Module, names: list[str], bits: int) -> None:
+    per = 32 // bits
+    for name in names:
+        m = model.get_submodule(name)
+        if m.in_features % per or m.out_features % per:
+            raise UserError(f"{name}: shape {m.out_features}x{m.in_features} cannot be packed at {bits} bits "
+                            f"(both dims must be multiples of {per})")
+
+
+@torch.no_grad()
+def quantize_weights(model: torch.nn.Module, cfg: QuantizeConfig, windows: torch.Tensor | None
+                     ) -> tuple[dict[str, QuantResult], dict[str, dict[str, float]]]:
+    """GPTQ (true-sequential over layers) or RTN; the model's weights become their dequantized values."""
+    spec = cfg.spec
+    results: dict[str, QuantResult] = {}
+    errors: dict[str, dict[str, float]] = {}
+
+    def apply(full_name: str, module: torch.nn.Linear, result: QuantResult) -> None:
+        original = module.weight.detach().float()
+        dq = result.dequantized()
+        errors[full_name] = {"weight_rel_err": float((dq - original).norm() / original.norm()),
+                             "gptq_loss": result.loss}
+        module.weight.copy_(dq.to(module.weight.dtype))
+        results[full_name] = result
+
+    layers = decoder_layers(model)
+    if cfg.method == "rtn":
+        for i, layer in enumerate(tqdm(layers, desc="rtn (layers)", unit="layer")):
+            for group in sequential_groups(layer):
+                for name in group:
+                    module = layer.get_submodule(name)
+                    apply(f"model.layers.{i}.{name}", module, quantize_rtn(module.weight, spec))
+        return results, errors
+
+    batches = capture_layer_inputs(model, windows, cfg.batch_size)
+    for i, layer in enumerate(tqdm(layers, desc="gptq (layers)", unit="layer")):
+        for group in sequential_groups(layer, cfg.true_sequential):
+            stats = collect_input_stats(layer, batches, group)
+            for name in group:
+                module = layer.get_submodule(name)
+                apply(f"model.layers.{i}.{name}", module, quantize_gptq(module.weight, stats[name]["hessian"], spec))
+        batches = run_layer(layer, batches)
+    return results, errors
+
+
+def _gptq_state_dict(model: torch.nn.Module, results: dict[str, QuantResult], bits: int,
+                     dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    state = {}
+    for key, tensor in model.state_dict().items():
+        module_name = key.rsplit(".", 1)[0]
+        if module_name in results or (key == "lm_head.weight" and model.config.tie_word_embeddings):
+            continue
+        state[key] = tensor.detach().to(dtype).contiguous()
+    for name, r in results.items():
+        for suffix, tensor in pack_gptq(r.q, r.scales, r.zeros, r.g_idx, bits).items():
+            state[f"{name}.{suffix}"] = tensor
+    return state
+
+
+def _int8_state_dict(model: torch.nn.Module, names: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
+    state, errors = {}, {}
+    skip = set(names)
+    for key, tensor in model.state_dict().items():
+        if key.rsplit(".", 1)[0] in skip or (key == "lm_head.weight" and model.config.tie_word_embeddings):
+            continue
+        state[key] = tensor.detach().contiguous()
+    for name in names:
+        w = model.get_submodule(name).weight.detach().float()
+        q, scale = quantize_int8_weight(w)
+        state[f"{name}.weight_int8"], state[f"{name}.weight_scale"] = q, scale
+        errors[name] = {"weight_rel_err": float((q.float() * scale[:, None] - w).norm() / w.norm())}
+    return state, errors
+
+
+def quantize(parent: Artifact, cfg: QuantizeConfig) -> Artifact:
+    """Quantize `parent` by `cfg.method`; write and return the `quantized` artifact."""
+    problems = verify(parent)
+    if problems:
+        raise UserError(f"refusing to quantize a damaged artifact: {problems[0]}")
+    tokenizer = load_tokenizer(parent.path)
+    model = load_artifact_model(parent.path)
+    if model.config.to_dict().get("quantization_config"):
+        raise UserError(f"{parent.path}: already quantized; quantize the unquantized parent instead")
+    names = quantized_module_names(model, {})
+    start = time.perf_counter()
+    info: dict[str, Any] = {"method": cfg.method}
+    config_dict = model.config.to_dict()
+
+    if cfg.method in ("gptq", "rtn"):
+        _check_shapes(model, names, cfg.bits)
+        windows = None
+        if cfg.method == "gptq":
+            windows, info["calibration"] = calibration_windows(cfg, tokenizer)
+        results, errors = quantize_weights(model, cfg, windows)
+        dtype = getattr(torch, cfg.save_dtype)
+        state = _gptq_state_dict(model, results, cfg.bits, dtype)
+        config_dict["dtype"] = cfg.save_dtype
+        config_dict["quantization_config"] = {
+            "quant_method": "gptq", "bits": cfg.bits, "group_size": cfg.group_size, "desc_act": cfg.desc_act,
+            "sym": cfg.sym, "damp_percent": cfg.damp, "true_sequential": cfg.true_sequential,
+            "static_groups": False, "checkpoint_format": "gptq", "pack_dtype": "int32",
+            "modules_to_not_convert": ["lm_head"], "meta": {"quantizer": ["lm-shrinkwrap:0.1.0"],
+                                                            "method": cfg.method}}
+    elif cfg.method == "dynamic-int8":
+        state, errors = _int8_state_dict(model, names)
+        config_dict["quantization_config"] = {"quant_method": "shrinkwrap-int8-dynamic", "weights": "int8 per-channel",
+                                              "activations": "int8 per-token dynamic", "symmetric": True,
+                                              "modules_to_not_convert": ["lm_head"]}
+    else:
+        dtype = getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[cfg.method])
+        model = model.to(dtype)
+        state, errors = None, {}
+    info["wall_seconds"] = round(time.perf_counter() - start, 1)
+    info["layer_errors"] = errors
+
+    description = f"{cfg.method} of `{parent.path.name}`" + (
+        f", W{cfg.bits} group {cfg.group_size} {'sym' if cfg.sym else 'asym'}"
+        f"{' desc_act' if cfg.desc_act else ''}" if cfg.method in ("gptq", "rtn") else "")
+    with write_artifact(cfg.out, "quantized", "compress.quantize", dataclasses.asdict(cfg), parent=parent,
+                        overwrite=cfg.overwrite,
+                        extra={"model": {**describe_model(model), "quantization": cfg.method},
+                               "quantization": info, "description": description}) as tmp:
+        if state is None:
+            model.save_pretrained(tmp)
+        else:
+            _save_checkpoint(tmp, config_dict, state, model)
+        tokenizer.save_pretrained(tmp)
+    return open_artifact(cfg.out)
+
+
+def _save_checkpoint(tmp: Path, config_dict: dict[str, Any], state: dict[str, torch.Tensor],
+                     model: torch.nn.Module) -> None:
+    import json
+
+    (tmp / "config.json").write_text(json.dumps(config_dict, indent=2, default=str) + "\n", encoding="utf-8")
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(tmp)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cfg = parse_config(QuantizeConfig, argv, "python -m compress.quantize", __doc__.splitlines()[0])
+    artifact = quantize(open_artifact(cfg.artifact), cfg)
+    q = artifact.manifest["quantization"]
+    print(f"quantized artifact: {artifact.path} ({artifact.model_size_bytes() / 1e6:.0f} MB, "
+          f"{q['method']}, {q['wall_seconds']} s)")
+
+
+if __name__ == "__main__":
+    run_main(main)
