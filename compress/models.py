@@ -106,7 +106,7 @@ def load_artifact_model(path: str | Path, device: str | torch.device = "cpu",
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     quant = config.get("quantization_config")
     if quant is not None:
-        from compress.quantized import load_quantized_model
+        from runtime.quantized import load_quantized_model
 
         return load_quantized_model(path, device=device)
     stored = config.get("dtype") or config.get("torch_dtype") or "float32"

@@ -72,8 +72,11 @@ class QuantizeConfig:
         for name in ("n_samples", "seq_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name}: must be positive, got {getattr(self, name)}")
-        if self.calibration is not None and not Path(self.calibration).is_file():
-            raise UserError(f"calibration: file not found: {self.calibration}")
+        if self.calibration is not None:
+            if not Path(self.calibration).is_file():
+                raise UserError(f"calibration: file not found: {self.calibration}")
+            if Path(self.calibration).stat().st_size == 0:
+                raise UserError(f"calibration: file is empty: {self.calibration}")
 
     @property
     def spec(self) -> QuantSpec:
@@ -169,6 +172,7 @@ def quantize(parent: Artifact, cfg: QuantizeConfig) -> Artifact:
     if problems:
         raise UserError(f"refusing to quantize a damaged artifact: {problems[0]}")
     tokenizer = load_tokenizer(parent.path)
+    windows, calibration = calibration_windows(cfg, tokenizer) if cfg.method == "gptq" else (None, None)
     model = load_artifact_model(parent.path)
     if model.config.to_dict().get("quantization_config"):
         raise UserError(f"{parent.path}: already quantized; quantize the unquantized parent instead")
@@ -179,9 +183,8 @@ def quantize(parent: Artifact, cfg: QuantizeConfig) -> Artifact:
 
     if cfg.method in ("gptq", "rtn"):
         _check_shapes(model, names, cfg.bits)
-        windows = None
-        if cfg.method == "gptq":
-            windows, info["calibration"] = calibration_windows(cfg, tokenizer)
+        if calibration is not None:
+            info["calibration"] = calibration
         results, errors = quantize_weights(model, cfg, windows)
         dtype = getattr(torch, cfg.save_dtype)
         state = _gptq_state_dict(model, results, cfg.bits, dtype)
