@@ -71,13 +71,13 @@ def quantize_rtn(weight: torch.Tensor, spec: QuantSpec) -> QuantResult:
     rows, cols = w.shape
     gs = _group_size(spec, cols)
     groups = math.ceil(cols / gs)
-    scales, zeros = torch.zeros(groups, rows), torch.zeros(groups, rows)
-    q = torch.zeros(rows, cols)
+    scales, zeros = w.new_zeros(groups, rows), w.new_zeros(groups, rows)
+    q = w.new_zeros(rows, cols)
     for g in range(groups):
         sl = slice(g * gs, min((g + 1) * gs, cols))
         scales[g], zeros[g] = find_params(w[:, sl], spec)
         q[:, sl] = _quant(w[:, sl], scales[g][:, None], zeros[g][:, None], spec.maxq)
-    g_idx = torch.arange(cols) // gs
+    g_idx = torch.arange(cols, device=w.device) // gs
     return QuantResult(q.to(torch.int32), scales, zeros, g_idx.to(torch.int32), 0.0)
 
 
@@ -103,7 +103,7 @@ def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    perm = torch.argsort(torch.diag(h), descending=True) if spec.desc_act else torch.arange(cols)
+    perm = torch.argsort(torch.diag(h), descending=True) if spec.desc_act else torch.arange(cols, device=w.device)
     w, h = w[:, perm], h[perm][:, perm]
     hinv = _inverse_hessian_factor(h, spec.damp)
 
@@ -111,9 +111,9 @@ def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     groups = math.ceil(cols / gs)
     if gs < cols:  # blocks hold whole groups, so a group's parameters see fully updated weights
         block_size = gs * max(1, block_size // gs)
-    scales, zeros = torch.zeros(groups, rows), torch.zeros(groups, rows)
-    q_perm = torch.zeros(rows, cols)
-    loss = torch.zeros(rows)
+    scales, zeros = w.new_zeros(groups, rows), w.new_zeros(groups, rows)
+    q_perm = w.new_zeros(rows, cols)
+    loss = w.new_zeros(rows)
     scale = zero = None
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
@@ -138,6 +138,6 @@ def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     invperm = torch.argsort(perm)
-    g_idx = (torch.arange(cols) // gs)[invperm]
+    g_idx = (torch.arange(cols, device=w.device) // gs)[invperm]
     return QuantResult(q_perm[:, invperm].to(torch.int32), scales, zeros, g_idx.to(torch.int32),
                        float(loss.sum()))

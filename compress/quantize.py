@@ -48,12 +48,14 @@ class QuantizeConfig:
     desc_act: bool = field(False, help="GPTQ act-order: quantize columns by decreasing Hessian diagonal")
     damp: float = field(0.01, help="GPTQ damping, fraction of the mean Hessian diagonal")
     true_sequential: bool = field(True, help="re-calibrate each group of Linears after the previous is quantized")
+    skip_positions: int = field(0, help="leave the first N positions of each window (attention sinks) out of H")
     calibration: str | None = field(None, help="calibration file (.txt/.jsonl/.parquet; default: corpus train split)")
     text_field: str = field("text", help="text field of a JSONL/Parquet calibration file")
     n_samples: int = field(128, help="calibration windows")
     seq_len: int = field(512, help="tokens per calibration window")
     batch_size: int = field(8, help="calibration windows per forward pass")
     seed: int = field(0, help="seed for sampling calibration windows")
+    device: str = field("cpu", help="where calibration and GPTQ run (cpu or cuda)")
     save_dtype: str = field("float16", help="dtype for the unquantized tensors of gptq/rtn checkpoints",
                             choices=("float16", "bfloat16", "float32"))
     overwrite: bool = field(False, help="replace an existing artifact at --out")
@@ -67,6 +69,8 @@ class QuantizeConfig:
             gs = self.group_size
             if gs != -1 and (gs < 8 or gs & (gs - 1)):
                 raise UserError(f"group_size: must be a power of two >= 8 or -1 (per-channel), got {gs}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError("device: CUDA is not available on this machine")
         if not 0 < self.damp < 1:
             raise UserError(f"damp: must be in (0, 1), got {self.damp}")
         for name in ("n_samples", "seq_len", "batch_size"):
@@ -111,7 +115,8 @@ def quantize_weights(model: torch.nn.Module, cfg: QuantizeConfig, windows: torch
 
     def apply(full_name: str, module: torch.nn.Linear, result: QuantResult) -> None:
         original = module.weight.detach().float()
-        dq = result.dequantized()
+        result = QuantResult(result.q.cpu(), result.scales.cpu(), result.zeros.cpu(), result.g_idx.cpu(), result.loss)
+        dq = result.dequantized().to(original.device)
         errors[full_name] = {"weight_rel_err": float((dq - original).norm() / original.norm()),
                              "gptq_loss": result.loss}
         module.weight.copy_(dq.to(module.weight.dtype))
@@ -129,7 +134,7 @@ def quantize_weights(model: torch.nn.Module, cfg: QuantizeConfig, windows: torch
     batches = capture_layer_inputs(model, windows, cfg.batch_size)
     for i, layer in enumerate(tqdm(layers, desc="gptq (layers)", unit="layer")):
         for group in sequential_groups(layer, cfg.true_sequential):
-            stats = collect_input_stats(layer, batches, group)
+            stats = collect_input_stats(layer, batches, group, skip_positions=cfg.skip_positions)
             for name in group:
                 module = layer.get_submodule(name)
                 apply(f"model.layers.{i}.{name}", module, quantize_gptq(module.weight, stats[name]["hessian"], spec))
@@ -173,7 +178,9 @@ def quantize(parent: Artifact, cfg: QuantizeConfig) -> Artifact:
         raise UserError(f"refusing to quantize a damaged artifact: {problems[0]}")
     tokenizer = load_tokenizer(parent.path)
     windows, calibration = calibration_windows(cfg, tokenizer) if cfg.method == "gptq" else (None, None)
-    model = load_artifact_model(parent.path)
+    model = load_artifact_model(parent.path, device=cfg.device)
+    if windows is not None:
+        windows = windows.to(cfg.device)
     if model.config.to_dict().get("quantization_config"):
         raise UserError(f"{parent.path}: already quantized; quantize the unquantized parent instead")
     names = quantized_module_names(model, {})
@@ -187,7 +194,7 @@ def quantize(parent: Artifact, cfg: QuantizeConfig) -> Artifact:
             info["calibration"] = calibration
         results, errors = quantize_weights(model, cfg, windows)
         dtype = getattr(torch, cfg.save_dtype)
-        state = _gptq_state_dict(model, results, cfg.bits, dtype)
+        state = _gptq_state_dict(model.cpu(), results, cfg.bits, dtype)
         config_dict["dtype"] = cfg.save_dtype
         config_dict["quantization_config"] = {
             "quant_method": "gptq", "bits": cfg.bits, "group_size": cfg.group_size, "desc_act": cfg.desc_act,
@@ -196,13 +203,13 @@ def quantize(parent: Artifact, cfg: QuantizeConfig) -> Artifact:
             "modules_to_not_convert": ["lm_head"], "meta": {"quantizer": ["lm-shrinkwrap:0.1.0"],
                                                             "method": cfg.method}}
     elif cfg.method == "dynamic-int8":
-        state, errors = _int8_state_dict(model, names)
+        state, errors = _int8_state_dict(model.cpu(), names)
         config_dict["quantization_config"] = {"quant_method": "shrinkwrap-int8-dynamic", "weights": "int8 per-channel",
                                               "activations": "int8 per-token dynamic", "symmetric": True,
                                               "modules_to_not_convert": ["lm_head"]}
     else:
         dtype = getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[cfg.method])
-        model = model.to(dtype)
+        model = model.to(device="cpu", dtype=dtype)
         state, errors = None, {}
     info["wall_seconds"] = round(time.perf_counter() - start, 1)
     info["layer_errors"] = errors
