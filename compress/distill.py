@@ -20,6 +20,7 @@ import torch
 from compress.artifact import Artifact, open_artifact, record_metrics, verify, write_artifact
 from compress.evaluate import accuracy_metrics
 from compress.models import count_parameters, describe_model, load_artifact_model, load_tokenizer
+from compress.surgery import keep_layers
 from runtime.config import field, parse_config
 from runtime.errors import UserError, run_main
 from train.data import heldout_windows
@@ -98,21 +99,7 @@ def evenly_spaced_layers(total: int, keep: int) -> list[int]:
 
 def layer_drop_student(teacher: torch.nn.Module, keep: list[int]) -> torch.nn.Module:
     """A copy of the teacher with only layers `keep` (embeddings, norms and head copied)."""
-    from transformers import AutoModelForCausalLM
-
-    config = teacher.config.__class__.from_dict(teacher.config.to_dict())
-    config.num_hidden_layers = len(keep)
-    student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    state = {}
-    for key, value in teacher.state_dict().items():
-        if key.startswith("model.layers."):
-            idx = int(key.split(".")[2])
-            if idx in keep:
-                state[key.replace(f"model.layers.{idx}.", f"model.layers.{keep.index(idx)}.", 1)] = value
-        else:
-            state[key] = value
-    student.load_state_dict(state, strict=True)
-    return student
+    return keep_layers(teacher, keep)
 
 
 def build_student(cfg: DistillConfig, teacher: torch.nn.Module, teacher_artifact: Artifact) -> torch.nn.Module:
@@ -165,8 +152,12 @@ def _trainer(cfg: DistillConfig):
                      log_every_n_steps=1, enable_model_summary=False, use_distributed_sampler=False)
 
 
-def distill(cfg: DistillConfig) -> Artifact | None:
-    """Train the student; write and return the `distilled` artifact (None on non-zero ranks)."""
+def distill(cfg: DistillConfig, kind: str = "distilled", param_masks: dict[str, torch.Tensor] | None = None,
+            extra: dict[str, Any] | None = None) -> Artifact | None:
+    """Train the student; write and return the artifact (None on non-zero ranks).
+
+    `param_masks` (parameter name -> keep mask) hold pruned weights at zero: pruning recovery.
+    """
     import lightning as L
 
     from train.datamodule import DistillDataModule, teacher_continuations
@@ -184,7 +175,8 @@ def distill(cfg: DistillConfig) -> Artifact | None:
     tokenizer = load_tokenizer(teacher_artifact.path)
     teacher = load_artifact_model(teacher_artifact.path)
     student = build_student(cfg, teacher, teacher_artifact)
-    _check_sizes(student, teacher)
+    if param_masks is None:  # a sparse student keeps its shape: its zeros are the saving
+        _check_sizes(student, teacher)
     hidden_map: list[tuple[int, int]] = []
     if cfg.hidden_weight > 0:
         if cfg.init != "layer-drop":
@@ -192,21 +184,21 @@ def distill(cfg: DistillConfig) -> Artifact | None:
         keep = sorted(cfg.keep_layers) or evenly_spaced_layers(teacher.config.num_hidden_layers, cfg.student_layers)
         hidden_map = list(enumerate(keep))
 
-    extra = None
+    seq_kd_sequences = None
     if cfg.seq_kd:
         from train.data import load_split_or_file
 
-        extra = teacher_continuations(teacher, tokenizer, load_split_or_file(cfg.data, "train", cfg.text_field),
+        seq_kd_sequences = teacher_continuations(teacher, tokenizer, load_split_or_file(cfg.data, "train", cfg.text_field),
                                       cfg.seq_len - cfg.seq_kd_tokens, cfg.seq_kd_tokens, cfg.work_path,
                                       teacher_artifact.content_hash)
     data = DistillDataModule(tokenizer, cfg.seq_len, cfg.batch_size, cfg.data, cfg.text_field, cfg.val_windows,
-                             extra, cfg.seed, cfg.grad_accum)
+                             seq_kd_sequences, cfg.seed, cfg.grad_accum)
     module = DistillationModule(
         student, teacher,
         LossWeights(cfg.kd_weight, cfg.reverse_kd_weight, cfg.ce_weight, cfg.hidden_weight, cfg.temperature,
                     hidden_map),
         OptimConfig(cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.max_steps),
-        cfg.gradient_checkpointing)
+        cfg.gradient_checkpointing, param_masks)
     windows = heldout_windows(tokenizer)[: cfg.eval_windows]
     trainer = _trainer(cfg)
     before = accuracy_metrics(teacher, {"student": student}, windows) if trainer.is_global_zero else None
@@ -225,9 +217,9 @@ def distill(cfg: DistillConfig) -> Artifact | None:
             "train_tokens_per_s": tokens / max(train_seconds, 1e-9), "world_size": trainer.world_size,
             "before": _summary(before), "after": _summary(after),
             "eval_windows": int(windows.shape[0]), "work_dir": str(cfg.work_path)}
-    with write_artifact(cfg.out, "distilled", "compress.distill", _jsonable(cfg), parent=teacher_artifact,
+    with write_artifact(cfg.out, kind, "compress.distill", _jsonable(cfg), parent=teacher_artifact,
                         overwrite=cfg.overwrite,
-                        extra={"model": describe_model(student), "distillation": info,
+                        extra={**(extra or {}), "model": describe_model(student), "distillation": info,
                                "description": f"Student distilled from `{teacher_artifact.path.name}` "
                                               f"({cfg.init}, {trainer.global_step} steps)."}) as tmp:
         student.save_pretrained(tmp)

@@ -43,8 +43,10 @@ def warmup_cosine(step: int, cfg: OptimConfig) -> float:
 
 class DistillationModule(L.LightningModule):
     def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, weights: LossWeights,
-                 optim: OptimConfig, gradient_checkpointing: bool = True):
+                 optim: OptimConfig, gradient_checkpointing: bool = True,
+                 param_masks: dict[str, torch.Tensor] | None = None):
         super().__init__()
+        self._masks = param_masks or {}
         self.student = student
         self._teacher = [teacher.eval().requires_grad_(False)]  # a list hides it from nn.Module
         self.weights, self.optim = weights, optim
@@ -62,6 +64,21 @@ class DistillationModule(L.LightningModule):
         self._teacher[0] = self.teacher.to(device=self.device, dtype=dtype)
 
     on_validation_start = on_fit_start
+
+    def on_after_backward(self) -> None:
+        """Pruned weights get no gradient (and AdamW without decay then never moves them)."""
+        params = dict(self.student.named_parameters())
+        for name, mask in self._masks.items():
+            grad = params[name].grad
+            if grad is not None:
+                grad.mul_(mask.to(grad.device, grad.dtype))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self._masks:
+            params = dict(self.student.named_parameters())
+            with torch.no_grad():
+                for name, mask in self._masks.items():
+                    params[name].mul_(mask.to(params[name].device, params[name].dtype))
 
     def losses(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         w = self.weights

@@ -1,0 +1,253 @@
+"""`python -m compress.prune`: structured pruning that shrinks the model, or unstructured / N:M sparsity.
+
+Structured methods (`layers`, `heads`, `mlp`) rank parts by importance on calibration data and cut
+them out, giving a smaller standard HF model. Unstructured methods (`magnitude`, `wanda`,
+`sparsegpt`) zero weights in place. `--recover` then distills from the unpruned parent (the same
+LightningModule as `compress.distill`), keeping pruned weights at zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from compress.artifact import Artifact, open_artifact, verify, write_artifact
+from compress.calibration import (
+    LayerBatch,
+    capture_layer_inputs,
+    collect_input_stats,
+    decoder_layers,
+    run_layer,
+    sequential_groups,
+)
+from compress.models import count_parameters, describe_model, load_artifact_model, load_tokenizer
+from compress.sparsity import magnitude_mask, sparsegpt, wanda_mask
+from compress.surgery import keep_kv_groups, keep_layers, keep_mlp_channels
+from runtime.config import field, parse_config
+from runtime.errors import UserError, run_main
+from train.data import load_split_or_file, sample_windows, texts_hash, tokenize_joined
+
+STRUCTURED = ("layers", "heads", "mlp")
+UNSTRUCTURED = ("magnitude", "wanda", "sparsegpt")
+
+
+@dataclass
+class PruneConfig:
+    artifact: str = field("artifacts/reference", help="artifact to prune")
+    out: str = field(None, help="output artifact directory")
+    method: str = field("wanda", help="pruning method", choices=STRUCTURED + UNSTRUCTURED)
+    sparsity: float | None = field(None, help="fraction to remove: weights, layers, KV heads or MLP channels")
+    pattern: str | None = field(None, help="N:M semi-structured pattern for unstructured methods, e.g. 2:4")
+    target_layers: int | None = field(None, help="layers: number of decoder layers to keep")
+    target_intermediate: int | None = field(None, help="mlp: MLP channels to keep per layer")
+    target_kv_heads: int | None = field(None, help="heads: KV heads to keep per layer")
+    calibration: str | None = field(None, help="calibration file (default: corpus train split)")
+    text_field: str = field("text", help="text field of a JSONL/Parquet calibration file")
+    n_samples: int = field(64, help="calibration windows")
+    seq_len: int = field(512, help="tokens per calibration window")
+    batch_size: int = field(8, help="calibration windows per forward pass")
+    seed: int = field(0, help="seed for sampling calibration windows")
+    damp: float = field(0.01, help="SparseGPT damping")
+    recover: bool = field(False, help="distill from the unpruned parent after pruning")
+    max_steps: int = field(100, help="recovery: optimizer steps")
+    recover_config: str | None = field(None, help="recovery: a compress.distill YAML for the other settings")
+    overwrite: bool = field(False, help="replace an existing artifact at --out")
+
+    def validate(self) -> None:
+        if not self.out:
+            raise UserError("out: required (the output artifact directory)")
+        if self.sparsity is not None and not 0 <= self.sparsity < 1:
+            raise UserError(f"sparsity: must be in [0, 1), got {self.sparsity}")
+        if self.pattern is not None:
+            if self.method not in UNSTRUCTURED:
+                raise UserError(f"pattern: only for {', '.join(UNSTRUCTURED)}")
+            n, m = self.nm
+            if not 0 < n < m:
+                raise UserError(f"pattern: need 0 < N < M, got {self.pattern}")
+        targets = {"layers": self.target_layers, "mlp": self.target_intermediate, "heads": self.target_kv_heads}
+        if self.method in UNSTRUCTURED and self.sparsity is None and self.pattern is None:
+            raise UserError("sparsity: give --sparsity S or --pattern N:M")
+        if self.method in STRUCTURED and self.sparsity is None and targets[self.method] is None:
+            raise UserError(f"sparsity: give --sparsity S or an absolute target for method {self.method}")
+        for name in ("n_samples", "seq_len", "batch_size", "max_steps"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name}: must be positive")
+        if self.calibration is not None and not Path(self.calibration).is_file():
+            raise UserError(f"calibration: file not found: {self.calibration}")
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        if self.pattern is None:
+            return None
+        try:
+            n, m = (int(x) for x in self.pattern.split(":"))
+        except ValueError:
+            raise UserError(f"pattern: expected N:M such as 2:4, got {self.pattern!r}") from None
+        return n, m
+
+
+def _calibration(cfg: PruneConfig, tokenizer: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+    texts = load_split_or_file(cfg.calibration, "train", cfg.text_field)
+    windows = sample_windows(tokenize_joined(tokenizer, texts), cfg.n_samples, cfg.seq_len, cfg.seed)
+    return windows, {"source": cfg.calibration or "lee_background.cor articles 0-199",
+                     "texts_sha256": texts_hash(texts), "n_samples": cfg.n_samples, "seq_len": cfg.seq_len}
+
+
+def _target(total: int, sparsity: float | None, absolute: int | None, what: str) -> int:
+    keep = absolute if absolute is not None else total - int(round(total * sparsity))
+    if keep < 1:
+        raise UserError(f"cannot remove all {what} ({total}): keep at least one")
+    if keep > total:
+        raise UserError(f"target of {keep} {what} is more than the model has ({total})")
+    return keep
+
+
+@torch.no_grad()
+def block_importance(model: torch.nn.Module, windows: torch.Tensor, batch_size: int) -> list[float]:
+    """1 - mean cosine(input, output) per decoder layer: how much each block changes its stream."""
+    batches = capture_layer_inputs(model, windows, batch_size)
+    scores = []
+    for layer in tqdm(decoder_layers(model), desc="block importance", unit="layer"):
+        out = run_layer(layer, batches)
+        cos = torch.cat([torch.nn.functional.cosine_similarity(a.hidden, b.hidden, dim=-1).flatten()
+                         for a, b in zip(batches, out, strict=True)])
+        scores.append(float(1 - cos.mean()))
+        batches = out
+    return scores
+
+
+@torch.no_grad()
+def channel_stats(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, names: tuple[str, ...]
+                  ) -> list[dict[str, dict[str, torch.Tensor]]]:
+    """Per layer, input statistics of the named Linears on the unpruned model."""
+    batches: list[LayerBatch] = capture_layer_inputs(model, windows, batch_size)
+    stats = []
+    for layer in tqdm(decoder_layers(model), desc="activation statistics", unit="layer"):
+        stats.append(collect_input_stats(layer, batches, names, want_hessian=False))
+        batches = run_layer(layer, batches)
+    return stats
+
+
+def prune_structured(model: torch.nn.Module, cfg: PruneConfig, windows: torch.Tensor) -> tuple[torch.nn.Module, dict]:
+    c = model.config
+    if cfg.method == "layers":
+        keep_n = _target(c.num_hidden_layers, cfg.sparsity, cfg.target_layers, "layers")
+        scores = block_importance(model, windows, cfg.batch_size)
+        keep = sorted(sorted(range(len(scores)), key=lambda i: -scores[i])[:keep_n])
+        return keep_layers(model, keep), {"block_importance": scores, "kept_layers": keep}
+    if cfg.method == "mlp":
+        keep_n = _target(c.intermediate_size, cfg.sparsity, cfg.target_intermediate, "MLP channels")
+        stats = channel_stats(model, windows, cfg.batch_size, ("mlp.down_proj",))
+        keep = [s["mlp.down_proj"]["sq"].topk(keep_n).indices for s in stats]
+        return keep_mlp_channels(model, keep), {"intermediate_size": keep_n}
+    keep_n = _target(c.num_key_value_heads, cfg.sparsity, cfg.target_kv_heads, "KV heads")
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    per_group = c.num_attention_heads // c.num_key_value_heads
+    stats = channel_stats(model, windows, cfg.batch_size, ("self_attn.o_proj",))
+    keep, scores = [], []
+    for s in stats:
+        per_head = s["self_attn.o_proj"]["sq"].view(c.num_attention_heads, head_dim).sum(1)
+        per_group_score = per_head.view(c.num_key_value_heads, per_group).sum(1)
+        scores.append(per_group_score.tolist())
+        keep.append(per_group_score.topk(keep_n).indices.tolist())
+    return keep_kv_groups(model, keep), {"kv_group_importance": scores, "kept_kv_heads": keep}
+
+
+@torch.no_grad()
+def prune_unstructured(model: torch.nn.Module, cfg: PruneConfig, windows: torch.Tensor | None
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Zero weights in place; returns the keep-masks and the achieved sparsity per Linear."""
+    masks: dict[str, torch.Tensor] = {}
+    layers = decoder_layers(model)
+    batches = capture_layer_inputs(model, windows, cfg.batch_size) if cfg.method != "magnitude" else None
+    for i, layer in enumerate(tqdm(layers, desc=f"{cfg.method} (layers)", unit="layer")):
+        for group in sequential_groups(layer):
+            stats = (collect_input_stats(layer, batches, group, want_hessian=cfg.method == "sparsegpt")
+                     if batches is not None else {})
+            for name in group:
+                module = layer.get_submodule(name)
+                w = module.weight
+                if cfg.method == "magnitude":
+                    keep = magnitude_mask(w, cfg.sparsity or 0.0, cfg.nm)
+                    new_w = w * keep
+                elif cfg.method == "wanda":
+                    keep = wanda_mask(w, stats[name]["sq"], cfg.sparsity or 0.0, cfg.nm)
+                    new_w = w * keep
+                else:
+                    new_w, keep = sparsegpt(w, stats[name]["hessian"], cfg.sparsity or 0.0, cfg.nm, cfg.damp)
+                module.weight.copy_(new_w.to(w.dtype))
+                masks[f"model.layers.{i}.{name}.weight"] = keep.cpu()
+        if batches is not None:
+            batches = run_layer(layer, batches)
+    achieved = {k[: -len(".weight")]: round(1 - m.float().mean().item(), 4) for k, m in masks.items()}
+    return masks, achieved
+
+
+def prune(parent: Artifact, cfg: PruneConfig) -> Artifact:
+    """Prune `parent`; write and return the `pruned` artifact (recovered by distillation if asked)."""
+    if problems := verify(parent):
+        raise UserError(f"refusing to prune a damaged artifact: {problems[0]}")
+    if Path(cfg.out).exists() and not cfg.overwrite:
+        raise UserError(f"output already exists: {cfg.out} (pass --overwrite to replace it)")
+    tokenizer = load_tokenizer(parent.path)
+    model = load_artifact_model(parent.path)
+    if model.config.to_dict().get("quantization_config"):
+        raise UserError(f"{parent.path}: prune the unquantized model, then quantize")
+    windows, calibration = (None, None) if cfg.method == "magnitude" else _calibration(cfg, tokenizer)
+    info: dict[str, Any] = {"method": cfg.method, "calibration": calibration,
+                            "parameters_before": count_parameters(model)}
+    masks = None
+    if cfg.method in STRUCTURED:
+        model, details = prune_structured(model, cfg, windows)
+        info.update(details)
+    else:
+        masks, achieved = prune_unstructured(model, cfg, windows)
+        info["sparsity_per_layer"] = achieved
+        info["sparsity_overall"] = round(sum(1 - m.float().mean().item() for m in masks.values()) / len(masks), 4)
+    info["parameters_after"] = count_parameters(model)
+    info["shape"] = describe_model(model)
+
+    target = Path(cfg.out) if not cfg.recover else Path(str(cfg.out) + ".work") / "unrecovered"
+    with write_artifact(target, "pruned", "compress.prune", dataclasses.asdict(cfg), parent=parent,
+                        overwrite=cfg.overwrite or cfg.recover,
+                        extra={"model": describe_model(model), "pruning": info,
+                               "description": f"{cfg.method} pruning of `{parent.path.name}`."}) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    if not cfg.recover:
+        return open_artifact(target)
+    return _recover(parent, cfg, open_artifact(target), masks, info)
+
+
+def _recover(parent: Artifact, cfg: PruneConfig, pruned: Artifact, masks: dict[str, torch.Tensor] | None,
+             info: dict[str, Any]) -> Artifact:
+    from compress.distill import DistillConfig, distill
+    from runtime.config import build_config, read_yaml
+
+    values = read_yaml(cfg.recover_config) if cfg.recover_config else {}
+    values.update(teacher=str(parent.path), out=cfg.out, init="artifact", student=str(pruned.path),
+                  max_steps=cfg.max_steps, overwrite=cfg.overwrite,
+                  work_dir=str(Path(str(cfg.out) + ".work") / "recovery"))
+    values.setdefault("warmup_steps", max(1, cfg.max_steps // 10))
+    dcfg = build_config(DistillConfig, values, cfg.recover_config or "recovery settings")
+    return distill(dcfg, kind="pruned", param_masks=masks,
+                   extra={"pruning": {**info, "recovered_from": str(pruned.path)}})
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cfg = parse_config(PruneConfig, argv, "python -m compress.prune", __doc__.splitlines()[0])
+    artifact = prune(open_artifact(cfg.artifact), cfg)
+    p = artifact.manifest["pruning"]
+    extra = f", sparsity {p['sparsity_overall']:.1%}" if "sparsity_overall" in p else ""
+    print(f"pruned artifact: {artifact.path}: {p['parameters_before']:,} -> {p['parameters_after']:,} "
+          f"parameters{extra}")
+
+
+if __name__ == "__main__":
+    run_main(main)
