@@ -43,6 +43,7 @@ class DistillConfig:
     batch_size: int = field(4, help="blocks per micro-batch (per device)")
     grad_accum: int = field(1, help="micro-batches per optimizer step")
     max_steps: int = field(200, help="optimizer steps")
+    max_minutes: float | None = field(None, help="stop training after this many minutes (then write the artifact)")
     lr: float = field(2e-4, help="peak learning rate (AdamW)")
     weight_decay: float = field(0.0, help="AdamW weight decay")
     warmup_steps: int = field(20, help="linear warm-up steps before cosine decay")
@@ -54,6 +55,8 @@ class DistillConfig:
     temperature: float = field(1.0, help="KD temperature (losses scaled by T^2)")
     seq_kd: bool = field(False, help="add teacher-generated continuations of training prompts (cached)")
     seq_kd_tokens: int = field(448, help="tokens the teacher generates per prompt for sequence-level KD")
+    seq_kd_samples: int = field(1, help="continuations per prompt (1: greedy, more: sampled at T=1)")
+    seq_kd_batch: int = field(8, help="prompts per teacher.generate call")
     gradient_checkpointing: bool = field(True, help="recompute student activations in backward")
     accelerator: str = field("auto", help="Lightning accelerator (auto, cpu, gpu)")
     devices: int = field(1, help="devices for the Lightning Trainer")
@@ -144,7 +147,10 @@ def _trainer(cfg: DistillConfig):
     precision = cfg.precision or ("bf16-mixed" if gpu else "32-true")
     ckpt = ModelCheckpoint(dirpath=cfg.work_path / "checkpoints", every_n_train_steps=cfg.ckpt_every,
                            save_last=True, save_top_k=-1, filename="step{step}", auto_insert_metric_name=False)
-    return L.Trainer(max_steps=cfg.max_steps, accelerator=cfg.accelerator, devices=cfg.devices,
+    import datetime as dt
+
+    max_time = dt.timedelta(minutes=cfg.max_minutes) if cfg.max_minutes else None
+    return L.Trainer(max_steps=cfg.max_steps, max_time=max_time, accelerator=cfg.accelerator, devices=cfg.devices,
                      strategy=cfg.strategy, precision=precision, accumulate_grad_batches=cfg.grad_accum,
                      gradient_clip_val=cfg.grad_clip or None, val_check_interval=cfg.val_every * cfg.grad_accum,
                      check_val_every_n_epoch=None, num_sanity_val_steps=0, callbacks=[ckpt],
@@ -188,9 +194,13 @@ def distill(cfg: DistillConfig, kind: str = "distilled", param_masks: dict[str, 
     if cfg.seq_kd:
         from train.data import load_split_or_file
 
-        seq_kd_sequences = teacher_continuations(teacher, tokenizer, load_split_or_file(cfg.data, "train", cfg.text_field),
-                                      cfg.seq_len - cfg.seq_kd_tokens, cfg.seq_kd_tokens, cfg.work_path,
-                                      teacher_artifact.content_hash)
+        device = "cuda" if torch.cuda.is_available() and cfg.accelerator != "cpu" else "cpu"
+        generator = teacher.to(device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+        seq_kd_sequences = teacher_continuations(
+            generator, tokenizer, load_split_or_file(cfg.data, "train", cfg.text_field),
+            cfg.seq_len - cfg.seq_kd_tokens, cfg.seq_kd_tokens, cfg.work_path, teacher_artifact.content_hash,
+            cfg.seq_kd_samples, cfg.seq_kd_batch, cfg.seed)
+        teacher = teacher.to(device="cpu", dtype=torch.float32)
     data = DistillDataModule(tokenizer, cfg.seq_len, cfg.batch_size, cfg.data, cfg.text_field, cfg.val_windows,
                              seq_kd_sequences, cfg.seed, cfg.grad_accum)
     module = DistillationModule(

@@ -48,6 +48,9 @@ class QuantizeConfig:
     desc_act: bool = field(False, help="GPTQ act-order: quantize columns by decreasing Hessian diagonal")
     damp: float = field(0.01, help="GPTQ damping, fraction of the mean Hessian diagonal")
     true_sequential: bool = field(True, help="re-calibrate each group of Linears after the previous is quantized")
+    token_weighting: str = field("none", help="GPTQ Hessian: 'none' (sum of x x^T) or 'unit' (each token "
+                                 "normalised, so attention-sink tokens with huge activations do not dominate)",
+                                 choices=("none", "unit"))
     skip_positions: int = field(0, help="leave the first N positions of each window (attention sinks) out of H")
     calibration: str | None = field(None, help="calibration file (.txt/.jsonl/.parquet; default: corpus train split)")
     text_field: str = field("text", help="text field of a JSONL/Parquet calibration file")
@@ -134,7 +137,8 @@ def quantize_weights(model: torch.nn.Module, cfg: QuantizeConfig, windows: torch
     batches = capture_layer_inputs(model, windows, cfg.batch_size)
     for i, layer in enumerate(tqdm(layers, desc="gptq (layers)", unit="layer")):
         for group in sequential_groups(layer, cfg.true_sequential):
-            stats = collect_input_stats(layer, batches, group, skip_positions=cfg.skip_positions)
+            stats = collect_input_stats(layer, batches, group, skip_positions=cfg.skip_positions,
+                                        token_weighting=cfg.token_weighting)
             for name in group:
                 module = layer.get_submodule(name)
                 apply(f"model.layers.{i}.{name}", module, quantize_gptq(module.weight, stats[name]["hessian"], spec))

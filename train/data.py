@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,15 @@ class DataWarning(UserWarning):
 
 
 def corpus_path() -> Path:
-    """Locate lee_background.cor inside the installed gensim package (without importing gensim)."""
+    """Locate lee_background.cor inside the installed gensim package (without importing gensim).
+
+    SHRINKWRAP_CORPUS_FILE points elsewhere (a machine without gensim, e.g. the GPU box).
+    """
+    override = os.environ.get("SHRINKWRAP_CORPUS_FILE")
+    if override:
+        if not Path(override).is_file():
+            raise UserError(f"SHRINKWRAP_CORPUS_FILE: file not found: {override}")
+        return Path(override)
     spec = importlib.util.find_spec("gensim")
     if spec is None or not spec.submodule_search_locations:
         raise UserError("the default corpus needs the 'gensim' package (pip install gensim)")

@@ -12,6 +12,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from tqdm import tqdm
 
 from train.data import heldout_windows, load_split_or_file, pack_blocks, tokenize_joined
 
@@ -82,22 +83,29 @@ class ShuffledBlocks:
 
 @torch.no_grad()
 def teacher_continuations(teacher: torch.nn.Module, tokenizer: Any, texts: list[str], prompt_tokens: int,
-                          new_tokens: int, cache_dir: Path, teacher_hash: str) -> torch.Tensor:
-    """Greedy teacher continuations of each text's first `prompt_tokens` tokens: (n, prompt + new)."""
-    key = hashlib.sha256(f"{teacher_hash}|{prompt_tokens}|{new_tokens}|{len(texts)}|"
+                          new_tokens: int, cache_dir: Path, teacher_hash: str, samples: int = 1,
+                          batch_size: int = 8, seed: int = 0) -> torch.Tensor:
+    """Teacher continuations of each text's first `prompt_tokens` tokens: (n * samples, prompt + new).
+
+    One greedy continuation per prompt when samples == 1, else `samples` sampled ones (T=1).
+    """
+    key = hashlib.sha256(f"{teacher_hash}|{prompt_tokens}|{new_tokens}|{len(texts)}|{samples}|{seed}|"
                          f"{hashlib.sha256(''.join(texts).encode()).hexdigest()}".encode()).hexdigest()[:16]
     cache = cache_dir / f"seqkd-{key}.pt"
     if cache.is_file():
         return torch.load(cache, weights_only=True)
     prompts = [tokenizer(t, add_special_tokens=False)["input_ids"][:prompt_tokens] for t in texts]
-    prompts = [p for p in prompts if len(p) == prompt_tokens]
+    prompts = [p for p in prompts if len(p) == prompt_tokens for _ in range(samples)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(teacher.parameters()).device
+    torch.manual_seed(seed)
     outputs = []
-    for start in range(0, len(prompts), 8):
-        batch = torch.tensor(prompts[start:start + 8])
+    for start in tqdm(range(0, len(prompts), batch_size), desc="sequence-level KD (teacher generates)"):
+        batch = torch.tensor(prompts[start:start + batch_size], device=device)
         out = teacher.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=new_tokens,
-                               min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
-        outputs.append(out[:, : prompt_tokens + new_tokens])
+                               min_new_tokens=new_tokens, do_sample=samples > 1, top_k=0, top_p=1.0,
+                               temperature=1.0, pad_token_id=pad)
+        outputs.append(out[:, : prompt_tokens + new_tokens].cpu())
     sequences = torch.cat(outputs)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp")

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The GPU measurements, run on the device machine in stages (the default model travels in two
+# halves because one call carries at most 64 MiB). Usage: bash bench/gpu_stage.sh STAGE
+#   1: keep the first half, install the gguf wheel, 2:4 sparse kernel benchmark
+#   2: join the model, build the reference, gradient-checkpointing memory, GPTQ wall time on CUDA
+#   3: distillation of the 15-layer student on the H200 (bf16-mixed), held-out metrics
+set -euo pipefail
+W=/tmp/w
+mkdir -p "$W" "${OUT:-/tmp/out}"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export SHRINKWRAP_CORPUS_FILE=$W/lee_background.cor
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH=/tmp/site:$PWD
+case "$1" in
+  1)
+    cp .gpu/a/* "$W"/
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    python3 -c 'import torch, transformers, lightning; print(torch.__version__, transformers.__version__, lightning.__version__)'
+    python3 bench/sparse24.py --dtype float16 | tee "$OUT/sparse24.log"
+    ;;
+  2)
+    cat "$W/gguf.part00" .gpu/b/gguf.part01 > "$W/SmolLM2-135M-Instruct.Q4_1.gguf"
+    (cd "$W" && sed 's#  .*/#  #' gguf.sha256 | sha256sum -c -)
+    time python3 -m compress.reference --model "$W/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$W/reference" --if-missing 2>&1 | grep -v it/s
+    python3 bench/grad_checkpointing.py --teacher "$W/reference" --device cuda --batch 8 --seq-len 512 --steps 6
+    for w in none unit; do
+      /usr/bin/time -f "gptq($w) wall %e s" python3 -m compress.quantize --artifact "$W/reference" --method gptq --no-sym \
+        --device cuda --token-weighting $w --out "$W/gptq-$w" --overwrite 2>&1 | grep -v "it/s\]" | tail -2
+    done
+    cp "$W"/gptq-*/shrinkwrap.json "$OUT"/ 2>/dev/null || true
+    for w in none unit; do cp "$W/gptq-$w/shrinkwrap.json" "$OUT/gptq-$w.json"; done
+    ;;
+  3)
+    shift
+    python3 -m compress.distill --config configs/distill/smollm2-half.yaml --teacher "$W/reference" \
+      --out "$W/distilled" --overwrite --accelerator gpu "$@" 2>&1 | grep -v "it/s\]" | tail -40
+    cp "$W/distilled/shrinkwrap.json" "$OUT/distilled.json"
+    cp "$W"/distilled.work/logs/version_0/metrics.csv "$OUT/distill_metrics.csv"
+    ;;
+esac
