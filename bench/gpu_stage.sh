@@ -25,12 +25,9 @@ case "$1" in
     (cd "$W" && sed 's#  .*/#  #' gguf.sha256 | sha256sum -c -)
     time python3 -m compress.reference --model "$W/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$W/reference" --if-missing 2>&1 | grep -v it/s
     python3 bench/grad_checkpointing.py --teacher "$W/reference" --device cuda --batch 8 --seq-len 512 --steps 6
-    for w in none unit; do
-      /usr/bin/time -f "gptq($w) wall %e s" python3 -m compress.quantize --artifact "$W/reference" --method gptq --no-sym \
-        --device cuda --token-weighting $w --out "$W/gptq-$w" --overwrite 2>&1 | grep -v "it/s\]" | tail -2
-    done
-    cp "$W"/gptq-*/shrinkwrap.json "$OUT"/ 2>/dev/null || true
-    for w in none unit; do cp "$W/gptq-$w/shrinkwrap.json" "$OUT/gptq-$w.json"; done
+    /usr/bin/time -f "gptq wall %e s" python3 -m compress.quantize --artifact "$W/reference" --method gptq --no-sym \
+      --no-desc-act --device cuda --out "$W/gptq" --overwrite 2>&1 | grep -v "it/s\]" | tail -2
+    cp "$W/gptq/shrinkwrap.json" "$OUT/gptq.json"
     ;;
   3)
     shift

@@ -20,8 +20,8 @@ from pathlib import Path
 VARIANTS = {
     "rtn-w4g128-sym": ["--method", "rtn", "--bits", "4", "--group-size", "128", "--sym"],
     "rtn-w4g128-asym": ["--method", "rtn", "--bits", "4", "--group-size", "128", "--no-sym"],
-    "gptq-w4g128-sym": ["--method", "gptq", "--bits", "4", "--group-size", "128", "--sym"],
-    "gptq-w4g128-asym": ["--method", "gptq", "--bits", "4", "--group-size", "128", "--no-sym"],
+    "gptq-w4g128-sym": ["--method", "gptq", "--bits", "4", "--group-size", "128", "--sym", "--no-desc-act"],
+    "gptq-w4g128-asym": ["--method", "gptq", "--bits", "4", "--group-size", "128", "--no-sym", "--no-desc-act"],
     "gptq-w4g128-sym-descact": ["--method", "gptq", "--bits", "4", "--group-size", "128", "--sym", "--desc-act"],
     "gptq-w4g128-asym-descact": ["--method", "gptq", "--bits", "4", "--group-size", "128", "--no-sym", "--desc-act"],
     "gptq-w8g128-sym": ["--method", "gptq", "--bits", "8", "--group-size", "128", "--sym"],

@@ -67,8 +67,7 @@ def run_layer(layer: nn.Module, batches: list[LayerBatch]) -> list[LayerBatch]:
 
 @torch.no_grad()
 def collect_input_stats(layer: nn.Module, batches: list[LayerBatch], names: Iterable[str],
-                        want_hessian: bool = True, skip_positions: int = 0,
-                        token_weighting: str = "none") -> dict[str, dict[str, torch.Tensor]]:
+                        want_hessian: bool = True) -> dict[str, dict[str, torch.Tensor]]:
     """For each named Linear: H = 2/n X^T X (if asked), sum of squares per input channel, absmax, count.
 
     The forward stops right after the last named module, so early groups cost a fraction of a layer.
@@ -81,18 +80,12 @@ def collect_input_stats(layer: nn.Module, batches: list[LayerBatch], names: Iter
 
     def hook_for(name: str):
         def hook(_module, inputs, _output):
-            x = inputs[0].detach()
-            if skip_positions and x.dim() == 3:
-                x = x[:, skip_positions:]
-            x = x.reshape(-1, x.shape[-1]).float()
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
             s = stats.setdefault(name, {"count": 0, "sq": x.new_zeros(x.shape[1]),
                                         "absmax": x.new_zeros(x.shape[1])})
             if want_hessian:
                 s.setdefault("xtx", x.new_zeros(x.shape[1], x.shape[1]))
-                xh = x
-                if token_weighting == "unit":  # every token counts alike, however large its activation
-                    xh = x / x.norm(dim=1, keepdim=True).clamp(min=1e-6)
-                s["xtx"].addmm_(xh.t(), xh)
+                s["xtx"].addmm_(x.t(), x)
             s["sq"] += (x * x).sum(0)
             s["absmax"] = torch.maximum(s["absmax"], x.abs().amax(0))
             s["count"] += x.shape[0]

@@ -45,13 +45,10 @@ class QuantizeConfig:
     bits: int = field(4, help="weight bits for gptq/rtn (4 or 8)")
     group_size: int = field(128, help="columns per quantization group: 32, 64, 128, ... or -1 (per-channel)")
     sym: bool = field(True, help="symmetric grid (--no-sym for asymmetric zero points)")
-    desc_act: bool = field(False, help="GPTQ act-order: quantize columns by decreasing Hessian diagonal")
+    desc_act: bool = field(True, help="GPTQ act-order: quantize columns by decreasing Hessian diagonal "
+                           "(on by default, as in GPTQModel: on SmolLM2 it cuts the W4 perplexity loss about in half)")
     damp: float = field(0.01, help="GPTQ damping, fraction of the mean Hessian diagonal")
     true_sequential: bool = field(True, help="re-calibrate each group of Linears after the previous is quantized")
-    token_weighting: str = field("none", help="GPTQ Hessian: 'none' (sum of x x^T) or 'unit' (each token "
-                                 "normalised, so attention-sink tokens with huge activations do not dominate)",
-                                 choices=("none", "unit"))
-    skip_positions: int = field(0, help="leave the first N positions of each window (attention sinks) out of H")
     calibration: str | None = field(None, help="calibration file (.txt/.jsonl/.parquet; default: corpus train split)")
     text_field: str = field("text", help="text field of a JSONL/Parquet calibration file")
     n_samples: int = field(128, help="calibration windows")
@@ -137,8 +134,7 @@ def quantize_weights(model: torch.nn.Module, cfg: QuantizeConfig, windows: torch
     batches = capture_layer_inputs(model, windows, cfg.batch_size)
     for i, layer in enumerate(tqdm(layers, desc="gptq (layers)", unit="layer")):
         for group in sequential_groups(layer, cfg.true_sequential):
-            stats = collect_input_stats(layer, batches, group, skip_positions=cfg.skip_positions,
-                                        token_weighting=cfg.token_weighting)
+            stats = collect_input_stats(layer, batches, group)
             for name in group:
                 module = layer.get_submodule(name)
                 apply(f"model.layers.{i}.{name}", module, quantize_gptq(module.weight, stats[name]["hessian"], spec))
