@@ -143,6 +143,8 @@ def _trainer(cfg: DistillConfig):
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
+    from train.distillation import TrainingAudit
+
     gpu = cfg.accelerator in ("gpu", "cuda") or (cfg.accelerator == "auto" and torch.cuda.is_available())
     precision = cfg.precision or ("bf16-mixed" if gpu else "32-true")
     ckpt = ModelCheckpoint(dirpath=cfg.work_path / "checkpoints", every_n_train_steps=cfg.ckpt_every,
@@ -153,7 +155,8 @@ def _trainer(cfg: DistillConfig):
     return L.Trainer(max_steps=cfg.max_steps, max_time=max_time, accelerator=cfg.accelerator, devices=cfg.devices,
                      strategy=cfg.strategy, precision=precision, accumulate_grad_batches=cfg.grad_accum,
                      gradient_clip_val=cfg.grad_clip or None, val_check_interval=cfg.val_every * cfg.grad_accum,
-                     check_val_every_n_epoch=None, num_sanity_val_steps=0, callbacks=[ckpt],
+                     check_val_every_n_epoch=None, num_sanity_val_steps=0,
+                     callbacks=[ckpt, TrainingAudit(str(cfg.work_path / "audit"))],
                      logger=CSVLogger(cfg.work_path, name="logs"), default_root_dir=cfg.work_path,
                      log_every_n_steps=1, enable_model_summary=False, use_distributed_sampler=False)
 

@@ -134,3 +134,39 @@ class DistillationModule(L.LightningModule):
                                 betas=(0.9, 0.95))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, self.optim))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class TrainingAudit(L.Callback):
+    """Per rank, the fingerprints of the batches it trained on and of its final weights.
+
+    Written to <dir>/rank<N>.json, so a multi-process run can be checked: ranks must see different
+    data and end with identical weights.
+    """
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.batches: list[str] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import hashlib
+
+        self.batches.append(hashlib.sha1(batch.detach().cpu().numpy().tobytes()).hexdigest()[:16])
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import hashlib
+        import json
+        import os
+        from pathlib import Path
+
+        digest = hashlib.sha256()
+        for name, p in sorted(pl_module.student.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(p.detach().float().cpu().numpy().tobytes())
+        out = Path(self.directory)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"rank{trainer.global_rank}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"rank": trainer.global_rank, "world_size": trainer.world_size,
+                                   "batches": self.batches, "weights_sha256": digest.hexdigest(),
+                                   "pid": os.getpid()}))
+        tmp.replace(path)
