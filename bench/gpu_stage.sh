@@ -29,6 +29,13 @@ case "$1" in
       --no-desc-act --device cuda --out "$W/gptq" --overwrite 2>&1 | grep -v "it/s\]" | tail -2
     cp "$W/gptq/shrinkwrap.json" "$OUT/gptq.json"
     ;;
+  quantize)
+    # every quantization variant of issue 5, quantized and evaluated (accuracy only) on the GPU
+    cat "$W/gguf.part00" .gpu/b/gguf.part01 > "$W/SmolLM2-135M-Instruct.Q4_1.gguf"
+    python3 -m compress.reference --model "$W/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$W/reference" --if-missing 2>&1 | tail -1
+    python3 bench/quantize.py --reference "$W/reference" --work "$W/quantize" --device cuda --no-speed 2>&1 \
+      | grep -v "it/s\]" | tail -30
+    ;;
   3)
     shift
     python3 -m compress.distill --config configs/distill/smollm2-half.yaml --teacher "$W/reference" \

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -39,6 +40,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=list(VARIANTS), help="run only these variants")
     parser.add_argument("--reuse", action="store_true", help="keep existing quantized artifacts")
     parser.add_argument("--no-speed", action="store_true")
+    parser.add_argument("--device", default="cpu", help="where quantization and evaluation run")
     args = parser.parse_args()
     work = Path(args.work)
     names = args.only or list(VARIANTS)
@@ -50,13 +52,16 @@ def main() -> None:
             continue
         cmd = [sys.executable, "-m", "compress.quantize", "--artifact", args.reference, "--out", str(out),
                "--overwrite", "--n-samples", args.n_samples, "--seq-len", args.seq_len, *VARIANTS[name]]
+        if VARIANTS[name][1] == "gptq":
+            cmd += ["--device", args.device]
         print("+", " ".join(cmd[1:]), flush=True)
         start = time.perf_counter()
         subprocess.run(cmd, check=True)
         wall[name] = round(time.perf_counter() - start, 1)
     eval_dir = work / "eval"
     cmd = [sys.executable, "-m", "compress.evaluate", "--reference", args.reference, "--artifacts", args.reference,
-           *[str(work / n) for n in names], "--out", str(eval_dir)] + (["--no-speed"] if args.no_speed else [])
+           *[str(work / n) for n in names], "--out", str(eval_dir), "--device", args.device]
+    cmd += ["--no-speed"] if args.no_speed else []
     print("+", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True)
     report = json.loads((eval_dir / "report.json").read_text())
@@ -67,20 +72,24 @@ def main() -> None:
                                      "prefill_tok_s")}
         row["ppl_increase_pct"] = 100 * (r["perplexity"] / ref["perplexity"] - 1)
         row["decode_vs_fp32"] = (r["decode_tok_s_b1"] / ref["decode_tok_s_b1"]) if r.get("decode_tok_s_b1") else None
+        manifest = work / r["name"] / "shrinkwrap.json"
+        if r["kind"] == "quantized" and manifest.is_file():
+            row["quantize_inner_s"] = json.loads(manifest.read_text())["quantization"]["wall_seconds"]
         row["quantize_wall_s"] = wall.get(r["name"])
         rows.append(row)
-    out = Path("artifacts/bench/quantize.json")
+    out = Path(os.environ.get("OUT", "artifacts/bench")) / f"quantize-{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": " ".join(sys.argv), "n_samples": args.n_samples, "seq_len": args.seq_len,
                                "protocol": report["protocol"], "machine": report["machine"], "rows": rows},
                               indent=2) + "\n")
-    print("\n| variant | ppl | Δppl | KL | top-1 | size MB | decode b1 tok/s | × fp32 | quantize s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| variant | ppl | Δppl | KL | top-1 | size MB | decode b1 tok/s | × fp32 | CLI s | quantize s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         dec = f"{r['decode_tok_s_b1']:.1f}" if r["decode_tok_s_b1"] else "–"
         ratio = f"{r['decode_vs_fp32']:.2f}" if r["decode_vs_fp32"] else "–"
         print(f"| {r['name']} | {r['perplexity']:.2f} | {r['ppl_increase_pct']:+.1f}% | {r['kl']:.4f} | "
-              f"{r['top1_agreement']:.3f} | {r['size_mb']:.0f} | {dec} | {ratio} | {r['quantize_wall_s'] or '–'} |")
+              f"{r['top1_agreement']:.3f} | {r['size_mb']:.0f} | {dec} | {ratio} | {r['quantize_wall_s'] or '–'} | "
+              f"{r.get('quantize_inner_s') or '–'} |")
     print(f"\nwrote {out}")
 
 

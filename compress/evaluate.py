@@ -37,7 +37,7 @@ class EvaluateConfig:
     speed: bool = field(True, help="measure speed (each artifact in its own process)")
     new_tokens: int = field(128, help="greedy tokens per decode measurement")
     threads: int | None = field(None, help="torch threads for the speed runs")
-    device: str = field("cpu", help="device for the speed runs (cpu or cuda)")
+    device: str = field("cpu", help="device for accuracy and speed runs (cpu or cuda)")
     record: bool = field(True, help="write the measured metrics into each artifact's manifest")
 
     def validate(self) -> None:
@@ -96,10 +96,10 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
             raise UserError(f"refusing to evaluate a damaged artifact: {problems[0]}")
     tokenizer = load_tokenizer(ref_artifact.path)
     windows = heldout_windows(tokenizer, cfg.seq_len, cfg.max_eval_tokens)
-    reference = load_artifact_model(ref_artifact.path)
+    reference = load_artifact_model(ref_artifact.path, device=cfg.device)
     same = {p: Path(p).resolve() == ref_artifact.path.resolve() for p in artifacts}
-    models = {p: reference if same[p] else load_artifact_model(p) for p in artifacts}
-    acc = accuracy_metrics(reference, models, windows)
+    models = {p: reference if same[p] else load_artifact_model(p, device=cfg.device) for p in artifacts}
+    acc = accuracy_metrics(reference, models, windows.to(cfg.device))
 
     rows = []
     command = command_line("compress.evaluate")

@@ -56,6 +56,7 @@ class PruneConfig:
     damp: float = field(0.01, help="SparseGPT damping")
     recover: bool = field(False, help="distill from the unpruned parent after pruning")
     max_steps: int = field(100, help="recovery: optimizer steps")
+    teacher: str | None = field(None, help="recovery: teacher artifact (default: the artifact being pruned)")
     recover_config: str | None = field(None, help="recovery: a compress.distill YAML for the other settings")
     overwrite: bool = field(False, help="replace an existing artifact at --out")
 
@@ -231,7 +232,7 @@ def _recover(parent: Artifact, cfg: PruneConfig, pruned: Artifact, masks: dict[s
     from runtime.config import build_config, read_yaml
 
     values = read_yaml(cfg.recover_config) if cfg.recover_config else {}
-    values.update(teacher=str(parent.path), out=cfg.out, init="artifact", student=str(pruned.path),
+    values.update(teacher=cfg.teacher or str(parent.path), out=cfg.out, init="artifact", student=str(pruned.path),
                   max_steps=cfg.max_steps, overwrite=cfg.overwrite,
                   work_dir=str(Path(str(cfg.out) + ".work") / "recovery"))
     values.setdefault("warmup_steps", max(1, cfg.max_steps // 10))
