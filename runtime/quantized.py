@@ -34,7 +34,7 @@ def pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
     per = 32 // bits
-    shifts = (torch.arange(per, dtype=torch.int32) * bits).view(1, per, 1)
+    shifts = (torch.arange(per, dtype=torch.int32, device=packed.device) * bits).view(1, per, 1)
     q = (packed.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
     return q.reshape(packed.shape[0] * per, packed.shape[1])
 
