@@ -29,6 +29,7 @@ from compress.calibration import (
 )
 from compress.gptq import QuantResult, QuantSpec, quantize_gptq, quantize_rtn
 from compress.models import describe_model, load_artifact_model, load_tokenizer
+from compress.smoothing import SMOOTHED_INPUTS, smooth_layer
 from runtime.config import field, parse_config
 from runtime.errors import UserError, run_main
 from runtime.quantized import SUPPORTED_BITS, pack_gptq, quantize_int8_weight, quantized_module_names
@@ -49,6 +50,7 @@ class QuantizeConfig:
                            "(on by default, as in GPTQModel: on SmolLM2 it cuts the W4 perplexity loss about in half)")
     damp: float = field(0.01, help="GPTQ damping, fraction of the mean Hessian diagonal")
     true_sequential: bool = field(True, help="re-calibrate each group of Linears after the previous is quantized")
+    smooth_alpha: float = field(0.5, help="dynamic-int8: SmoothQuant migration strength (0 disables smoothing)")
     calibration: str | None = field(None, help="calibration file (.txt/.jsonl/.parquet; default: corpus train split)")
     text_field: str = field("text", help="text field of a JSONL/Parquet calibration file")
     n_samples: int = field(128, help="calibration windows")
@@ -71,6 +73,8 @@ class QuantizeConfig:
                 raise UserError(f"group_size: must be a power of two >= 8 or -1 (per-channel), got {gs}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise UserError("device: CUDA is not available on this machine")
+        if not 0 <= self.smooth_alpha <= 1:
+            raise UserError(f"smooth_alpha: must be in [0, 1], got {self.smooth_alpha}")
         if not 0 < self.damp < 1:
             raise UserError(f"damp: must be in (0, 1), got {self.damp}")
         for name in ("n_samples", "seq_len", "batch_size"):
@@ -142,6 +146,16 @@ def quantize_weights(model: torch.nn.Module, cfg: QuantizeConfig, windows: torch
     return results, errors
 
 
+@torch.no_grad()
+def smooth(model: torch.nn.Module, windows: torch.Tensor, cfg: QuantizeConfig) -> None:
+    """SmoothQuant each decoder layer from its input absmax on the calibration windows."""
+    batches = capture_layer_inputs(model, windows, cfg.batch_size)
+    for layer in tqdm(decoder_layers(model), desc="smoothing (layers)", unit="layer"):
+        stats = collect_input_stats(layer, batches, SMOOTHED_INPUTS, want_hessian=False)
+        smooth_layer(layer, {k: v["absmax"] for k, v in stats.items()}, cfg.smooth_alpha)
+        batches = run_layer(layer, batches)
+
+
 def _gptq_state_dict(model: torch.nn.Module, results: dict[str, QuantResult], bits: int,
                      dtype: torch.dtype) -> dict[str, torch.Tensor]:
     state = {}
@@ -177,7 +191,8 @@ def quantize(parent: Artifact, cfg: QuantizeConfig) -> Artifact:
     if problems:
         raise UserError(f"refusing to quantize a damaged artifact: {problems[0]}")
     tokenizer = load_tokenizer(parent.path)
-    windows, calibration = calibration_windows(cfg, tokenizer) if cfg.method == "gptq" else (None, None)
+    needs_data = cfg.method == "gptq" or (cfg.method == "dynamic-int8" and cfg.smooth_alpha > 0)
+    windows, calibration = calibration_windows(cfg, tokenizer) if needs_data else (None, None)
     model = load_artifact_model(parent.path, device=cfg.device)
     if windows is not None:
         windows = windows.to(cfg.device)
@@ -203,6 +218,10 @@ def quantize(parent: Artifact, cfg: QuantizeConfig) -> Artifact:
             "modules_to_not_convert": ["lm_head"], "meta": {"quantizer": ["lm-shrinkwrap:0.1.0"],
                                                             "method": cfg.method}}
     elif cfg.method == "dynamic-int8":
+        if windows is not None:
+            smooth(model, windows, cfg)
+            info["calibration"] = calibration
+            info["smoothing"] = {"alpha": cfg.smooth_alpha, "method": "SmoothQuant, folded into norms / up_proj"}
         state, errors = _int8_state_dict(model.cpu(), names)
         config_dict["quantization_config"] = {"quant_method": "shrinkwrap-int8-dynamic", "weights": "int8 per-channel",
                                               "activations": "int8 per-token dynamic", "symmetric": True,

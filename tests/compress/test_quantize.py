@@ -121,3 +121,33 @@ def test_invalid_settings_fail_before_work(tiny_artifact, tmp_path):
     proc = _cli(*a, "--calibration", str(tmp_path / "blank.jsonl"))
     assert proc.returncode == 2 and "blank.jsonl: no text found" in proc.stderr
     assert not (tmp_path / "x").exists() and not any(p.name.startswith(".x") for p in tmp_path.iterdir())
+
+
+def test_smoothing_is_exact_in_full_precision_and_helps_int8(tiny_artifact, tmp_path):
+    import copy
+
+    from compress.calibration import capture_layer_inputs, collect_input_stats, decoder_layers, run_layer
+    from compress.smoothing import SMOOTHED_INPUTS, smooth_layer
+
+    model = load_artifact_model(tiny_artifact.path)
+    with torch.no_grad():  # give one input channel a large outlier, as real LLM activations have
+        model.model.layers[0].input_layernorm.weight[5] = 40.0
+    ids = torch.randint(0, 500, (4, 32), generator=torch.Generator().manual_seed(0))
+    ref = model(ids).logits
+    smoothed = copy.deepcopy(model)
+    batches = capture_layer_inputs(smoothed, ids, 2)
+    for layer in decoder_layers(smoothed):
+        stats = collect_input_stats(layer, batches, SMOOTHED_INPUTS, want_hessian=False)
+        smooth_layer(layer, {k: v["absmax"] for k, v in stats.items()}, 0.5)
+        batches = run_layer(layer, batches)
+    torch.testing.assert_close(smoothed(ids).logits, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_dynamic_int8_with_smoothing_artifact(tiny_artifact, tmp_path):
+    ids = torch.randint(0, 500, (2, 20))
+    ref = load_artifact_model(tiny_artifact.path)(ids).logits
+    art = quantize(tiny_artifact, _cfg(tmp_path, artifact=str(tiny_artifact.path), method="dynamic-int8",
+                                       smooth_alpha=0.5, out=str(tmp_path / "int8s")))
+    assert art.manifest["quantization"]["smoothing"]["alpha"] == 0.5
+    out = load_artifact_model(art.path)(ids).logits
+    assert ((out - ref).norm() / ref.norm()) < 0.05
