@@ -28,6 +28,7 @@ def one_variant(args: argparse.Namespace) -> dict:
     from train.distillation import DistillationModule, LossWeights, OptimConfig
 
     device = torch.device(args.device)
+    torch.manual_seed(0)  # same token batch for both variants
     teacher = load_artifact_model(args.teacher)
     student = layer_drop_student(teacher, evenly_spaced_layers(teacher.config.num_hidden_layers, 15))
     module = DistillationModule(student, teacher, LossWeights(), OptimConfig(), args.checkpointing == "on")
@@ -35,7 +36,8 @@ def one_variant(args: argparse.Namespace) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     module._teacher[0] = teacher.to(device=device, dtype=dtype)
     opt = torch.optim.AdamW(module.student.parameters(), lr=1e-4)
-    ids = torch.randint(0, teacher.config.vocab_size, (args.batch, args.seq_len), device=device)
+    ids = torch.randint(0, teacher.config.vocab_size, (args.batch, args.seq_len),
+                        generator=torch.Generator().manual_seed(0)).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
