@@ -8,12 +8,50 @@ the inputs of the next one, so later layers see the already-compressed outputs o
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from runtime.config import field
+from runtime.errors import UserError
+from train.data import load_split_or_file, sample_windows, texts_hash, tokenize_joined
+
+
+@dataclass
+class CalibrationFlags:
+    """The calibration flags every calibrated step shares (quantize, prune)."""
+
+    calibration: str | None = field(None, help="calibration file (.txt/.jsonl/.parquet; default: corpus train split)")
+    text_field: str = field("text", help="text field of a JSONL/Parquet calibration file")
+    n_samples: int = field(128, help="calibration windows")
+    seq_len: int = field(512, help="tokens per calibration window")
+    batch_size: int = field(8, help="calibration windows per forward pass")
+    seed: int = field(0, help="seed for sampling calibration windows")
+
+    def validate_calibration(self) -> None:
+        for name in ("n_samples", "seq_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.calibration is not None:
+            if not Path(self.calibration).is_file():
+                raise UserError(f"calibration: file not found: {self.calibration}")
+            if Path(self.calibration).stat().st_size == 0:
+                raise UserError(f"calibration: file is empty: {self.calibration}")
+
+
+def calibration_windows(flags: CalibrationFlags, tokenizer: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Random windows from the calibration text, and what the manifest records about them."""
+    texts = load_split_or_file(flags.calibration, "train", flags.text_field)
+    windows = sample_windows(tokenize_joined(tokenizer, texts), flags.n_samples, flags.seq_len, flags.seed)
+    info = {"source": flags.calibration or "lee_background.cor articles 0-199", "texts_sha256": texts_hash(texts),
+            "windows_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
+            "n_samples": flags.n_samples, "seq_len": flags.seq_len, "seed": flags.seed}
+    return windows, info
 
 
 class _Stop(Exception):

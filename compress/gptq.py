@@ -81,7 +81,7 @@ def quantize_rtn(weight: torch.Tensor, spec: QuantSpec) -> QuantResult:
     return QuantResult(q.to(torch.int32), scales, zeros, g_idx.to(torch.int32), 0.0)
 
 
-def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of H^-1 after damping; more damping if H is numerically singular."""
     diag_mean = torch.mean(torch.diag(h))
     for attempt in range(6):
@@ -95,17 +95,23 @@ def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     raise torch.linalg.LinAlgError("Hessian is not positive definite even with 1e5x damping")
 
 
-def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, block_size: int = 128) -> QuantResult:
-    """GPTQ with lazy block updates; act-order (desc_act) permutes columns by decreasing H diagonal."""
+def prepare_weight_and_hessian(weight: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 copies; inputs that never fire (zero Hessian diagonal) get a unit diagonal and zero weights."""
     w = weight.detach().float().clone()
-    rows, cols = w.shape
     h = hessian.detach().float().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
+    return w, h
+
+
+def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, block_size: int = 128) -> QuantResult:
+    """GPTQ with lazy block updates; act-order (desc_act) permutes columns by decreasing H diagonal."""
+    w, h = prepare_weight_and_hessian(weight, hessian)
+    rows, cols = w.shape
     perm = torch.argsort(torch.diag(h), descending=True) if spec.desc_act else torch.arange(cols, device=w.device)
     w, h = w[:, perm], h[perm][:, perm]
-    hinv = _inverse_hessian_factor(h, spec.damp)
+    hinv = inverse_hessian_factor(h, spec.damp)
 
     gs = _group_size(spec, cols)
     groups = math.ceil(cols / gs)

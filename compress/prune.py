@@ -19,7 +19,9 @@ from tqdm import tqdm
 
 from compress.artifact import Artifact, open_artifact, verify, write_artifact
 from compress.calibration import (
+    CalibrationFlags,
     LayerBatch,
+    calibration_windows,
     capture_layer_inputs,
     collect_input_stats,
     decoder_layers,
@@ -31,14 +33,13 @@ from compress.sparsity import magnitude_mask, sparsegpt, wanda_mask
 from compress.surgery import keep_kv_groups, keep_layers, keep_mlp_channels
 from runtime.config import field, parse_config
 from runtime.errors import UserError, run_main
-from train.data import load_split_or_file, sample_windows, texts_hash, tokenize_joined
 
 STRUCTURED = ("layers", "heads", "mlp")
 UNSTRUCTURED = ("magnitude", "wanda", "sparsegpt")
 
 
 @dataclass
-class PruneConfig:
+class PruneConfig(CalibrationFlags):
     artifact: str = field("artifacts/reference", help="artifact to prune")
     out: str = field(None, help="output artifact directory")
     method: str = field("wanda", help="pruning method", choices=STRUCTURED + UNSTRUCTURED)
@@ -47,12 +48,7 @@ class PruneConfig:
     target_layers: int | None = field(None, help="layers: number of decoder layers to keep")
     target_intermediate: int | None = field(None, help="mlp: MLP channels to keep per layer")
     target_kv_heads: int | None = field(None, help="heads: KV heads to keep per layer")
-    calibration: str | None = field(None, help="calibration file (default: corpus train split)")
-    text_field: str = field("text", help="text field of a JSONL/Parquet calibration file")
     n_samples: int = field(64, help="calibration windows")
-    seq_len: int = field(512, help="tokens per calibration window")
-    batch_size: int = field(8, help="calibration windows per forward pass")
-    seed: int = field(0, help="seed for sampling calibration windows")
     damp: float = field(0.01, help="SparseGPT damping")
     recover: bool = field(False, help="distill from the unpruned parent after pruning")
     max_steps: int = field(100, help="recovery: optimizer steps")
@@ -76,11 +72,9 @@ class PruneConfig:
             raise UserError("sparsity: give --sparsity S or --pattern N:M")
         if self.method in STRUCTURED and self.sparsity is None and targets[self.method] is None:
             raise UserError(f"sparsity: give --sparsity S or an absolute target for method {self.method}")
-        for name in ("n_samples", "seq_len", "batch_size", "max_steps"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name}: must be positive")
-        if self.calibration is not None and not Path(self.calibration).is_file():
-            raise UserError(f"calibration: file not found: {self.calibration}")
+        if self.max_steps < 1:
+            raise UserError(f"max_steps: must be positive, got {self.max_steps}")
+        self.validate_calibration()
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -91,13 +85,6 @@ class PruneConfig:
         except ValueError:
             raise UserError(f"pattern: expected N:M such as 2:4, got {self.pattern!r}") from None
         return n, m
-
-
-def _calibration(cfg: PruneConfig, tokenizer: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-    texts = load_split_or_file(cfg.calibration, "train", cfg.text_field)
-    windows = sample_windows(tokenize_joined(tokenizer, texts), cfg.n_samples, cfg.seq_len, cfg.seed)
-    return windows, {"source": cfg.calibration or "lee_background.cor articles 0-199",
-                     "texts_sha256": texts_hash(texts), "n_samples": cfg.n_samples, "seq_len": cfg.seq_len}
 
 
 def _target(total: int, sparsity: float | None, absolute: int | None, what: str) -> int:
@@ -200,7 +187,7 @@ def prune(parent: Artifact, cfg: PruneConfig) -> Artifact:
     model = load_artifact_model(parent.path)
     if model.config.to_dict().get("quantization_config"):
         raise UserError(f"{parent.path}: prune the unquantized model, then quantize")
-    windows, calibration = (None, None) if cfg.method == "magnitude" else _calibration(cfg, tokenizer)
+    windows, calibration = (None, None) if cfg.method == "magnitude" else calibration_windows(cfg, tokenizer)
     info: dict[str, Any] = {"method": cfg.method, "calibration": calibration,
                             "parameters_before": count_parameters(model)}
     masks = None

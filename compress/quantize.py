@@ -8,7 +8,6 @@ quantized layers before it. The result is a standard Hugging Face GPTQ checkpoin
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +20,8 @@ from tqdm import tqdm
 
 from compress.artifact import Artifact, open_artifact, verify, write_artifact
 from compress.calibration import (
+    CalibrationFlags,
+    calibration_windows,
     capture_layer_inputs,
     collect_input_stats,
     decoder_layers,
@@ -33,13 +34,12 @@ from compress.smoothing import SMOOTHED_INPUTS, smooth_layer
 from runtime.config import field, parse_config
 from runtime.errors import UserError, run_main
 from runtime.quantized import SUPPORTED_BITS, pack_gptq, quantize_int8_weight, quantized_module_names
-from train.data import load_split_or_file, sample_windows, texts_hash, tokenize_joined
 
 METHODS = ("gptq", "rtn", "dynamic-int8", "fp16", "bf16")
 
 
 @dataclass
-class QuantizeConfig:
+class QuantizeConfig(CalibrationFlags):
     artifact: str = field("artifacts/reference", help="artifact to quantize")
     out: str = field(None, help="output artifact directory")
     method: str = field("gptq", help="quantization method", choices=METHODS)
@@ -51,12 +51,6 @@ class QuantizeConfig:
     damp: float = field(0.01, help="GPTQ damping, fraction of the mean Hessian diagonal")
     true_sequential: bool = field(True, help="re-calibrate each group of Linears after the previous is quantized")
     smooth_alpha: float = field(0.5, help="dynamic-int8: SmoothQuant migration strength (0 disables smoothing)")
-    calibration: str | None = field(None, help="calibration file (.txt/.jsonl/.parquet; default: corpus train split)")
-    text_field: str = field("text", help="text field of a JSONL/Parquet calibration file")
-    n_samples: int = field(128, help="calibration windows")
-    seq_len: int = field(512, help="tokens per calibration window")
-    batch_size: int = field(8, help="calibration windows per forward pass")
-    seed: int = field(0, help="seed for sampling calibration windows")
     device: str = field("cpu", help="where calibration and GPTQ run (cpu or cuda)")
     save_dtype: str = field("float16", help="dtype for the unquantized tensors of gptq/rtn checkpoints",
                             choices=("float16", "bfloat16", "float32"))
@@ -77,27 +71,11 @@ class QuantizeConfig:
             raise UserError(f"smooth_alpha: must be in [0, 1], got {self.smooth_alpha}")
         if not 0 < self.damp < 1:
             raise UserError(f"damp: must be in (0, 1), got {self.damp}")
-        for name in ("n_samples", "seq_len", "batch_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name}: must be positive, got {getattr(self, name)}")
-        if self.calibration is not None:
-            if not Path(self.calibration).is_file():
-                raise UserError(f"calibration: file not found: {self.calibration}")
-            if Path(self.calibration).stat().st_size == 0:
-                raise UserError(f"calibration: file is empty: {self.calibration}")
+        self.validate_calibration()
 
     @property
     def spec(self) -> QuantSpec:
         return QuantSpec(self.bits, self.group_size, self.sym, self.desc_act, self.damp)
-
-
-def calibration_windows(cfg: QuantizeConfig, tokenizer: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-    texts = load_split_or_file(cfg.calibration, "train", cfg.text_field)
-    windows = sample_windows(tokenize_joined(tokenizer, texts), cfg.n_samples, cfg.seq_len, cfg.seed)
-    info = {"source": cfg.calibration or "lee_background.cor articles 0-199", "texts_sha256": texts_hash(texts),
-            "windows_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
-            "n_samples": cfg.n_samples, "seq_len": cfg.seq_len, "seed": cfg.seed}
-    return windows, info
 
 
 def _check_shapes(model: torch.nn.Module, names: list[str], bits: int) -> None:

@@ -51,15 +51,11 @@ def wanda_mask(weight: torch.Tensor, input_sq_sum: torch.Tensor, sparsity: float
 def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pattern: tuple[int, int] | None = None,
               damp: float = 0.01, block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT (Frantar & Alistarh 2023): prune with OBS scores w^2 / [H^-1]_jj^2 and update the rest."""
-    from compress.gptq import _inverse_hessian_factor
+    from compress.gptq import inverse_hessian_factor, prepare_weight_and_hessian
 
-    w = weight.detach().float().clone()
+    w, h = prepare_weight_and_hessian(weight, hessian)
     rows, cols = w.shape
-    h = hessian.detach().float().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    hinv = _inverse_hessian_factor(h, damp)
+    hinv = inverse_hessian_factor(h, damp)
     keep = torch.ones_like(w, dtype=torch.bool)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
