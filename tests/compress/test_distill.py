@@ -125,3 +125,18 @@ def test_kill_9_leaves_no_artifact_and_resume_finishes(tiny_artifact, tmp_path):
     from compress.artifact import open_artifact
 
     assert open_artifact(tmp_path / "k").manifest["distillation"]["steps"] == 20
+
+
+def test_all_losses_and_sequence_kd(tiny_artifact, tmp_path):
+    cfg = _cfg(tiny_artifact, tmp_path, init="layer-drop", student_layers=1, max_steps=4, reverse_kd_weight=0.5,
+               ce_weight=0.2, hidden_weight=0.5, temperature=2.0, seq_kd=True, seq_kd_samples=2, seq_kd_tokens=16,
+               seq_kd_batch=64)
+    art = distill(cfg)
+    losses = _logged(cfg.work_path, "train/hidden")
+    assert losses and all(v >= 0 for v in losses.values())
+    assert _logged(cfg.work_path, "train/reverse_kd") and _logged(cfg.work_path, "train/ce")
+    caches = list(cfg.work_path.glob("seqkd-*.pt"))
+    assert len(caches) == 1
+    sequences = torch.load(caches[0], weights_only=True)
+    assert sequences.shape[1] == 32 and sequences.shape[0] % 2 == 0
+    assert art.manifest["distillation"]["steps"] == 4
