@@ -102,17 +102,9 @@ def load_tokenizer(path: str | Path) -> Any:
 def load_artifact_model(path: str | Path, device: str | torch.device = "cpu",
                         dtype: torch.dtype | None = None) -> torch.nn.Module:
     """The PyTorch model of a model artifact (full precision, or quantized through our layers)."""
-    path = Path(path)
-    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    quant = config.get("quantization_config")
-    if quant is not None:
-        from runtime.quantized import load_quantized_model
+    from runtime.loading import load_model
 
-        return load_quantized_model(path, device=device)
-    stored = config.get("dtype") or config.get("torch_dtype") or "float32"
-    target = dtype or getattr(torch, stored)
-    model, _ = _load_hf_folder(path, dtype=target)
-    return model.to(device)
+    return load_model(path, device=device, dtype=dtype)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

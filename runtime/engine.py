@@ -1,0 +1,178 @@
+"""The generation engine: batched prefill and decode over the paged cache, and speculative decoding.
+
+Speculative decoding (Leviathan et al. 2023; Chen et al. 2023): the draft proposes k tokens, the
+target scores them (plus one bonus position) in one pass; token i is accepted with probability
+min(1, p_i / q_i), the first rejection is replaced by a sample from max(0, p - q) normalised.
+Sampled output then has exactly the target's distribution; greedy output equals the target's.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from runtime.kv_cache import Sequence
+from runtime.paged_llama import PagedLlama
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    target_steps: int = 0
+    proposed: int = 0
+    accepted: int = 0
+    prefix_hit_blocks: int = 0
+    per_step_accepted: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def tokens_per_target_step(self) -> float:
+        return self.new_tokens / self.target_steps if self.target_steps else 0.0
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution tokens are drawn from (one-hot at the argmax when greedy)."""
+    logits = logits.float()
+    if params.temperature <= 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    logits = logits / params.temperature
+    if params.top_k > 0:
+        kth = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if params.top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > params.top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator).item())
+
+
+class Engine:
+    def __init__(self, model: torch.nn.Module, block_size: int = 16, num_blocks: int = 1024):
+        self.runner = PagedLlama(model, block_size, num_blocks)
+        self.pool = self.runner.pool
+
+    def _start(self, prompts: list[list[int]]) -> list[Sequence]:
+        seqs = [Sequence(list(p)) for p in prompts]
+        for s in seqs:
+            if not s.tokens:
+                raise ValueError("empty prompt")
+            self.pool.admit(s)
+        return seqs
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> tuple[list[list[int]], GenerationStats]:
+        """Generate for a batch of prompts together (continuous decode over the active set)."""
+        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        stats = GenerationStats(prompt_tokens=sum(map(len, prompts)))
+        seqs = self._start(prompts)
+        stats.prefix_hit_blocks = sum(s.prefix_hits for s in seqs)
+        start = time.perf_counter()
+        logits = self.runner.forward(seqs, last_only=True)
+        for s in seqs:
+            self.pool.register_full_blocks(s)
+        stats.prefill_s = time.perf_counter() - start
+        outputs: list[list[int]] = [[] for _ in seqs]
+        active = list(range(len(seqs)))
+        start = time.perf_counter()
+        while active:
+            still = []
+            for row, i in enumerate(active):
+                token = draw(probabilities(logits[row][-1], params), gen) if params.temperature > 0 else int(
+                    logits[row][-1].argmax())
+                outputs[i].append(token)
+                seqs[i].tokens.append(token)
+                if token not in params.stop_ids and len(outputs[i]) < params.max_new_tokens:
+                    still.append(i)
+            active = still
+            if active:
+                logits = self.runner.forward([seqs[i] for i in active], last_only=True)
+                stats.target_steps += 1
+        stats.decode_s = time.perf_counter() - start
+        stats.new_tokens = sum(map(len, outputs))
+        for s in seqs:
+            self.pool.register_full_blocks(s)
+            self.pool.free_sequence(s)
+        return outputs, stats
+
+    def speculative(self, draft: Engine, prompt: list[int], params: SamplingParams, k: int = 4,
+                    adaptive: bool = False) -> tuple[list[int], GenerationStats]:
+        """One sequence with a draft model; rejected draft tokens are rolled back in both caches."""
+        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        stats = GenerationStats(prompt_tokens=len(prompt))
+        (t_seq,), (d_seq,) = self._start([prompt]), draft._start([prompt])
+        start = time.perf_counter()
+        p_first = probabilities(self.runner.forward([t_seq])[0][-1], params)
+        d_probs = probabilities(draft.runner.forward([d_seq])[0][-1], params)
+        stats.prefill_s = time.perf_counter() - start
+        out: list[int] = []
+        start = time.perf_counter()
+        while len(out) < params.max_new_tokens:
+            base = len(t_seq.tokens)  # accepted so far, the last (uncached) correction token included
+            proposals, qs = [], []
+            for _ in range(k):
+                token = draw(d_probs, gen)
+                proposals.append(token)
+                qs.append(d_probs)
+                d_seq.tokens.append(token)
+                d_probs = probabilities(draft.runner.forward([d_seq])[0][-1], params)
+            t_seq.tokens.extend(proposals)
+            scored = [probabilities(row, params) for row in self.runner.forward([t_seq], last_only=False)[0]]
+            ps = ([p_first] + scored) if p_first is not None else scored  # k + 1 target distributions
+            p_first = None
+            accepted, final = 0, None
+            for i, token in enumerate(proposals):
+                p, q = ps[i], qs[i]
+                if torch.rand(1, generator=gen).item() < min(1.0, float(p[token] / q[token].clamp(min=1e-20))):
+                    accepted += 1
+                    continue
+                residual = (p - q).clamp(min=0)
+                final = draw(residual / residual.sum() if residual.sum() > 0 else p, gen)
+                break
+            if final is None:
+                final = draw(ps[k], gen)
+            new = proposals[:accepted] + [final]
+            stats.target_steps += 1
+            stats.proposed += k
+            stats.accepted += accepted
+            stats.per_step_accepted.append(accepted)
+            self.pool.truncate(t_seq, base + accepted)
+            draft.pool.truncate(d_seq, base + accepted)
+            t_seq.tokens.append(final)
+            d_seq.tokens.append(final)
+            out.extend(new)
+            if any(t in params.stop_ids for t in new):
+                out = out[: next(i for i, t in enumerate(out) if t in params.stop_ids) + 1]
+                break
+            d_probs = probabilities(draft.runner.forward([d_seq])[0][-1], params)
+            if adaptive:
+                k = min(8, k + 1) if accepted == k else max(1, k - 1) if accepted == 0 else k
+        out = out[: params.max_new_tokens]
+        stats.decode_s = time.perf_counter() - start
+        stats.new_tokens = len(out)
+        for engine, seq in ((self, t_seq), (draft, d_seq)):
+            engine.pool.free_sequence(seq)
+        return out, stats

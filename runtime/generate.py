@@ -1,0 +1,79 @@
+"""`python -m runtime.generate`: generate from an artifact with the paged-cache engine.
+
+Prints the completion, then one line of stats: prefill and decode tokens/s and, with --draft,
+the acceptance rate and mean tokens per target step of speculative decoding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from runtime.config import field, parse_config
+from runtime.engine import Engine, SamplingParams
+from runtime.errors import UserError, run_main
+from runtime.loading import load_model
+
+
+@dataclass
+class GenerateConfig:
+    artifact: str = field(None, help="model artifact directory")
+    prompt: str = field(None, help="prompt text")
+    draft: str | None = field(None, help="draft artifact for speculative decoding (same tokenizer)")
+    k: int = field(4, help="draft tokens proposed per target step")
+    adaptive_k: bool = field(False, help="grow k after full acceptance, shrink it after a miss")
+    chat: bool = field(False, help="wrap the prompt in the tokenizer's chat template")
+    max_tokens: int = field(128, help="new tokens at most")
+    temperature: float = field(0.0, help="0 for greedy")
+    top_p: float = field(1.0, help="nucleus sampling mass")
+    top_k: int = field(0, help="sample from the k most likely tokens (0: all)")
+    seed: int | None = field(None, help="random seed for sampling")
+    block_size: int = field(16, help="tokens per KV-cache block")
+    num_blocks: int = field(512, help="KV-cache blocks in the pool")
+    device: str = field("cpu", help="cpu or cuda")
+
+    def validate(self) -> None:
+        if not self.artifact or self.prompt is None:
+            raise UserError("artifact and prompt are required")
+        if self.max_tokens < 1 or self.k < 1 or self.block_size < 1 or self.num_blocks < 1:
+            raise UserError("max_tokens, k, block_size and num_blocks must be positive")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise UserError("temperature must be >= 0 and top_p in (0, 1]")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from transformers import AutoTokenizer
+
+    cfg = parse_config(GenerateConfig, argv, "python -m runtime.generate", __doc__.splitlines()[0])
+    tokenizer = AutoTokenizer.from_pretrained(cfg.artifact)
+    if cfg.draft is not None:
+        draft_tok = AutoTokenizer.from_pretrained(cfg.draft)
+        if draft_tok.get_vocab() != tokenizer.get_vocab():
+            raise UserError(f"draft: {cfg.draft} does not share the target's tokenizer")
+    if cfg.chat:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": cfg.prompt}], add_generation_prompt=True)
+        ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    else:
+        ids = tokenizer(cfg.prompt, add_special_tokens=False)["input_ids"]
+    stop = tuple(t for t in (tokenizer.eos_token_id,) if t is not None)
+    params = SamplingParams(cfg.max_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.seed, stop)
+    with torch.inference_mode():
+        target = Engine(load_model(cfg.artifact, cfg.device), cfg.block_size, cfg.num_blocks)
+        if cfg.draft is None:
+            (out,), stats = target.generate([ids], params)
+        else:
+            draft = Engine(load_model(cfg.draft, cfg.device), cfg.block_size, cfg.num_blocks)
+            out, stats = target.speculative(draft, ids, params, cfg.k, cfg.adaptive_k)
+    print(tokenizer.decode(out, skip_special_tokens=True))
+    line = (f"[prefill {stats.prompt_tokens / max(stats.prefill_s, 1e-9):.0f} tok/s, "
+            f"decode {stats.new_tokens / max(stats.decode_s, 1e-9):.1f} tok/s, {stats.new_tokens} tokens")
+    if cfg.draft is not None:
+        line += (f", acceptance {stats.acceptance_rate:.2f}, {stats.tokens_per_target_step:.2f} tokens/target step"
+                 f", k={cfg.k}{' adaptive' if cfg.adaptive_k else ''}")
+    print(line + "]")
+
+
+if __name__ == "__main__":
+    run_main(main)
