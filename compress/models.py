@@ -91,12 +91,9 @@ def load_source_model(source: str | None) -> tuple[torch.nn.Module, Any, Path]:
 
 
 def load_tokenizer(path: str | Path) -> Any:
-    from transformers import AutoTokenizer
+    from runtime.loading import load_tokenizer as load
 
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except Exception as exc:  # noqa: BLE001
-        raise UserError(f"{path}: cannot load the tokenizer ({_one_line(exc)})") from None
+    return load(path)
 
 
 def load_artifact_model(path: str | Path, device: str | torch.device = "cpu",

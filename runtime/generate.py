@@ -14,7 +14,7 @@ import torch
 from runtime.config import field, parse_config
 from runtime.engine import Engine, SamplingParams
 from runtime.errors import UserError, run_main
-from runtime.loading import load_model
+from runtime.loading import load_model, load_tokenizer
 
 
 @dataclass
@@ -44,12 +44,10 @@ class GenerateConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from transformers import AutoTokenizer
-
     cfg = parse_config(GenerateConfig, argv, "python -m runtime.generate", __doc__.splitlines()[0])
-    tokenizer = AutoTokenizer.from_pretrained(cfg.artifact)
+    tokenizer = load_tokenizer(cfg.artifact)
     if cfg.draft is not None:
-        draft_tok = AutoTokenizer.from_pretrained(cfg.draft)
+        draft_tok = load_tokenizer(cfg.draft)
         if draft_tok.get_vocab() != tokenizer.get_vocab():
             raise UserError(f"draft: {cfg.draft} does not share the target's tokenizer")
     if cfg.chat:

@@ -4,20 +4,39 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from runtime.errors import UserError
 
 
+def model_dir(path: str | Path) -> Path:
+    """The path, if it holds a model (config.json); else a one-line error."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path}: no config.json (not a model artifact)")
+    return path
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir(path))
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any unreadable tokenizer file
+        raise UserError(f"{path}: cannot load the tokenizer ({type(exc).__name__}: "
+                        f"{(str(exc).strip().splitlines() or [''])[0][:200]})") from None
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
                ) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    path = Path(path)
+    path = model_dir(path)
     config_file = path / "config.json"
-    if not config_file.is_file():
-        raise UserError(f"{path}: no config.json (not a model artifact)")
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -1,0 +1,27 @@
+import subprocess
+import sys
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "runtime.generate", *args], capture_output=True, text=True)
+
+
+def test_generate_cli_plain_and_speculative(tiny_artifact):
+    a = str(tiny_artifact.path)
+    plain = _run("--artifact", a, "--prompt", "The fire near the town", "--max-tokens", "6")
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    assert "decode" in plain.stdout.splitlines()[-1] and "6 tokens" in plain.stdout
+    spec = _run("--artifact", a, "--draft", a, "--k", "3", "--prompt", "The fire near the town", "--max-tokens", "6",
+                "--chat")
+    assert spec.returncode == 0, spec.stderr[-2000:]
+    assert "acceptance 1.00" in spec.stdout.splitlines()[-1]
+    sampled = _run("--artifact", a, "--prompt", "x", "--temperature", "0.8", "--top-p", "0.9", "--seed", "1")
+    again = _run("--artifact", a, "--prompt", "x", "--temperature", "0.8", "--top-p", "0.9", "--seed", "1")
+    assert sampled.stdout.splitlines()[0] == again.stdout.splitlines()[0]
+
+
+def test_generate_cli_bad_input(tiny_artifact, tmp_path):
+    proc = _run("--artifact", str(tmp_path), "--prompt", "x")
+    assert proc.returncode == 2 and "no config.json" in proc.stderr
+    proc = _run("--artifact", str(tiny_artifact.path), "--prompt", "x", "--top-p", "0")
+    assert proc.returncode == 2 and "top_p" in proc.stderr
