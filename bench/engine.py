@@ -38,6 +38,7 @@ def main() -> None:
     result: dict = {"target": args.target, "draft": args.draft, "device": args.device, "k": args.k}
 
     prefix = heldout_windows(tokenizer)[0].tolist()
+    target.generate([heldout_windows(tokenizer)[1].tolist()[:64]], SamplingParams(max_new_tokens=2))  # warm-up
     first_start = time.perf_counter()
     target.generate([prefix + [13]], SamplingParams(max_new_tokens=1))
     first = time.perf_counter() - first_start
