@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 from typing import Any
 
@@ -59,21 +58,10 @@ def _load_gguf(path: Path) -> tuple[torch.nn.Module, Any]:
     return model.eval(), tokenizer
 
 
-def _load_hf_folder(path: Path, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_hf_folder(path: Path) -> tuple[torch.nn.Module, Any]:
+    from runtime.loading import load_model, load_tokenizer
 
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path}: no config.json (expected a Hugging Face model folder or a .gguf file)")
-    try:
-        json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path / 'config.json'}: not valid JSON ({exc})") from None
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception as exc:  # noqa: BLE001 - a corrupt weight or tokenizer file
-        raise UserError(f"{path}: cannot load this model folder ({_one_line(exc)})") from None
-    return model.eval(), tokenizer
+    return load_model(path, dtype=torch.float32), load_tokenizer(path)
 
 
 def load_source_model(source: str | None) -> tuple[torch.nn.Module, Any, Path]:

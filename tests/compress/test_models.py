@@ -30,7 +30,7 @@ def test_folder_without_config_and_wrong_suffix(tmp_path):
 
 def test_corrupt_weights_in_hf_folder(tiny_artifact):
     (tiny_artifact.path / "model.safetensors").write_bytes(b"\x00" * 32)
-    with pytest.raises(UserError, match="cannot load this model folder"):
+    with pytest.raises(UserError, match="cannot load this model"):
         load_source_model(str(tiny_artifact.path))
 
 
