@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -55,7 +54,9 @@ def one_variant(args: argparse.Namespace) -> dict:
               "step_s_median": statistics.median(times[1:] or times), "loss": float(loss)}
     if device.type == "cuda":
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from compress.speed import peak_rss_mb
+
+    result["peak_rss_mb"] = peak_rss_mb()
     return result
 
 

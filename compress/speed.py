@@ -37,6 +37,16 @@ class SpeedConfig:
             raise UserError("new_tokens must be >= 2, prefill_tokens and repeats >= 1")
 
 
+def peak_rss_mb() -> float:
+    """This process's own RSS high-water mark (VmHWM). ru_maxrss is not used: Linux carries the
+    parent's peak into a forked child, so a child of a big evaluate process would report the parent's."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -86,7 +96,7 @@ def measure_speed(cfg: SpeedConfig) -> dict[str, Any]:
         if batch_size == 1:
             result["ttft_ms"] = first * 1000
             result["prompt_tokens_b1"] = int(batch["input_ids"].shape[1])
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = peak_rss_mb()
     if device.type == "cuda":
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     result["repeats"] = cfg.repeats

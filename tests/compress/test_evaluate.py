@@ -61,3 +61,14 @@ def test_evaluate_refuses_damaged_artifact(tiny_artifact, tmp_path):
                          out=str(tmp_path / "eval"))
     with pytest.raises(UserError, match="damaged artifact.*config.json"):
         evaluate(cfg)
+
+
+def test_peak_rss_is_the_childs_own():
+    import subprocess
+    import sys
+
+    big = bytearray(300 * 2**20)  # the parent's peak is at least 300 MB
+    big[::4096] = b"x" * len(big[::4096])
+    out = subprocess.run([sys.executable, "-c", "from compress.speed import peak_rss_mb; print(peak_rss_mb())"],
+                         capture_output=True, text=True, check=True)
+    assert float(out.stdout) < 250
