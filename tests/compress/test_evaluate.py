@@ -67,8 +67,8 @@ def test_peak_rss_is_the_childs_own():
     import subprocess
     import sys
 
-    big = bytearray(300 * 2**20)  # the parent's peak is at least 300 MB
+    big = bytearray(1200 * 2**20)  # the parent's peak is at least 1.2 GB
     big[::4096] = b"x" * len(big[::4096])
     out = subprocess.run([sys.executable, "-c", "from compress.speed import peak_rss_mb; print(peak_rss_mb())"],
                          capture_output=True, text=True, check=True)
-    assert float(out.stdout) < 250
+    assert float(out.stdout) < 800
