@@ -47,7 +47,7 @@ class DistillationModule(L.LightningModule):
                  param_masks: dict[str, torch.Tensor] | None = None):
         super().__init__()
         self._masks = param_masks or {}
-        self.student = student
+        self.student = student.train()
         self._teacher = [teacher.eval().requires_grad_(False)]  # a list hides it from nn.Module
         self.weights, self.optim = weights, optim
         self.student.config.use_cache = False
