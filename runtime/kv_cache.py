@@ -116,16 +116,19 @@ class BlockPool:
         seq.block_table.clear()
         seq.cached = 0
 
-    def write(self, layer: int, seq: Sequence, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store K/V (tokens, kv_heads, head_dim) for positions start.. of `seq`."""
-        pos = torch.arange(start, start + k.shape[0])
-        blocks = torch.tensor(seq.block_table, device=self.k.device)[pos // self.block_size]
-        offsets = pos % self.block_size
+    def slots(self, seq: Sequence, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block, offset) of positions start..end-1: compute once per forward, use in every layer."""
+        pos = torch.arange(start, end)
+        table = torch.tensor(seq.block_table)
+        return (table[pos // self.block_size].to(self.k.device), (pos % self.block_size).to(self.k.device))
+
+    def write(self, layer: int, slots: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store K/V (tokens, kv_heads, head_dim) at `slots` (from `slots()`)."""
+        blocks, offsets = slots
         self.k[layer, blocks, offsets] = k
         self.v[layer, blocks, offsets] = v
 
-    def read(self, layer: int, seq: Sequence, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        table = torch.tensor(seq.block_table, device=self.k.device)
-        k = self.k[layer, table].flatten(0, 1)[:length]
-        v = self.v[layer, table].flatten(0, 1)[:length]
-        return k, v
+    def read(self, layer: int, slots: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V at `slots` (all positions of a sequence so far): (tokens, kv_heads, head_dim) each."""
+        blocks, offsets = slots
+        return self.k[layer, blocks, offsets], self.v[layer, blocks, offsets]

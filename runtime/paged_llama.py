@@ -37,6 +37,10 @@ class PagedLlama:
         ids = torch.tensor([t for s, a, b in spans for t in s.tokens[a:b]], device=self.device)
         positions = torch.cat([torch.arange(a, b) for _, a, b in spans]).to(self.device)
         n = ids.numel()
+        new_slots = [self.pool.slots(s, a, b) for s, a, b in spans]
+        all_slots = [self.pool.slots(s, 0, b) for s, _, b in spans]
+        masks = [torch.arange(b, device=self.device)[None, :] <= torch.arange(a, b, device=self.device)[:, None]
+                 for _, a, b in spans]
         x = inner.embed_tokens(ids)[None]
         cos, sin = inner.rotary_emb(x, positions[None])
         for li, layer in enumerate(inner.layers):
@@ -47,15 +51,15 @@ class PagedLlama:
             v = attn.v_proj(h).view(1, n, self.kv_heads, self.head_dim).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             outs, offset = [], 0
-            for s, a, b in spans:
+            for i, (_, a, b) in enumerate(spans):
                 m = b - a
-                self.pool.write(li, s, a, k[0, :, offset:offset + m].transpose(0, 1),
+                self.pool.write(li, new_slots[i], k[0, :, offset:offset + m].transpose(0, 1),
                                 v[0, :, offset:offset + m].transpose(0, 1))
-                keys, values = self.pool.read(li, s, b)
-                mask = torch.arange(b, device=self.device)[None, :] <= torch.arange(a, b, device=self.device)[:, None]
+                keys, values = self.pool.read(li, all_slots[i])
                 outs.append(F.scaled_dot_product_attention(
                     q[:, :, offset:offset + m], keys.transpose(0, 1)[None].to(q.dtype),
-                    values.transpose(0, 1)[None].to(q.dtype), attn_mask=mask, scale=attn.scaling, enable_gqa=True))
+                    values.transpose(0, 1)[None].to(q.dtype), attn_mask=masks[i], scale=attn.scaling,
+                    enable_gqa=True))
                 offset += m
             o = torch.cat(outs, dim=2).transpose(1, 2).reshape(1, n, self.heads * self.head_dim)
             x = x + attn.o_proj(o)
