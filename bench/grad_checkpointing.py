@@ -22,14 +22,15 @@ from pathlib import Path
 def one_variant(args: argparse.Namespace) -> dict:
     import torch
 
-    from compress.distill import evenly_spaced_layers, layer_drop_student
+    from compress.distill import evenly_spaced_layers
     from compress.models import load_artifact_model
+    from compress.surgery import keep_layers
     from train.distillation import DistillationModule, LossWeights, OptimConfig
 
     device = torch.device(args.device)
     torch.manual_seed(0)  # same token batch for both variants
     teacher = load_artifact_model(args.teacher)
-    student = layer_drop_student(teacher, evenly_spaced_layers(teacher.config.num_hidden_layers, 15))
+    student = keep_layers(teacher, evenly_spaced_layers(teacher.config.num_hidden_layers, 15))
     module = DistillationModule(student, teacher, LossWeights(), OptimConfig(), args.checkpointing == "on")
     module.student.to(device).train()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -100,9 +100,9 @@ def evenly_spaced_layers(total: int, keep: int) -> list[int]:
     return sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
 
 
-def layer_drop_student(teacher: torch.nn.Module, keep: list[int]) -> torch.nn.Module:
-    """A copy of the teacher with only layers `keep` (embeddings, norms and head copied)."""
-    return keep_layers(teacher, keep)
+def kept_teacher_layers(cfg: DistillConfig, n_teacher: int) -> list[int]:
+    """The teacher layers a layer-drop student keeps: explicit, or evenly spaced."""
+    return sorted(cfg.keep_layers) if cfg.keep_layers else evenly_spaced_layers(n_teacher, cfg.student_layers)
 
 
 def build_student(cfg: DistillConfig, teacher: torch.nn.Module, teacher_artifact: Artifact) -> torch.nn.Module:
@@ -110,12 +110,12 @@ def build_student(cfg: DistillConfig, teacher: torch.nn.Module, teacher_artifact
 
     n_teacher = teacher.config.num_hidden_layers
     if cfg.init == "layer-drop":
-        keep = sorted(cfg.keep_layers) if cfg.keep_layers else evenly_spaced_layers(n_teacher, cfg.student_layers)
+        keep = kept_teacher_layers(cfg, n_teacher)
         if not keep or keep[-1] >= n_teacher or keep[0] < 0 or len(set(keep)) != len(keep):
             raise UserError(f"keep_layers: indices must be distinct and within 0..{n_teacher - 1}")
         if len(keep) >= n_teacher:
             raise UserError(f"student_layers: the student must be smaller than the teacher ({n_teacher} layers)")
-        return layer_drop_student(teacher, keep)
+        return keep_layers(teacher, keep)
     if cfg.init == "config":
         merged = {**teacher.config.to_dict(), **cfg.student_config}
         if merged.get("vocab_size") != teacher.config.vocab_size:
@@ -190,8 +190,7 @@ def distill(cfg: DistillConfig, kind: str = "distilled", param_masks: dict[str, 
     if cfg.hidden_weight > 0:
         if cfg.init != "layer-drop":
             raise UserError("hidden_weight: hidden-state loss needs init=layer-drop (matching widths)")
-        keep = sorted(cfg.keep_layers) or evenly_spaced_layers(teacher.config.num_hidden_layers, cfg.student_layers)
-        hidden_map = list(enumerate(keep))
+        hidden_map = list(enumerate(kept_teacher_layers(cfg, teacher.config.num_hidden_layers)))
 
     seq_kd_sequences = None
     if cfg.seq_kd:

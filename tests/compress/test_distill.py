@@ -6,8 +6,9 @@ import sys
 import pytest
 import torch
 
-from compress.distill import DistillConfig, distill, evenly_spaced_layers, layer_drop_student
+from compress.distill import DistillConfig, distill, evenly_spaced_layers
 from compress.models import load_artifact_model
+from compress.surgery import keep_layers
 from runtime.config import build_config
 from runtime.errors import UserError
 from tests.conftest import make_tiny_llama
@@ -74,7 +75,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 def test_layer_drop_copies_the_chosen_layers():
     teacher = make_tiny_llama(layers=4)
-    student = layer_drop_student(teacher, [0, 3])
+    student = keep_layers(teacher, [0, 3])
     assert student.config.num_hidden_layers == 2
     torch.testing.assert_close(student.model.layers[1].mlp.up_proj.weight, teacher.model.layers[3].mlp.up_proj.weight)
     torch.testing.assert_close(student.model.embed_tokens.weight, teacher.model.embed_tokens.weight)

@@ -29,10 +29,11 @@ def test_batched_greedy_equals_hf_generate_for_mixed_length_chat_prompts(real):
 
 
 def test_speculative_with_layer_drop_draft_keeps_target_greedy(real):
-    from compress.distill import evenly_spaced_layers, layer_drop_student
+    from compress.distill import evenly_spaced_layers
+    from compress.surgery import keep_layers
 
     model, tokenizer = real
-    draft = layer_drop_student(model, evenly_spaced_layers(30, 15))
+    draft = keep_layers(model, evenly_spaced_layers(30, 15))
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                         add_generation_prompt=True)
     ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
