@@ -6,7 +6,7 @@ STAMP := $(VENV)/.setup-stamp
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench-deps clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# llama-cpp-python (baseline of bench/onnx.py) compiles llama.cpp: only for the benchmark.
+bench-deps: setup
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PY) -m pip install -q -c requirements/constraints.txt -e '.[bench]'
 
 lint: setup
 	$(PY) -m ruff check .

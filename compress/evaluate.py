@@ -106,7 +106,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     for path, artifact in tqdm(artifacts.items(), desc="speed (artifacts)", unit="artifact"):
         row = {"name": artifact.path.name, "path": str(artifact.path), "kind": artifact.kind,
                "parameters": count_parameters(models[path]),
-               "size_mb": artifact.model_size_bytes() / 1e6, "backend": f"pytorch-{cfg.device}", **acc[path]}
+               "size_mb": artifact.model_size_bytes() / 1e6,
+               "backend": "onnxruntime-cpu" if artifact.kind == "onnx" else f"pytorch-{cfg.device}", **acc[path]}
         if cfg.speed:
             row.update(run_speed(path, cfg))
         rows.append(row)

@@ -69,8 +69,44 @@ def _generate_timer(model: torch.nn.Module, batch: dict[str, torch.Tensor], pad_
     return run
 
 
+def measure_onnx_speed(cfg: SpeedConfig) -> dict[str, Any]:
+    """The same measurements through ONNX Runtime (batch 1: the exported decoder serves one stream)."""
+    import numpy as np
+
+    from runtime.engine import SamplingParams
+    from runtime.onnx_backend import OnnxEngine
+
+    if cfg.device != "cpu":
+        raise UserError(f"device: an ONNX export is timed on the CPU, not {cfg.device}")
+    tokenizer = load_tokenizer(cfg.artifact)
+    engine = OnnxEngine(cfg.artifact, threads=cfg.threads)
+    decoder = engine.decoder
+    prompt = heldout_windows(tokenizer, seq_len=cfg.prefill_tokens)[:1].numpy()
+    decoder.forward(prompt[:, :16], decoder.new_cache(1, 16), 0)  # warm-up
+    prefill_s = _best_time(lambda: decoder.forward(prompt, decoder.new_cache(1, prompt.shape[1]), 0),
+                           cfg.repeats, torch.device("cpu"))
+    chat = tokenizer(chat_prompts(tokenizer, 1))["input_ids"]
+
+    def run(n: int) -> None:
+        engine.generate(chat, SamplingParams(max_new_tokens=n))
+
+    run(2)
+    first = _best_time(lambda: run(1), cfg.repeats, torch.device("cpu"))
+    full = _best_time(lambda: run(cfg.new_tokens), cfg.repeats, torch.device("cpu"))
+    return {"prefill_tok_s": cfg.prefill_tokens / prefill_s, "device": "cpu", "backend": "onnxruntime",
+            "threads": decoder.session.get_session_options().intra_op_num_threads, "new_tokens": cfg.new_tokens,
+            "decode_tok_s_b1": (cfg.new_tokens - 1) / max(full - first, 1e-9), "decode_tok_s_b8": None,
+            "ttft_ms": first * 1000, "prompt_tokens_b1": int(np.asarray(chat).shape[1]),
+            "peak_rss_mb": peak_rss_mb(), "repeats": cfg.repeats,
+            "timings_note": "fastest of repeats; decode excludes the first token; batch 8 not measured for ONNX"}
+
+
 @torch.inference_mode()
 def measure_speed(cfg: SpeedConfig) -> dict[str, Any]:
+    from runtime.onnx_backend import is_onnx_artifact
+
+    if is_onnx_artifact(cfg.artifact):
+        return measure_onnx_speed(cfg)
     device = torch.device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -14,7 +14,7 @@ import torch
 from runtime.config import field, parse_config
 from runtime.engine import Engine, SamplingParams
 from runtime.errors import UserError, run_main
-from runtime.loading import load_model, load_tokenizer
+from runtime.loading import load_model, load_tokenizer, open_engine
 
 
 @dataclass
@@ -58,7 +58,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     stop = tuple(t for t in (tokenizer.eos_token_id,) if t is not None)
     params = SamplingParams(cfg.max_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.seed, stop)
     with torch.inference_mode():
-        target = Engine(load_model(cfg.artifact, cfg.device), cfg.block_size, cfg.num_blocks)
+        target = open_engine(cfg.artifact, cfg.device, cfg.block_size, cfg.num_blocks)
+        if cfg.draft is not None and not isinstance(target, Engine):
+            raise UserError("draft: speculative decoding runs on the PyTorch engine, not on an ONNX export")
         if cfg.draft is None:
             (out,), stats = target.generate([ids], params)
         else:

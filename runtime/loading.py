@@ -36,6 +36,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     from transformers import AutoModelForCausalLM
 
     path = model_dir(path)
+    from runtime.onnx_backend import OnnxCausalLM, is_onnx_artifact
+
+    if is_onnx_artifact(path):
+        if torch.device(device).type != "cpu":
+            raise UserError(f"{path}: an ONNX export runs on the CPU here (device {device} requested)")
+        return OnnxCausalLM(path)
     config_file = path / "config.json"
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
@@ -52,3 +58,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         raise UserError(f"{path}: cannot load this model ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
                         ) from None
     return model.eval().to(device)
+
+
+def open_engine(path: str | Path, device: str = "cpu", block_size: int = 16, num_blocks: int = 512) -> Any:
+    """The engine for an artifact: ONNX Runtime for an `onnx` export, else the paged PyTorch engine."""
+    from runtime.engine import Engine
+    from runtime.onnx_backend import OnnxEngine, is_onnx_artifact
+
+    if is_onnx_artifact(path):
+        if torch.device(device).type != "cpu":
+            raise UserError(f"{path}: an ONNX export runs on the CPU here (device {device} requested)")
+        return OnnxEngine(path)
+    return Engine(load_model(path, device), block_size, num_blocks)

@@ -28,10 +28,11 @@ class PagedLlama:
                               dtype=dtype, device=self.device)
 
     @torch.inference_mode()
-    def forward(self, seqs: list[Sequence], last_only: bool = True) -> list[torch.Tensor]:
-        """Run each sequence's not-yet-cached tokens; logits (new tokens or last only, vocab) per sequence."""
+    def forward(self, seqs: list[Sequence], last_only: bool = True, ends: list[int] | None = None
+                ) -> list[torch.Tensor]:
+        """Run each sequence's not-yet-cached tokens (up to `ends`, for chunked prefill); logits per sequence."""
         inner = self.model.model
-        spans = [(s, s.cached, len(s.tokens)) for s in seqs]
+        spans = [(s, s.cached, len(s.tokens) if ends is None else ends[i]) for i, s in enumerate(seqs)]
         for s, _, end in spans:
             self.pool.reserve(s, end)
         ids = torch.tensor([t for s, a, b in spans for t in s.tokens[a:b]], device=self.device)

@@ -1,0 +1,287 @@
+"""`python -m export.onnx`: a KV-cached ONNX decoder for CPU serving (fp32, INT8, INT4).
+
+The graph comes from onnxruntime-genai's model builder (fused GroupQueryAttention with rotary
+embedding, `MatMulNBits` for 4/8-bit weights). A GPTQ artifact exports at int4 with *its own*
+integers, scales and zero points: the builder lays out the graph, then every `MatMulNBits` weight
+is replaced by the GPTQ tensors repacked (act-order columns are regrouped by a Gather on the
+activation, so no value is re-quantized). Float artifacts use the builder's own int4/int8
+quantizer, or ONNX Runtime's dynamic int8 quantization (`--int8-method dynamic`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from compress.artifact import Artifact, open_artifact, verify, write_artifact
+from runtime.config import field, parse_config
+from runtime.errors import UserError, run_main
+from runtime.quantized import GPTQLinear, load_quantized_model, unpack_cols, unpack_rows
+
+PRECISIONS = ("fp32", "int8", "int4")
+INT8_METHODS = ("weight-only", "dynamic")
+FUSED_INPUTS = {"attn/qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                "attn/o_proj": ("self_attn.o_proj",), "mlp/gate_proj": ("mlp.gate_proj",),
+                "mlp/up_proj": ("mlp.up_proj",), "mlp/down_proj": ("mlp.down_proj",)}
+
+
+@dataclass
+class OnnxExportConfig:
+    artifact: str = field("artifacts/reference", help="artifact to export (reference, distilled, pruned or GPTQ)")
+    out: str = field(None, help="output artifact directory")
+    precision: str = field("fp32", help="weight precision of the export", choices=PRECISIONS)
+    block_size: int | None = field(None, help="int4/int8 weight-only block size (16-256; default 32, or the "
+                                   "GPTQ group size for a GPTQ artifact)")
+    symmetric: bool = field(True, help="builder quantizer: symmetric grid (--no-symmetric for zero points)")
+    int8_method: str = field("weight-only", help="int8: the builder's weight-only MatMulNBits, or ORT "
+                             "quantize_dynamic (per-channel weights, dynamic int8 activations)", choices=INT8_METHODS)
+    accuracy_level: int = field(4, help="MatMulNBits compute type: 0/1 fp32, 4 int8 activations (fastest)",
+                                choices=(0, 1, 2, 3, 4))
+    quantize_lm_head: bool = field(False, help="int4/int8: quantize the LM head too with the builder's "
+                                  "quantizer (a GPTQ artifact keeps it float otherwise)")
+    overwrite: bool = field(False, help="replace an existing artifact at --out")
+
+    def validate(self) -> None:
+        if not self.out:
+            raise UserError("out: required (the output artifact directory)")
+        bs = self.block_size
+        if bs is not None and (bs < 16 or bs > 256 or bs & (bs - 1)):
+            raise UserError(f"block_size: must be a power of two in 16..256, got {bs}")
+
+
+def gptq_config(artifact: Artifact) -> dict[str, Any] | None:
+    config = json.loads((artifact.path / "config.json").read_text(encoding="utf-8"))
+    quant = config.get("quantization_config")
+    if quant is None:
+        return None
+    if quant.get("quant_method") != "gptq":
+        raise UserError(f"{artifact.path}: quant_method {quant.get('quant_method')!r} does not export to ONNX; "
+                        "export its unquantized parent and pick --precision int8/int4")
+    return quant
+
+
+def _float_copy(artifact: Artifact, into: Path) -> Path:
+    """An fp32 HF folder of a GPTQ artifact (the builder lays out its graph from it)."""
+    model = load_quantized_model(artifact.path)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, GPTQLinear):
+            dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            dense.weight.data = module.dequantized()
+            if module.bias is not None:
+                dense.bias.data = module.bias.float()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, dense)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(into)
+    for file in artifact.path.glob("tokenizer*"):
+        shutil.copy(file, into / file.name)
+    for name in ("chat_template.jinja", "generation_config.json", "special_tokens_map.json"):
+        if (artifact.path / name).is_file():
+            shutil.copy(artifact.path / name, into / name)
+    return into
+
+
+def run_builder(source: Path, out: Path, precision: str, options: dict[str, Any], log: Path) -> None:
+    """onnxruntime-genai's builder, its chatter sent to `log` (shown on failure)."""
+    try:
+        from onnxruntime_genai.models.builder import create_model, parse_extra_options
+    except ImportError as exc:
+        raise UserError("onnxruntime-genai is not installed: pip install 'lm-shrinkwrap[export]'") from exc
+    args = ("", str(source), str(out), precision, "cpu", str(out.parent / "builder-cache"))
+    quiet = logging.getLogger("onnxruntime.quantization")
+    level, quiet.level = quiet.level, logging.WARNING
+    with open(log, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        try:
+            opts = parse_extra_options(*args, [f"{k}={v}" for k, v in options.items()])
+            create_model(*args, **opts)
+        except Exception as exc:
+            sink.flush()
+            raise UserError(f"the ONNX builder failed on {source}: {type(exc).__name__}: "
+                            f"{(str(exc).strip().splitlines() or [''])[0][:200]}") from exc
+        finally:
+            quiet.setLevel(level)
+
+
+def pack_uint4(values: np.ndarray) -> np.ndarray:
+    """Pairs along the last axis into bytes, low nibble first (odd lengths padded with 0)."""
+    if values.shape[-1] % 2:
+        values = np.concatenate([values, np.zeros(values.shape[:-1] + (1,), values.dtype)], axis=-1)
+    return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
+
+
+def gptq_to_matmulnbits(modules: list[GPTQLinear], block: int) -> dict[str, np.ndarray]:
+    """GPTQ tensors of one or more Linears sharing an input -> MatMulNBits B/scales/zero_points (+ perm).
+
+    Output channels of fused modules are concatenated (q, k, v). Act-order checkpoints have their
+    input columns regrouped (`perm`, to apply to the activation) so that each group is contiguous.
+    """
+    ints, scales, zeros, perms = [], [], [], []
+    for m in modules:
+        if m.bits != 4:
+            raise UserError(f"int4 export of a {m.bits}-bit GPTQ checkpoint is not supported")
+        q = unpack_rows(m.qweight, 4).t().numpy().astype(np.uint8)  # (out, in)
+        z = ((unpack_cols(m.qzeros, 4) + 1) & 31).numpy()  # (groups, out), see dequantize_gptq
+        g_idx = m.g_idx.long().numpy()
+        perm = np.argsort(g_idx, kind="stable")
+        if not np.array_equal(g_idx[perm], np.arange(len(g_idx)) // block):
+            raise UserError(f"GPTQ groups are not {block} columns each (g_idx); cannot map to MatMulNBits")
+        if z.max() > 15:
+            raise UserError("a GPTQ zero point does not fit in 4 bits")
+        ints.append(q[:, perm])
+        scales.append(m.scales.float().numpy().T)
+        zeros.append(z.T.astype(np.uint8))
+        perms.append(perm)
+    if any(not np.array_equal(p, perms[0]) for p in perms[1:]):
+        raise UserError("fused q/k/v projections have different act-order permutations")
+    q = np.concatenate(ints)  # (N, K)
+    n, k = q.shape
+    blocks = -(-k // block)
+    q = np.pad(q, ((0, 0), (0, blocks * block - k)))
+    perm = perms[0]
+    return {"B": pack_uint4(q.reshape(n, blocks, block)), "scales": np.concatenate(scales).astype(np.float32),
+            "zero_points": pack_uint4(np.concatenate(zeros)),
+            "perm": None if np.array_equal(perm, np.arange(k)) else perm.astype(np.int64)}
+
+
+def inject_gptq(onnx_dir: Path, gptq_model: torch.nn.Module, block: int) -> int:
+    """Replace every decoder MatMulNBits weight by the GPTQ artifact's own; returns the count."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    path = onnx_dir / "model.onnx"
+    model = onnx.load(str(path))
+    inits = {t.name: t for t in model.graph.initializer}
+    layers = gptq_model.model.layers
+    new_nodes, replaced = [], 0
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits" and node.name.startswith("/model/layers."):
+            index = int(node.name.split("/")[2].split(".")[1])
+            key = "/".join(node.name.split("/")[3:5])
+            modules = [layers[index].get_submodule(name) for name in FUSED_INPUTS[key]]
+            packed = gptq_to_matmulnbits(modules, block)
+            for slot, name in zip(node.input[1:4], ("B", "scales", "zero_points"), strict=True):
+                old = inits[slot]
+                if tuple(old.dims) != packed[name].shape:
+                    raise UserError(f"{node.name}: {name} shape {tuple(old.dims)} != GPTQ {packed[name].shape}")
+                old.CopyFrom(numpy_helper.from_array(packed[name], slot))
+            if packed["perm"] is not None:
+                perm_name = f"{node.name}/act_order_perm"
+                model.graph.initializer.append(numpy_helper.from_array(packed["perm"], perm_name))
+                gathered = f"{node.name}/act_order_input"
+                new_nodes.append(helper.make_node("Gather", [node.input[0], perm_name], [gathered], axis=-1,
+                                                  name=f"{node.name}/ActOrderGather"))
+                node.input[0] = gathered
+            replaced += 1
+        new_nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    path.unlink()
+    (onnx_dir / "model.onnx.data").unlink()
+    onnx.save(model, str(path), save_as_external_data=True, location="model.onnx.data")
+    return replaced
+
+
+def quantize_dynamic_int8(onnx_dir: Path) -> None:
+    """ORT dynamic quantization of the fp32 export's MatMuls (per-channel int8 weights)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src = onnx_dir / "model.onnx"
+    tmp = onnx_dir / "model.int8.onnx"
+    quantize_dynamic(src, tmp, per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                     use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
+    src.unlink()
+    (onnx_dir / "model.onnx.data").unlink()
+    import onnx
+
+    model = onnx.load(str(tmp))
+    onnx.save(model, str(src), save_as_external_data=True, location="model.onnx.data")
+    for leftover in onnx_dir.glob("model.int8.onnx*"):
+        leftover.unlink()
+
+
+def export_onnx(source: Artifact, cfg: OnnxExportConfig) -> Artifact:
+    """Build the ONNX decoder for `source` and write it as an `onnx` artifact."""
+    problems = verify(source)
+    if problems:
+        raise UserError(f"refusing to export a damaged artifact: {problems[0]}")
+    gptq = gptq_config(source)
+    hf = json.loads((source.path / "config.json").read_text(encoding="utf-8"))
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    if head_dim % 16:
+        raise UserError(f"{source.path}: head size {head_dim} is not a multiple of 16 (ONNX Runtime's "
+                        "GroupQueryAttention needs that)")
+    if gptq is not None and cfg.precision != "int4":
+        raise UserError(f"{source.path} is a GPTQ artifact: export it with --precision int4 (its own weights)")
+    block = cfg.block_size or (gptq["group_size"] if gptq else 32)
+    if gptq is not None and block != gptq["group_size"]:
+        raise UserError(f"block_size: a GPTQ artifact exports with its group size ({gptq['group_size']}), "
+                        f"not {block}")
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="shrinkwrap-onnx-") as work_dir:
+        work = Path(work_dir)
+        build = work / "build"
+        options: dict[str, Any] = {}
+        builder_precision = cfg.precision
+        if cfg.precision == "int8" and cfg.int8_method == "dynamic":
+            builder_precision = "fp32"
+        if builder_precision in ("int4", "int8"):
+            symmetric = cfg.symmetric and gptq is None
+            options = {"block_size": block, "is_symmetric": str(symmetric).lower(),
+                       "accuracy_level": cfg.accuracy_level}
+            if not symmetric:
+                options["shared_embeddings"] = "false"  # asymmetric int4 cannot share the embedding table
+            if not cfg.quantize_lm_head:
+                options["nodes_to_exclude"] = "/lm_head/MatMul"
+        builder_source = _float_copy(source, work / "float") if gptq else source.path
+        print(f"building the {cfg.precision} graph with onnxruntime-genai's builder ...", flush=True)
+        run_builder(builder_source, build, builder_precision, options, work / "builder.log")
+        weights = "float"
+        if gptq is not None:
+            replaced = inject_gptq(build, load_quantized_model(source.path), block)
+            weights = f"GPTQ integers, scales and zero points of the source ({replaced} MatMulNBits, exact)"
+        elif cfg.precision == "int8" and cfg.int8_method == "dynamic":
+            print("quantizing MatMuls with onnxruntime quantize_dynamic (per-channel int8) ...", flush=True)
+            quantize_dynamic_int8(build)
+            weights = "onnxruntime quantize_dynamic: per-channel int8 weights, dynamic int8 activations"
+        elif cfg.precision != "fp32":
+            weights = (f"onnxruntime-genai builder quantizer (round-to-nearest, {cfg.precision}, block {block}, "
+                       f"{'symmetric' if cfg.symmetric else 'asymmetric'})")
+        config = json.loads((source.path / "config.json").read_text(encoding="utf-8"))
+        config.pop("quantization_config", None)
+        (build / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        for file in build.iterdir():
+            file.chmod(0o644)  # onnx.save writes its data file 0600
+        info = {"precision": cfg.precision, "weights": weights, "block_size": block if cfg.precision != "fp32"
+                else None, "accuracy_level": cfg.accuracy_level, "int8_method": cfg.int8_method
+                if cfg.precision == "int8" else None, "lm_head": f"builder int{4 if cfg.precision == 'int4' else 8}"
+                if cfg.quantize_lm_head and cfg.precision != "fp32" else "float", "builder": "onnxruntime-genai model builder",
+                "wall_seconds": round(time.perf_counter() - started, 1)}
+        with write_artifact(cfg.out, "onnx", "export.onnx", asdict(cfg), parent=source, overwrite=cfg.overwrite,
+                            extra={"onnx": info}) as tmp:
+            for file in build.iterdir():
+                shutil.move(str(file), tmp / file.name)
+    return open_artifact(cfg.out)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cfg = parse_config(OnnxExportConfig, argv, "python -m export.onnx", __doc__.splitlines()[0])
+    artifact = export_onnx(open_artifact(cfg.artifact), cfg)
+    info = artifact.manifest["onnx"]
+    print(f"onnx artifact: {artifact.path} ({artifact.model_size_bytes() / 1e6:.0f} MB, {info['precision']}, "
+          f"{info['wall_seconds']} s)")
+
+
+if __name__ == "__main__":
+    run_main(main)

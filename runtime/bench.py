@@ -1,0 +1,214 @@
+"""`python -m runtime.bench`: load-test the server on loopback against serial HF `generate`.
+
+Starts `runtime.serve` on a free loopback port (or targets `--url`), sends `--requests` streaming
+greedy completions of mixed prompt lengths (L/2 .. 3L/2 tokens of held-out text) from
+`--concurrency` clients, bounded in count and in time, and reports throughput, time to first
+token and latency p50/p99, and errors by HTTP status; then serves the same requests one at a time
+with plain HF `generate` in this process. Writes JSON (default artifacts/bench/serve-<device>.json).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.config import field, parse_config
+from runtime.errors import UserError, run_main
+
+
+@dataclass
+class BenchConfig:
+    artifact: str = field(None, help="model artifact to serve (and to run the HF baseline on)")
+    url: str | None = field(None, help="target a running server instead of starting one")
+    concurrency: int = field(16, help="clients sending at once")
+    requests: int = field(64, help="requests in total")
+    prompt_len: int = field(128, help="mean prompt length in tokens (mixed: L/2 .. 3L/2)")
+    max_tokens: int = field(64, help="new tokens per request")
+    time_limit_s: float = field(900.0, help="stop the load test after this long")
+    device: str = field("cpu", help="device for the server and the baseline")
+    max_running: int = field(16, help="server: sequences decoded together")
+    baseline: bool = field(True, help="also run serial HF generate on the same requests")
+    out: str | None = field(None, help="JSON output (default artifacts/bench/serve-<device>.json)")
+    seed: int = field(0, help="seed for the prompt mix")
+
+    def validate(self) -> None:
+        if not self.artifact:
+            raise UserError("artifact: required (the baseline and the tokenizer come from it)")
+        if min(self.concurrency, self.requests, self.prompt_len, self.max_tokens) < 1:
+            raise UserError("concurrency, requests, prompt_len and max_tokens must be positive")
+
+
+def make_prompts(tokenizer: Any, cfg: BenchConfig) -> list[list[int]]:
+    from train.data import load_corpus
+
+    ids = tokenizer("\n\n".join(load_corpus("heldout")), add_special_tokens=False)["input_ids"]
+    rng = np.random.default_rng(cfg.seed)
+    lengths = rng.integers(max(1, cfg.prompt_len // 2), cfg.prompt_len * 3 // 2 + 1, cfg.requests)
+    starts = rng.integers(0, len(ids) - lengths.max() - 1, cfg.requests)
+    return [ids[s:s + n] for s, n in zip(starts, lengths, strict=True)]
+
+
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p99": None}
+    return {"p50": float(np.percentile(values, 50)), "p99": float(np.percentile(values, 99))}
+
+
+async def load_test(url: str, model: str, prompts: list[list[int]], cfg: BenchConfig) -> dict[str, Any]:
+    import httpx
+
+    gate = asyncio.Semaphore(cfg.concurrency)
+    statuses: Counter[str] = Counter()
+    ttfts, latencies, tokens = [], [], []
+
+    async def one(client: httpx.AsyncClient, prompt: list[int]) -> None:
+        async with gate:
+            body = {"model": model, "prompt": prompt, "max_tokens": cfg.max_tokens, "temperature": 0,
+                    "stream": True, "stream_options": {"include_usage": True}}
+            start = time.perf_counter()
+            first = None
+            try:
+                async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+                    statuses[str(response.status_code)] += 1
+                    if response.status_code != 200:
+                        await response.aread()
+                        return
+                    async for line in response.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        chunk = json.loads(line[6:])
+                        if first is None and chunk["choices"]:
+                            first = time.perf_counter() - start
+                        if chunk.get("usage"):
+                            tokens.append(chunk["usage"]["completion_tokens"])
+                latencies.append(time.perf_counter() - start)
+                ttfts.append(first if first is not None else latencies[-1])
+            except httpx.HTTPError as exc:
+                statuses[type(exc).__name__] += 1
+
+    limits = httpx.Limits(max_connections=cfg.concurrency + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(cfg.time_limit_s), limits=limits) as client:
+        start = time.perf_counter()
+        tasks = [asyncio.create_task(one(client, p)) for p in prompts]
+        done, pending = await asyncio.wait(tasks, timeout=cfg.time_limit_s)
+        for task in pending:
+            task.cancel()
+            statuses["unfinished"] += 1
+        wall = time.perf_counter() - start
+    return {"wall_s": wall, "completed": len(latencies), "statuses": dict(statuses),
+            "generated_tokens": int(sum(tokens)), "throughput_tok_s": sum(tokens) / wall,
+            "requests_per_s": len(latencies) / wall, "ttft_s": percentiles(ttfts), "latency_s": percentiles(latencies)}
+
+
+def hf_serial(cfg: BenchConfig, prompts: list[list[int]], tokenizer: Any) -> dict[str, Any]:
+    """The same requests through plain `model.generate`, one after another (all arriving at t=0)."""
+    import torch
+
+    from runtime.loading import load_model
+
+    model = load_model(cfg.artifact, cfg.device)
+    service, finish, tokens = [], [], 0
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for prompt in prompts:
+            t0 = time.perf_counter()
+            out = model.generate(torch.tensor([prompt], device=cfg.device), max_new_tokens=cfg.max_tokens,
+                                 do_sample=False, pad_token_id=tokenizer.eos_token_id)
+            tokens += out.shape[1] - len(prompt)
+            service.append(time.perf_counter() - t0)
+            finish.append(time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    return {"wall_s": wall, "generated_tokens": tokens, "throughput_tok_s": tokens / wall,
+            "service_time_s": percentiles(service), "latency_if_all_arrive_at_once_s": percentiles(finish)}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cfg = parse_config(BenchConfig, argv, "python -m runtime.bench", __doc__.splitlines()[0])
+    from runtime.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.artifact)
+    prompts = make_prompts(tokenizer, cfg)
+    proc = None
+    url = cfg.url
+    if url is None:
+        proc, url = launch_server(cfg)
+    try:
+        import httpx
+
+        model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
+        print(f"load test: {cfg.requests} requests, {cfg.concurrency} clients, prompts "
+              f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, {cfg.max_tokens} new tokens", flush=True)
+        served = asyncio.run(load_test(url, model, prompts, cfg))
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
+    result: dict[str, Any] = {"config": asdict(cfg), "server": served,
+                              "server_prefix_cache_hit_blocks": _metric(metrics, "shrinkwrap_prefix_cache_hit_blocks_total")}
+    if cfg.baseline:
+        print("baseline: serial HF generate on the same requests ...", flush=True)
+        result["hf_serial"] = hf_serial(cfg, prompts, tokenizer)
+        result["throughput_ratio"] = served["throughput_tok_s"] / result["hf_serial"]["throughput_tok_s"]
+    out = Path(cfg.out or f"artifacts/bench/serve-{cfg.device.split(':')[0]}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    s = served
+    print(f"server: {s['completed']}/{cfg.requests} completed, statuses {s['statuses']}, "
+          f"{s['throughput_tok_s']:.1f} tok/s, TTFT p50 {s['ttft_s']['p50']:.3f} s p99 {s['ttft_s']['p99']:.3f} s, "
+          f"latency p50 {s['latency_s']['p50']:.2f} s p99 {s['latency_s']['p99']:.2f} s")
+    if cfg.baseline:
+        h = result["hf_serial"]
+        print(f"HF serial: {h['throughput_tok_s']:.1f} tok/s, service p50 {h['service_time_s']['p50']:.2f} s, "
+              f"latency (all at t=0) p50 {h['latency_if_all_arrive_at_once_s']['p50']:.1f} s p99 "
+              f"{h['latency_if_all_arrive_at_once_s']['p99']:.1f} s; throughput ratio {result['throughput_ratio']:.2f}x")
+    print(f"wrote {out}")
+
+
+def _metric(text: str, name: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+def launch_server(cfg: BenchConfig) -> tuple[subprocess.Popen, str]:
+    """`python -m runtime.serve` on a free loopback port; waits for /health."""
+    import socket
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "runtime.serve", "--artifact", cfg.artifact, "--port", str(port), "--device",
+           cfg.device, "--max-running", str(cfg.max_running)]
+    proc = subprocess.Popen(cmd)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        if proc.poll() is not None:
+            raise UserError(f"the server exited with status {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.terminate()
+            raise UserError("the server did not come up within 300 s")
+        time.sleep(0.5)
+
+
+if __name__ == "__main__":
+    run_main(main)

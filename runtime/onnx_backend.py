@@ -1,0 +1,200 @@
+"""ONNX Runtime backend: runs an exported decoder (`onnx` artifact) with a KV cache kept in place.
+
+The exported graph (onnxruntime-genai's builder: GroupQueryAttention with rotary embedding inside)
+takes `input_ids`, an `attention_mask` whose width is the total length so far, and per-layer past
+keys/values. We give it one preallocated buffer per layer of the full context length and bind the
+same buffer as past input and present output (GQA's shared-buffer mode), so each step writes only
+its new rows and nothing is copied between steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from runtime.engine import GenerationStats, SamplingParams, draw, probabilities
+from runtime.errors import UserError
+
+GENAI_CONFIG = "genai_config.json"
+
+
+def is_onnx_artifact(path: str | Path) -> bool:
+    return (Path(path) / GENAI_CONFIG).is_file()
+
+
+def _import_ort():
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise UserError("onnxruntime is not installed: pip install 'lm-shrinkwrap[runtime]'") from exc
+    return ort
+
+
+def session_options(threads: int | None = None):
+    """Intra-op threads = cores (or `threads`), full graph optimizations, sequential execution."""
+    ort = _import_ort()
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or os.cpu_count() or 1
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return opts
+
+
+class OnnxDecoder:
+    """One exported decoder and its ORT session."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        ort = _import_ort()
+        self.dir = Path(path)
+        config_file = self.dir / GENAI_CONFIG
+        if not config_file.is_file():
+            raise UserError(f"{config_file}: missing (not an ONNX export)")
+        try:
+            decoder = json.loads(config_file.read_text())["model"]["decoder"]
+            self.context_length = int(json.loads(config_file.read_text())["model"]["context_length"])
+        except (ValueError, KeyError) as exc:
+            raise UserError(f"{config_file}: unreadable genai config ({exc})") from exc
+        self.model_file = model_file = self.dir / decoder["filename"]
+        self.layers = int(decoder["num_hidden_layers"])
+        self.kv_heads = int(decoder["num_key_value_heads"])
+        self.head_dim = int(decoder["head_size"])
+        names = decoder["inputs"]
+        self.past_names = [(names["past_key_names"] % i, names["past_value_names"] % i) for i in range(self.layers)]
+        outs = decoder["outputs"]
+        self.present_names = [(outs["present_key_names"] % i, outs["present_value_names"] % i)
+                              for i in range(self.layers)]
+        try:
+            self.session = ort.InferenceSession(str(model_file), session_options(threads),
+                                                providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own Fail/InvalidProtobuf/... types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"{model_file}: cannot load ONNX model ({first})") from exc
+        self.vocab_size = int(json.loads(config_file.read_text())["model"]["vocab_size"])
+        self.kv_dtype = np.float16 if "float16" in self.session.get_inputs()[2].type else np.float32
+        self.ort = ort
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> OnnxCache:
+        """Zeroed past/present buffers of `max_len` positions, bound once to a reusable IO binding."""
+        return OnnxCache(self, batch, min(max_len or self.context_length, self.context_length))
+
+    def forward(self, input_ids: np.ndarray, cache: OnnxCache, past_len: int) -> np.ndarray:
+        """Logits (batch, new tokens, vocab) for `input_ids` following `past_len` cached tokens."""
+        return cache.run(input_ids, past_len)
+
+    def window_logits(self, windows: np.ndarray) -> np.ndarray:
+        """Logits for whole windows (batch, length) from an empty cache: what evaluation needs."""
+        return self.forward(windows, self.new_cache(windows.shape[0], windows.shape[1]), 0)
+
+
+class OnnxCache:
+    """KV buffers bound as both past input and present output (shared-buffer GQA), plus the binding.
+
+    Only `input_ids`, the attention mask and the logits output are re-bound per step; ORT writes
+    the logits straight into the array returned.
+    """
+
+    def __init__(self, decoder: OnnxDecoder, batch: int, length: int):
+        ort = decoder.ort
+        self.decoder, self.batch, self.length = decoder, batch, length
+        shape = (batch, decoder.kv_heads, length, decoder.head_dim)
+        self.values = [(ort.OrtValue.ortvalue_from_shape_and_type(shape, decoder.kv_dtype),
+                        ort.OrtValue.ortvalue_from_shape_and_type(shape, decoder.kv_dtype))
+                       for _ in range(decoder.layers)]
+        self.binding = decoder.session.io_binding()
+        for (past_k, past_v), (pres_k, pres_v), (k, v) in zip(decoder.past_names, decoder.present_names,
+                                                              self.values, strict=True):
+            self.binding.bind_ortvalue_input(past_k, k)
+            self.binding.bind_ortvalue_input(past_v, v)
+            self.binding.bind_ortvalue_output(pres_k, k)
+            self.binding.bind_ortvalue_output(pres_v, v)
+        self.mask = np.ones((batch, length), dtype=np.int64)
+
+    def run(self, input_ids: np.ndarray, past_len: int) -> np.ndarray:
+        batch, new = input_ids.shape
+        if batch != self.batch:
+            raise ValueError(f"cache holds {self.batch} sequences, got {batch}")
+        if past_len + new > self.length:
+            raise UserError(f"sequence of {past_len + new} tokens exceeds the cache ({self.length})")
+        binding = self.binding
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", self.mask[:, : past_len + new])
+        out = np.empty((batch, new, self.decoder.vocab_size), dtype=np.float32)
+        binding.bind_output("logits", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+        self.decoder.session.run_with_iobinding(binding)
+        return out
+
+
+class OnnxEngine:
+    """Generation over an OnnxDecoder; same results and stats as the PyTorch Engine's `generate`."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        self.decoder = OnnxDecoder(path, threads)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> tuple[list[list[int]], GenerationStats]:
+        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        stats = GenerationStats(prompt_tokens=sum(map(len, prompts)))
+        outputs = []
+        for prompt in prompts:
+            if not prompt:
+                raise UserError("empty prompt")
+            cache = self.decoder.new_cache(1, len(prompt) + params.max_new_tokens)
+            start = time.perf_counter()
+            logits = self.decoder.forward(np.asarray([prompt]), cache, 0)[0, -1]
+            stats.prefill_s += time.perf_counter() - start
+            start = time.perf_counter()
+            out: list[int] = []
+            while True:
+                if params.temperature > 0:
+                    token = draw(probabilities(torch.from_numpy(logits), params), gen)
+                else:
+                    token = int(logits.argmax())
+                out.append(token)
+                if token in params.stop_ids or len(out) >= params.max_new_tokens:
+                    break
+                logits = self.decoder.forward(np.asarray([[token]]), cache, len(prompt) + len(out) - 1)[0, -1]
+                stats.target_steps += 1
+            stats.decode_s += time.perf_counter() - start
+            outputs.append(out)
+        stats.new_tokens = sum(map(len, outputs))
+        return outputs, stats
+
+
+class OnnxCausalLM(torch.nn.Module):
+    """The exported decoder behind the call the evaluators use: `model(ids).logits` (CPU)."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        super().__init__()
+        from transformers import AutoConfig
+
+        self.decoder = OnnxDecoder(path, threads)
+        self.config = AutoConfig.from_pretrained(path)
+
+    def forward(self, input_ids, **_: object):
+        from transformers.modeling_outputs import CausalLMOutput
+
+        logits = self.decoder.window_logits(input_ids.cpu().numpy())
+        return CausalLMOutput(logits=torch.from_numpy(logits))
+
+    def logical_parameters(self) -> int:
+        """Weights the graph stands for: a packed MatMulNBits counts K x N, scales and caches nothing."""
+        import onnx
+
+        graph = onnx.load(str(self.decoder.model_file), load_external_data=False).graph
+        packed = {name for node in graph.node if node.op_type == "MatMulNBits" for name in node.input[1:]}
+        total = sum(_attr(node, "K") * _attr(node, "N") for node in graph.node if node.op_type == "MatMulNBits")
+        for init in graph.initializer:
+            skip = init.name in packed or init.name in ("cos_cache", "sin_cache") or any(
+                init.name.endswith(s) for s in ("_scale", "_scales", "_zero_point", "_zero_points", "_perm"))
+            if not skip:
+                total += int(np.prod(init.dims))
+        return total
+
+
+def _attr(node, name: str) -> int:
+    return next(a.i for a in node.attribute if a.name == name)

@@ -1,0 +1,291 @@
+"""Continuous batching over the paged engine.
+
+Each step runs one forward over a mixed batch: one new token for every decoding sequence plus
+chunks of waiting prompts (so a long prompt never stalls running decodes for more than one
+chunk). Requests are admitted by priority while the KV pool can hold their worst case (prompt +
+max_tokens), so a running sequence never runs out of blocks; `n > 1` samples are admitted after
+the first sample's prefill and share its prompt blocks through the prefix cache. Cancelled
+requests release their blocks at the next step boundary. Greedy results are memoised (exact
+match on prompt and settings) when a response cache is configured.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from runtime.engine import Engine, SamplingParams, draw, probabilities
+from runtime.kv_cache import Sequence
+
+
+class QueueFull(RuntimeError):
+    """The bounded wait queue is full (HTTP 429)."""
+
+
+@dataclass
+class Event:
+    kind: str  # "token" | "done"
+    index: int  # which of the request's n samples
+    token: int | None = None
+    finish_reason: str | None = None
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    params: SamplingParams
+    n: int = 1
+    priority: int = 0  # lower runs first
+    on_event: Callable[[Event], None] = lambda event: None  # called on the scheduler thread
+    arrival: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    finished: int = 0
+    reserved_blocks: int = 0  # KV blocks set aside for this request while it runs
+    first_token_at: float | None = None
+    outputs: list[list[int]] = field(default_factory=list)
+    finish_reasons: list[str | None] = field(default_factory=list)
+
+
+@dataclass
+class _Sample:
+    request: Request
+    index: int
+    seq: Sequence
+    generator: torch.Generator | None
+    prompt_len: int
+
+    @property
+    def prefilling(self) -> bool:
+        return self.seq.cached < self.prompt_len
+
+
+@dataclass
+class SchedulerStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    finished_requests: int = 0
+    cancelled_requests: int = 0
+    response_cache_hits: int = 0
+    steps: int = 0
+    decode_tokens_per_s: float = 0.0
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, max_context: int, max_running: int = 16, max_queue: int = 64,
+                 max_batch_tokens: int = 256, response_cache_size: int = 0):
+        self.engine, self.pool, self.runner = engine, engine.pool, engine.runner
+        self.max_context, self.max_running, self.max_queue = max_context, max_running, max_queue
+        self.max_batch_tokens = max_batch_tokens
+        self.waiting: list[tuple[int, float, int, Request]] = []
+        self.running: list[_Sample] = []
+        self.pending_siblings: list[tuple[_Sample, Request, int]] = []
+        self.reserved_blocks = 0
+        self.stats = SchedulerStats()
+        self.response_cache: OrderedDict[tuple, list[tuple[list[int], str]]] = OrderedDict()
+        self.response_cache_size = response_cache_size
+        self._order = itertools.count()
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+
+    # ---- called from any thread -------------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        if len(request.prompt) + request.params.max_new_tokens > self.max_context:
+            raise ValueError(f"prompt ({len(request.prompt)}) + max_tokens ({request.params.max_new_tokens}) "
+                             f"exceeds the context ({self.max_context})")
+        if self._worst_case_blocks(request) > self.pool.num_blocks:
+            raise ValueError("request needs more KV blocks than the pool has")
+        request.outputs = [[] for _ in range(request.n)]
+        request.finish_reasons = [None] * request.n
+        cached = self.response_cache.get(self._cache_key(request)) if self.response_cache_size else None
+        if cached is not None:
+            self.stats.response_cache_hits += 1
+            self.response_cache.move_to_end(self._cache_key(request))
+            for i, (tokens, reason) in enumerate(cached):
+                for t in tokens:
+                    self._emit(request, i, t)
+                self._finish(request, i, reason)
+            return
+        with self._lock:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"queue full ({self.max_queue} waiting)")
+            heapq.heappush(self.waiting, (request.priority, request.arrival, next(self._order), request))
+            self._lock.notify()
+
+    def cancel(self, request: Request) -> None:
+        with self._lock:
+            request.cancelled = True
+            self._lock.notify()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    # ---- the scheduler thread ---------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stop and not self.waiting and not self.running and not self.pending_siblings:
+                    self._lock.wait(0.5)
+                if self._stop:
+                    return
+            self.step()
+
+    def _worst_case_blocks(self, request: Request) -> int:
+        per = -(-(len(request.prompt) + request.params.max_new_tokens) // self.pool.block_size)
+        return per * request.n
+
+    @staticmethod
+    def _cache_key(request: Request) -> tuple:
+        p = request.params
+        return (tuple(request.prompt), p.max_new_tokens, p.stop_ids, request.n)
+
+    def _generator(self, request: Request, index: int) -> torch.Generator | None:
+        seed = request.params.seed
+        return torch.Generator().manual_seed(seed + index) if seed is not None else None
+
+    def _new_sample(self, request: Request, index: int) -> _Sample:
+        seq = Sequence(list(request.prompt))
+        self.pool.admit(seq)
+        return _Sample(request, index, seq, self._generator(request, index), len(request.prompt))
+
+    def _admit(self) -> None:
+        with self._lock:
+            if any(w[3].cancelled for w in self.waiting):
+                self.stats.cancelled_requests += sum(w[3].cancelled for w in self.waiting)
+                self.waiting = [w for w in self.waiting if not w[3].cancelled]
+                heapq.heapify(self.waiting)
+            while self.waiting:
+                request = self.waiting[0][3]
+                need = self._worst_case_blocks(request)
+                if (len(self.running) + request.n > self.max_running and self.running) or \
+                        self.reserved_blocks + need > self.pool.num_blocks:
+                    break
+                heapq.heappop(self.waiting)
+                request.reserved_blocks = need
+                self.reserved_blocks += need
+                self.running.append(self._new_sample(request, 0))
+                self.stats.prompt_tokens += len(request.prompt)
+                for i in range(1, request.n):
+                    self.pending_siblings.append((self.running[-1], request, i))
+
+    def _drop_cancelled(self) -> None:
+        keep = []
+        for sample in self.running:
+            if sample.request.cancelled:
+                self.pool.free_sequence(sample.seq)
+                if sample.request.reserved_blocks:
+                    self.stats.cancelled_requests += 1
+                    self._release(sample.request)
+            else:
+                keep.append(sample)
+        self.running = keep
+        for _, request, _ in self.pending_siblings:
+            if request.cancelled and request.reserved_blocks:
+                self.stats.cancelled_requests += 1
+                self._release(request)
+        self.pending_siblings = [p for p in self.pending_siblings if not p[1].cancelled]
+
+    def _release(self, request: Request) -> None:
+        self.reserved_blocks -= request.reserved_blocks
+        request.reserved_blocks = 0
+
+    def _next_token(self, sample: _Sample, logits: torch.Tensor) -> int:
+        params = sample.request.params
+        if params.temperature <= 0:
+            return int(logits.argmax())
+        return draw(probabilities(logits, params), sample.generator)
+
+    def _emit(self, request: Request, index: int, token: int) -> None:
+        if request.first_token_at is None:
+            request.first_token_at = time.monotonic()
+        request.outputs[index].append(token)
+        request.on_event(Event("token", index, token=token))
+
+    def _finish(self, request: Request, index: int, reason: str) -> None:
+        request.finish_reasons[index] = reason
+        request.finished += 1
+        request.on_event(Event("done", index, finish_reason=reason))
+
+    @torch.inference_mode()
+    def step(self) -> int:
+        """One scheduling step; returns the number of tokens the forward pass ran."""
+        self._drop_cancelled()
+        for parent, request, index in list(self.pending_siblings):
+            if not parent.prefilling or parent not in self.running:
+                self.pending_siblings.remove((parent, request, index))
+                self.running.append(self._new_sample(request, index))  # shares the parent's full blocks
+        self._admit()
+        batch, ends, budget = [], [], self.max_batch_tokens
+        for sample in self.running:  # decodes first: one token each
+            if not sample.prefilling:
+                batch.append(sample)
+                ends.append(len(sample.seq.tokens))
+                budget -= 1
+        for sample in self.running:  # then prompt chunks within the token budget
+            if sample.prefilling and budget > 0:
+                end = min(sample.prompt_len, sample.seq.cached + budget)
+                batch.append(sample)
+                ends.append(end)
+                budget -= end - sample.seq.cached
+        if not batch:
+            return 0
+        started = time.perf_counter()
+        logits = self.runner.forward([s.seq for s in batch], last_only=True, ends=ends)
+        ran = self.max_batch_tokens - budget
+        decoded = 0
+        for sample, end, rows in zip(batch, ends, logits, strict=True):
+            if end < sample.prompt_len:
+                continue  # a chunk of a longer prompt: no token yet
+            if end == sample.prompt_len and sample.index == 0:
+                self.pool.register_full_blocks(sample.seq)  # siblings and later requests reuse them
+            token = self._next_token(sample, rows[-1])
+            sample.seq.tokens.append(token)
+            decoded += 1
+            request = sample.request
+            self._emit(request, sample.index, token)
+            generated = len(request.outputs[sample.index])
+            reason = "stop" if token in request.params.stop_ids else "length" if (
+                generated >= request.params.max_new_tokens or len(sample.seq.tokens) >= self.max_context) else None
+            if reason is not None:
+                self._retire(sample, reason)
+        elapsed = time.perf_counter() - started
+        self.stats.steps += 1
+        self.stats.generated_tokens += decoded
+        rate = decoded / elapsed if elapsed > 0 else 0.0
+        self.stats.decode_tokens_per_s = 0.9 * self.stats.decode_tokens_per_s + 0.1 * rate
+        return ran
+
+    def _retire(self, sample: _Sample, reason: str) -> None:
+        request = sample.request
+        self.pool.register_full_blocks(sample.seq)
+        self.pool.free_sequence(sample.seq)
+        self.running.remove(sample)
+        self._finish(request, sample.index, reason)
+        if request.finished == request.n:
+            self._release(request)
+            self.stats.finished_requests += 1
+            if self.response_cache_size and request.params.temperature <= 0 and not request.cancelled:
+                key = self._cache_key(request)
+                self.response_cache[key] = [(list(o), r) for o, r in zip(request.outputs, request.finish_reasons,
+                                                                          strict=True)]
+                while len(self.response_cache) > self.response_cache_size:
+                    self.response_cache.popitem(last=False)

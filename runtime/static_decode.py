@@ -1,0 +1,156 @@
+"""Batched greedy decoding over a static KV cache, replayed from CUDA graphs (one per batch bucket).
+
+gpt-fast's recipe for launch-bound small models: fixed-shape buffers (tokens, positions, cache
+column, validity mask, KV cache) so one decode step is a fixed sequence of kernels; q/k/v and
+gate/up fused into single matmuls; the step (optionally `torch.compile`d, which fuses the
+elementwise work) captured once per batch-size bucket and replayed. The step also advances its
+own inputs (argmax -> next token, position + 1), so the decode loop is graph replays and nothing
+else: no host synchronisation until the end. Prompts of different lengths are left-padded: each
+row keeps its own rotary positions and the padded cache columns are masked out, so results match
+unpadded greedy decoding. Works on the CPU too (no graphs), which is what the tests check.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+class StaticLlama(nn.Module):
+    def __init__(self, model: nn.Module, max_batch: int, max_len: int, dtype: torch.dtype | None = None):
+        super().__init__()
+        cfg = model.config
+        device = next(model.parameters()).device
+        dtype = dtype or next(model.parameters()).dtype
+        inner = model.model
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.eps = cfg.rms_norm_eps
+        self.max_batch, self.max_len = max_batch, max_len
+
+        def w(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to(device=device, dtype=dtype).contiguous()
+        self.embed = w(inner.embed_tokens.weight)
+        self.layers = []
+        for layer in inner.layers:
+            a, m = layer.self_attn, layer.mlp
+            self.layers.append({
+                "attn_norm": w(layer.input_layernorm.weight), "mlp_norm": w(layer.post_attention_layernorm.weight),
+                "wqkv": w(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])),
+                "wo": w(a.o_proj.weight), "w13": w(torch.cat([m.gate_proj.weight, m.up_proj.weight])),
+                "w2": w(m.down_proj.weight)})
+        self.norm = w(inner.norm.weight)
+        self.lm_head = w(model.lm_head.weight)
+        positions = torch.arange(max_len, device=device)[None]
+        cos, sin = inner.rotary_emb(torch.zeros(1, device=device, dtype=torch.float32), positions)
+        self.cos, self.sin = cos[0].to(dtype), sin[0].to(dtype)  # (max_len, head_dim)
+        shape = (len(self.layers), max_batch, self.kv_heads, max_len, self.head_dim)
+        self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
+        self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.zeros(max_batch, max_len, dtype=torch.bool, device=device)
+        # the decode step's static inputs, advanced in place by the step itself
+        self.tokens = torch.zeros(max_batch, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(max_batch, 1, dtype=torch.long, device=device)
+        self.col = torch.zeros(1, dtype=torch.long, device=device)
+        self.dtype, self.device = dtype, device
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.step_fn = self.decode_step
+
+    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * weight
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+        """tokens/pos (B, T); col (T,) cache columns shared by the rows -> logits (B, T, vocab)."""
+        b, t = tokens.shape
+        x = F.embedding(tokens, self.embed)
+        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # (B, 1, T, D)
+        columns = torch.arange(self.max_len, device=self.device)
+        mask = self.valid[:b, None, None, :] & (columns[None, None, None, :] <= col[None, None, :, None])
+        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        for i, p in enumerate(self.layers):
+            h = self._rms(x, p["attn_norm"])
+            q, k, v = (h @ p["wqkv"].t()).split([q_size, kv_size, kv_size], dim=-1)
+            q = self._rotate(q.view(b, t, self.heads, self.head_dim).transpose(1, 2), cos, sin)
+            k = self._rotate(k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+            v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            self.k_cache[i, :b].index_copy_(2, col, k)
+            self.v_cache[i, :b].index_copy_(2, col, v)
+            o = F.scaled_dot_product_attention(q, self.k_cache[i, :b], self.v_cache[i, :b], attn_mask=mask,
+                                               enable_gqa=True)
+            x = x + o.transpose(1, 2).reshape(b, t, q_size) @ p["wo"].t()
+            gate, up = (self._rms(x, p["mlp_norm"]) @ p["w13"].t()).chunk(2, dim=-1)
+            x = x + (F.silu(gate) * up) @ p["w2"].t()
+        return self._rms(x, self.norm) @ self.lm_head.t()
+
+    def decode_step(self, batch: int) -> None:
+        """One token for `batch` rows from the static inputs; writes the argmax back as the next input."""
+        self.valid[:batch].index_fill_(1, self.col, True)
+        logits = self.forward(self.tokens[:batch], self.pos[:batch], self.col)
+        self.tokens[:batch].copy_(logits[:, -1:].argmax(-1))
+        self.pos[:batch].add_(1)
+        self.col.add_(1)
+
+    def compile(self) -> None:
+        """Fuse the step's elementwise work with Inductor (captured in our own graphs afterwards)."""
+        self.step_fn = torch.compile(self.decode_step, fullgraph=True, dynamic=False)
+
+    def _capture(self, batch: int) -> torch.cuda.CUDAGraph:
+        saved = [t.clone() for t in (self.tokens, self.pos, self.col, self.valid, self.k_cache, self.v_cache)]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):  # warm-up (and compilation) outside the graph
+                self.step_fn(batch)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.step_fn(batch)
+        for buffer, old in zip((self.tokens, self.pos, self.col, self.valid, self.k_cache, self.v_cache), saved,
+                               strict=True):
+            buffer.copy_(old)  # the warm-up steps advanced the state: put it back
+        return graph
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], new_tokens: int, use_graph: bool | None = None
+                 ) -> list[list[int]]:
+        """Greedy continuation of each prompt (no stop token): `new_tokens` ids per prompt."""
+        n = len(prompts)
+        batch = next((b for b in BUCKETS if b >= n), n)
+        width = max(map(len, prompts))
+        if batch > self.max_batch or width + new_tokens > self.max_len:
+            raise ValueError(f"batch {batch} / length {width + new_tokens} exceed the static cache "
+                             f"({self.max_batch} x {self.max_len})")
+        use_graph = self.device.type == "cuda" if use_graph is None else use_graph
+        padded = torch.zeros(batch, width, dtype=torch.long)
+        pos = torch.zeros(batch, width, dtype=torch.long)
+        self.valid.zero_()
+        for i, p in enumerate(prompts + [prompts[0]] * (batch - n)):  # filler rows repeat the first prompt
+            pad = width - len(p)
+            padded[i, pad:] = torch.tensor(p)
+            pos[i, pad:] = torch.arange(len(p))
+            self.valid[i, pad:width] = True
+        col = torch.arange(width, device=self.device)
+        logits = self.forward(padded.to(self.device), pos.to(self.device), col)  # prefill, eager
+        self.tokens[:batch] = logits[:, -1:].argmax(-1)
+        self.pos[:batch] = pos[:, -1:].to(self.device) + 1
+        self.col.fill_(width)
+        out = torch.empty(batch, new_tokens, dtype=torch.long, device=self.device)
+        out[:, 0] = self.tokens[:batch, 0]
+        if use_graph and batch not in self.graphs:
+            self.graphs[batch] = self._capture(batch)
+        for i in range(1, new_tokens):
+            if use_graph:
+                self.graphs[batch].replay()
+            else:
+                self.step_fn(batch)
+            out[:, i] = self.tokens[:batch, 0]
+        return out[:n].tolist()

@@ -1,0 +1,100 @@
+import pytest
+import torch
+
+from runtime.engine import Engine, SamplingParams
+from runtime.scheduler import QueueFull, Request, Scheduler
+from tests.conftest import make_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_tiny_llama(vocab_size=300, hidden=64, layers=2, heads=4, kv_heads=2)
+
+
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
+    return ids[0, len(prompt):].tolist()
+
+
+def drain(scheduler: Scheduler, requests: list[Request], limit: int = 500) -> int:
+    steps = 0
+    while any(r.finished < r.n for r in requests if not r.cancelled):
+        scheduler.step()
+        steps += 1
+        assert steps < limit
+    return steps
+
+
+def test_mixed_lengths_with_chunked_prefill_match_hf_greedy(model):
+    scheduler = Scheduler(Engine(model, block_size=8, num_blocks=128), max_context=512, max_batch_tokens=16)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 300, (n,), generator=gen).tolist() for n in (3, 40, 9, 17, 33)]
+    requests = [Request(p, SamplingParams(max_new_tokens=10)) for p in prompts]
+    for r in requests[:3]:
+        scheduler.submit(r)
+    scheduler.step()  # the others join a batch already running
+    for r in requests[3:]:
+        scheduler.submit(r)
+    drain(scheduler, requests)
+    for r, p in zip(requests, prompts, strict=True):
+        assert r.outputs[0] == hf_greedy(model, p, 10)
+        assert r.finish_reasons == ["length"]
+    assert scheduler.pool.used == 0 and scheduler.reserved_blocks == 0
+
+
+def test_cancel_frees_blocks_at_the_next_step(model):
+    scheduler = Scheduler(Engine(model, block_size=8, num_blocks=64), max_context=256)
+    request = Request(list(range(3, 40)), SamplingParams(max_new_tokens=100))
+    scheduler.submit(request)
+    for _ in range(3):
+        scheduler.step()
+    assert scheduler.pool.used > 0
+    scheduler.cancel(request)
+    scheduler.step()
+    assert scheduler.pool.used == 0 and scheduler.reserved_blocks == 0
+    assert scheduler.stats.cancelled_requests == 1 and not scheduler.running
+
+
+def test_parallel_samples_share_the_prompt_blocks(model):
+    scheduler = Scheduler(Engine(model, block_size=8, num_blocks=64), max_context=256)
+    request = Request(list(range(3, 44)), SamplingParams(max_new_tokens=6, temperature=1.0, seed=1), n=3)
+    scheduler.submit(request)
+    drain(scheduler, [request])
+    assert [len(o) for o in request.outputs] == [6, 6, 6]
+    assert scheduler.pool.prefix_hits >= 2 * 5  # 41 prompt tokens: 5 full blocks reused by each sibling
+    again = Request(list(range(3, 44)), SamplingParams(max_new_tokens=6, temperature=1.0, seed=1), n=3)
+    scheduler.submit(again)
+    drain(scheduler, [again])
+    assert again.outputs == request.outputs  # seeded samples are reproducible
+
+
+def test_queue_bound_priorities_and_admission_by_blocks(model):
+    scheduler = Scheduler(Engine(model, block_size=8, num_blocks=12), max_context=96, max_queue=2)
+    low = Request(list(range(3, 30)), SamplingParams(max_new_tokens=40), priority=5)
+    high = Request(list(range(3, 30)), SamplingParams(max_new_tokens=40), priority=0)
+    scheduler.submit(low)
+    scheduler.submit(high)
+    with pytest.raises(QueueFull):
+        scheduler.submit(Request([5, 6], SamplingParams(max_new_tokens=2)))
+    scheduler.step()
+    # each needs ceil(67 / 8) = 9 of the 12 blocks: one runs at a time, the high-priority one first
+    assert [s.request for s in scheduler.running] == [high]
+    drain(scheduler, [low, high])
+    assert high.first_token_at < low.first_token_at
+    with pytest.raises(ValueError, match="context"):
+        scheduler.submit(Request(list(range(3, 90)), SamplingParams(max_new_tokens=20)))
+
+
+def test_greedy_response_cache(model):
+    scheduler = Scheduler(Engine(model, block_size=8, num_blocks=64), max_context=256, response_cache_size=4)
+    first = Request([5, 6, 7, 8], SamplingParams(max_new_tokens=5))
+    scheduler.submit(first)
+    drain(scheduler, [first])
+    steps = scheduler.stats.steps
+    second = Request([5, 6, 7, 8], SamplingParams(max_new_tokens=5))
+    scheduler.submit(second)
+    assert second.finished == 1 and second.outputs == first.outputs
+    assert scheduler.stats.steps == steps and scheduler.stats.response_cache_hits == 1

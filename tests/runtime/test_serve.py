@@ -1,0 +1,159 @@
+import concurrent.futures
+import json
+import re
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from compress.artifact import open_artifact, write_artifact
+from compress.models import describe_model
+from tests.conftest import make_tiny_llama, make_tiny_tokenizer
+from tests.runtime.server_helpers import running_server
+
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    tokenizer = make_tiny_tokenizer()
+    model = make_tiny_llama(vocab_size=len(tokenizer))
+    out = tmp_path_factory.mktemp("serve") / "tiny"
+    with write_artifact(out, "reference", "tests", {}, extra={"model": describe_model(model)}) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return open_artifact(out)
+
+
+@pytest.fixture(scope="module")
+def server(artifact):
+    with running_server(str(artifact.path), model_name=MODEL, max_model_len=96) as (url, srv):
+        yield url, srv
+
+
+def metric(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+
+
+def test_openai_client_completion_chat_and_streaming(server, artifact):
+    url, srv = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    done = client.completions.create(model=MODEL, prompt="The president said", max_tokens=8, temperature=0)
+    assert done.choices[0].finish_reason in ("length", "stop") and done.usage.completion_tokens <= 8
+    # the same greedy tokens as a plain loop over the model
+    from compress.models import load_artifact_model
+
+    model = load_artifact_model(artifact.path)
+    ids = torch.tensor([srv.tokenizer("The president said", add_special_tokens=False)["input_ids"]])
+    out = []
+    with torch.no_grad():
+        for _ in range(done.usage.completion_tokens):
+            out.append(int(model(ids).logits[0, -1].argmax()))
+            ids = torch.cat([ids, torch.tensor([[out[-1]]])], dim=1)
+    assert done.choices[0].text == srv.tokenizer.decode(out, skip_special_tokens=True)
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hello"}],
+                                          max_tokens=6, seed=3, temperature=0.8, n=2)
+    assert len(chat.choices) == 2 and chat.choices[0].message.role == "assistant"
+    pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=6, temperature=0, stream=True)]
+    plain = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hello"}],
+                                           max_tokens=6, temperature=0)
+    assert "".join(pieces) == plain.choices[0].message.content
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt="The president said", max_tokens=8, temperature=0, stream=True))
+    assert streamed == done.choices[0].text
+
+
+def test_stop_strings_cut_the_text(server):
+    url, _ = server
+    full = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "The", "max_tokens": 20,
+                                                     "temperature": 0}).json()["choices"][0]["text"]
+    stop = full.strip()[3:5]
+    cut = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "The", "max_tokens": 20,
+                                                    "temperature": 0, "stop": [stop]}).json()["choices"][0]
+    assert cut["text"] == full[: full.find(stop)] and cut["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"model": "nope", "prompt": "hi"}, None),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": 1000}, None),
+    ({"model": MODEL, "prompt": "word " * 200}, None),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": "5"}, "max_tokens"),
+    ({"model": MODEL, "prompt": "hi", "temperature": "hot"}, "temperature"),
+    ({"model": MODEL, "prompt": [1, 2, 10**9]}, None),
+    ({"model": MODEL}, "prompt"),
+    ({"model": MODEL, "messages": "hi"}, "messages"),
+])
+def test_bad_requests_get_400_with_an_openai_error(server, body, param):
+    url, _ = server
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    response = httpx.post(f"{url}{path}", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+    if param:
+        assert param in error["param"]
+
+
+def test_malformed_json_gets_400(server):
+    url, _ = server
+    response = httpx.post(f"{url}/v1/completions", content=b'{"model": "tiny", "prompt": ',
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "error" in response.json()
+
+
+def test_disconnected_stream_frees_its_blocks(server):
+    url, _ = server
+    before = metric(url, "shrinkwrap_cancelled_requests_total")
+    with httpx.stream("POST", f"{url}/v1/completions", json={"model": MODEL, "prompt": "The", "max_tokens": 90,
+                                                             "temperature": 0.7, "stream": True}) as response:
+        lines = response.iter_lines()
+        chunks = [next(lines) for _ in range(6)]
+        assert any(c.startswith("data: ") for c in chunks)
+        assert metric(url, "shrinkwrap_kv_blocks_used") > 0
+    deadline = time.monotonic() + 10
+    while metric(url, "shrinkwrap_kv_blocks_used") > 0 or metric(url, "shrinkwrap_cancelled_requests_total") == before:
+        assert time.monotonic() < deadline, "blocks not freed after the client went away"
+        time.sleep(0.05)
+
+
+def test_full_queue_gets_429_and_nothing_fails(artifact):
+    with running_server(str(artifact.path), model_name=MODEL, max_running=1, max_queue=1) as (url, _):
+        def one(_):
+            return httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "The", "max_tokens": 150,
+                                                             "temperature": 0.9}, timeout=60).status_code
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(one, range(8)))
+    assert set(codes) <= {200, 429} and 429 in codes and 200 in codes
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=False)
+                           | st.text(max_size=20), lambda inner: st.lists(inner, max_size=4)
+                           | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=8)
+fields = {"model": st.just(MODEL) | json_values, "prompt": st.text(max_size=40) | json_values,
+          "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "bot"]),
+                                                      "content": st.text(max_size=30)}), max_size=3) | json_values,
+          "max_tokens": st.integers(-3, 120) | json_values, "temperature": st.floats(-1, 3) | json_values,
+          "top_p": st.floats(-0.5, 1.5) | json_values, "top_k": st.integers(-2, 50), "n": st.integers(-1, 4),
+          "stop": st.text(max_size=3) | st.lists(st.text(max_size=3), max_size=3) | json_values,
+          "seed": st.integers(-5, 2**64) | json_values, "stream": st.booleans() | json_values,
+          "priority": st.integers(-2000, 2000)}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.fixed_dictionaries({}, optional=fields), chat=st.booleans())
+def test_fuzzed_requests_never_get_a_5xx(server, body, chat):
+    url, _ = server
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    response = httpx.post(f"{url}{path}", content=json.dumps(body), headers={"content-type": "application/json"},
+                          timeout=60)
+    assert response.status_code < 500, (body, response.text)
+    if response.status_code != 200:
+        assert "error" in response.json()
