@@ -4,6 +4,10 @@
 #   1: keep the first half, install the gguf wheel, 2:4 sparse kernel benchmark
 #   2: join the model, build the reference, gradient-checkpointing memory, GPTQ wall time on CUDA
 #   3: distillation of the 15-layer student on the H200 (bf16-mixed), held-out metrics
+#   r1: keep the first half; CUDA tests of the runtime; decode benchmark on SmolLM2-shaped random weights
+#   r2: join the model; decode benchmark on the real weights (+ greedy check); server load test;
+#       chat data (the target's answers) for the speculative draft
+#   r3: distil the chat draft, then speculative decoding with it in the engine
 set -euo pipefail
 W=/tmp/w
 mkdir -p "$W" "${OUT:-/tmp/out}"
@@ -35,6 +39,26 @@ case "$1" in
     python3 -m compress.reference --model "$W/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$W/reference" --if-missing 2>&1 | tail -1
     python3 bench/quantize.py --reference "$W/reference" --work "$W/quantize" --device cuda --no-speed 2>&1 \
       | grep -v "it/s\]" | tail -30
+    ;;
+  r1)
+    cp .gpu/a/* "$W"/
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    python3 -m pytest -q -p no:cacheprovider tests/runtime/test_static_decode.py 2>&1 | tail -3
+    python3 bench/gpu_decode.py --repeats 3 2>&1 | grep -v Warning
+    ;;
+  r2)
+    cat "$W/gguf.part00" .gpu/b/gguf.part01 > "$W/SmolLM2-135M-Instruct.Q4_1.gguf"
+    python3 -m compress.reference --model "$W/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$W/reference" --if-missing 2>&1 | tail -1
+    OUT="$OUT/real" python3 bench/gpu_decode.py --model "$W/reference" --repeats 2 2>&1 | grep -v Warning | head -40
+    python3 -m runtime.bench --artifact "$W/reference" --device cuda --concurrency 64 --requests 64 \
+      --prompt-len 128 --max-tokens 64 --max-running 64 --out "$OUT/serve-cuda.json" 2>&1 | tail -4
+    python3 bench/chat_draft_data.py --teacher "$W/reference" --out "$W/chat.jsonl" --batch-size 96 2>&1 | tail -1
+    ;;
+  r3)
+    python3 -m compress.distill --config configs/distill/smollm2-half.yaml --teacher "$W/reference" \
+      --data "$W/chat.jsonl" --out "$W/draft" --overwrite --accelerator gpu --batch-size 16 --grad-accum 1 --max-steps 1200 \
+      --max-minutes 3 --val-every 400 --ckpt-every 600 --warmup-steps 50 2>&1 | grep -v "it/s\]" | tail -6
+    python3 bench/engine.py --target "$W/reference" --draft "$W/draft" --device cuda --prompts 8 --new-tokens 128 2>&1 | tail -3
     ;;
   3)
     shift
