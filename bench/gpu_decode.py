@@ -100,6 +100,12 @@ def main() -> None:
               "dtype": "bfloat16", "compile_and_capture_s": compile_s, "rows": rows,
               "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
 
+    eager_tokens = static.generate([prompt], 64, use_graph=False)[0]  # the compiled graphs against eager
+    graph_tokens = compiled.generate([prompt], 64)[0]
+    result["compiled_graph_equals_eager_tokens"] = next(
+        (i for i, (a, b) in enumerate(zip(eager_tokens, graph_tokens, strict=True)) if a != b), 64)
+    print(f"compiled+graph greedy equals our eager for the first {result['compiled_graph_equals_eager_tokens']} "
+          "of 64 tokens (bf16)")
     if args.model:  # correctness: our greedy tokens against HF's
         ids = torch.tensor([prompt], device=device)
         ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, min_new_tokens=64,

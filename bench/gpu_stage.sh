@@ -4,6 +4,7 @@
 #   1: keep the first half, install the gguf wheel, 2:4 sparse kernel benchmark
 #   2: join the model, build the reference, gradient-checkpointing memory, GPTQ wall time on CUDA
 #   3: distillation of the 15-layer student on the H200 (bf16-mixed), held-out metrics
+#   decode: CUDA tests of the static decoder and the decode benchmark (no model file needed)
 #   r1: keep the first half; CUDA tests of the runtime; decode benchmark on SmolLM2-shaped random weights
 #   r2: join the model; decode benchmark on the real weights (+ greedy check); server load test;
 #       chat data (the target's answers) for the speculative draft
@@ -43,6 +44,11 @@ case "$1" in
   r1)
     cp .gpu/a/* "$W"/
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    python3 -m pytest -q -p no:cacheprovider tests/runtime/test_static_decode.py 2>&1 | tail -3
+    python3 bench/gpu_decode.py --repeats 3 2>&1 | grep -v Warning
+    ;;
+  decode)
+    # the decode benchmark alone (SmolLM2-shaped random weights: speed does not depend on their values)
     python3 -m pytest -q -p no:cacheprovider tests/runtime/test_static_decode.py 2>&1 | tail -3
     python3 bench/gpu_decode.py --repeats 3 2>&1 | grep -v Warning
     ;;

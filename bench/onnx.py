@@ -3,8 +3,8 @@
     python bench/onnx.py [--threads 1 2] [--repeats 3] [--new-tokens 128] [--skip-accuracy]
 
 Exports the reference at fp32, int8 (builder weight-only and ORT dynamic) and int4 (builder RTN),
-and the GPTQ artifact at int4 with its own weights (lm head float, and int4 lm head), unless
-present. Accuracy: one `compress.evaluate` run (held-out perplexity, KL, top-1 beside the
+and the GPTQ artifact at int4 with its own weights (LM head float / int8 / int4; and with fp32
+MatMulNBits compute instead of int8 activations), unless present. Accuracy: one `compress.evaluate` run (held-out perplexity, KL, top-1 beside the
 reference, through ONNX Runtime). Speed, batch 1, ~100-token chat prompt, 128 greedy tokens, all
 engines interleaved per repeat (fastest repeat kept): HF transformers fp32, our runtime on each
 export, onnxruntime-genai's generator on the same files, llama.cpp on the shipped Q4_1 GGUF.
@@ -37,7 +37,9 @@ EXPORTS = {  # name -> (source, flags)
     "int8-dynamic": ("reference", ["--precision", "int8", "--int8-method", "dynamic"]),
     "int4-rtn": ("reference", ["--precision", "int4"]),
     "int4-gptq": ("gptq", ["--precision", "int4"]),
-    "int4-gptq-int4head": ("gptq", ["--precision", "int4", "--quantize-lm-head"]),
+    "int4-gptq-fp32-compute": ("gptq", ["--precision", "int4", "--accuracy-level", "1"]),
+    "int4-gptq-int8head": ("gptq", ["--precision", "int4", "--lm-head", "int8"]),
+    "int4-gptq-int4head": ("gptq", ["--precision", "int4", "--lm-head", "int4"]),
 }
 
 

@@ -31,6 +31,7 @@ from runtime.quantized import GPTQLinear, load_quantized_model, unpack_cols, unp
 
 PRECISIONS = ("fp32", "int8", "int4")
 INT8_METHODS = ("weight-only", "dynamic")
+LM_HEADS = ("float", "int8", "int4")
 FUSED_INPUTS = {"attn/qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                 "attn/o_proj": ("self_attn.o_proj",), "mlp/gate_proj": ("mlp.gate_proj",),
                 "mlp/up_proj": ("mlp.up_proj",), "mlp/down_proj": ("mlp.down_proj",)}
@@ -48,8 +49,8 @@ class OnnxExportConfig:
                              "quantize_dynamic (per-channel weights, dynamic int8 activations)", choices=INT8_METHODS)
     accuracy_level: int = field(4, help="MatMulNBits compute type: 0/1 fp32, 4 int8 activations (fastest)",
                                 choices=(0, 1, 2, 3, 4))
-    quantize_lm_head: bool = field(False, help="int4/int8: quantize the LM head too with the builder's "
-                                  "quantizer (a GPTQ artifact keeps it float otherwise)")
+    lm_head: str = field("float", help="LM head weights (int4/int8 exports): float, or the builder's int8 / "
+                         "int4 quantizer (a GPTQ artifact's head is float in the source)", choices=LM_HEADS)
     overwrite: bool = field(False, help="replace an existing artifact at --out")
 
     def validate(self) -> None:
@@ -58,6 +59,11 @@ class OnnxExportConfig:
         bs = self.block_size
         if bs is not None and (bs < 16 or bs > 256 or bs & (bs - 1)):
             raise UserError(f"block_size: must be a power of two in 16..256, got {bs}")
+        weight_only = self.precision == "int4" or (self.precision == "int8" and self.int8_method == "weight-only")
+        if self.lm_head != "float" and not weight_only:
+            raise UserError(f"lm_head: {self.lm_head} needs a weight-only int4/int8 export")
+        if self.lm_head == "int4" and self.precision == "int8":
+            raise UserError("lm_head: an int8 export keeps its head at int8 or float")
 
 
 def gptq_config(artifact: Artifact) -> dict[str, Any] | None:
@@ -200,7 +206,8 @@ def quantize_dynamic_int8(onnx_dir: Path) -> None:
     src = onnx_dir / "model.onnx"
     tmp = onnx_dir / "model.int8.onnx"
     quantize_dynamic(src, tmp, per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                     use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
+                     nodes_to_exclude=["/lm_head/MatMul"], use_external_data_format=True,
+                     extra_options={"MatMulConstBOnly": True})
     src.unlink()
     (onnx_dir / "model.onnx.data").unlink()
     import onnx
@@ -240,10 +247,12 @@ def export_onnx(source: Artifact, cfg: OnnxExportConfig) -> Artifact:
             symmetric = cfg.symmetric and gptq is None
             options = {"block_size": block, "is_symmetric": str(symmetric).lower(),
                        "accuracy_level": cfg.accuracy_level}
-            if not symmetric:
-                options["shared_embeddings"] = "false"  # asymmetric int4 cannot share the embedding table
-            if not cfg.quantize_lm_head:
+            if not symmetric or cfg.lm_head == "int8":
+                options["shared_embeddings"] = "false"  # only a symmetric int4 head can share the embeddings
+            if cfg.lm_head == "float":
                 options["nodes_to_exclude"] = "/lm_head/MatMul"
+            elif cfg.lm_head == "int8" and cfg.precision == "int4":
+                options["matmul_mixed_precision"] = "last_matmul:int8"
         builder_source = _float_copy(source, work / "float") if gptq else source.path
         print(f"building the {cfg.precision} graph with onnxruntime-genai's builder ...", flush=True)
         run_builder(builder_source, build, builder_precision, options, work / "builder.log")
@@ -254,7 +263,7 @@ def export_onnx(source: Artifact, cfg: OnnxExportConfig) -> Artifact:
         elif cfg.precision == "int8" and cfg.int8_method == "dynamic":
             print("quantizing MatMuls with onnxruntime quantize_dynamic (per-channel int8) ...", flush=True)
             quantize_dynamic_int8(build)
-            weights = "onnxruntime quantize_dynamic: per-channel int8 weights, dynamic int8 activations"
+            weights = "onnxruntime quantize_dynamic: per-channel int8 weights, dynamic int8 activations (LM head float)"
         elif cfg.precision != "fp32":
             weights = (f"onnxruntime-genai builder quantizer (round-to-nearest, {cfg.precision}, block {block}, "
                        f"{'symmetric' if cfg.symmetric else 'asymmetric'})")
@@ -265,8 +274,7 @@ def export_onnx(source: Artifact, cfg: OnnxExportConfig) -> Artifact:
             file.chmod(0o644)  # onnx.save writes its data file 0600
         info = {"precision": cfg.precision, "weights": weights, "block_size": block if cfg.precision != "fp32"
                 else None, "accuracy_level": cfg.accuracy_level, "int8_method": cfg.int8_method
-                if cfg.precision == "int8" else None, "lm_head": f"builder int{4 if cfg.precision == 'int4' else 8}"
-                if cfg.quantize_lm_head and cfg.precision != "fp32" else "float", "builder": "onnxruntime-genai model builder",
+                if cfg.precision == "int8" else None, "lm_head": cfg.lm_head, "builder": "onnxruntime-genai model builder",
                 "wall_seconds": round(time.perf_counter() - started, 1)}
         with write_artifact(cfg.out, "onnx", "export.onnx", asdict(cfg), parent=source, overwrite=cfg.overwrite,
                             extra={"onnx": info}) as tmp:

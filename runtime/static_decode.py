@@ -47,9 +47,9 @@ class StaticLlama(nn.Module):
         positions = torch.arange(max_len, device=device)[None]
         cos, sin = inner.rotary_emb(torch.zeros(1, device=device, dtype=torch.float32), positions)
         self.cos, self.sin = cos[0].to(dtype), sin[0].to(dtype)  # (max_len, head_dim)
-        shape = (len(self.layers), max_batch, self.kv_heads, max_len, self.head_dim)
-        self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
-        self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
+        # one cache per batch bucket and layer: whole tensors, so the compiled step updates them in
+        # place (a write into a view of a bigger cache makes Inductor copy the whole cache back)
+        self.caches: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.valid = torch.zeros(max_batch, max_len, dtype=torch.bool, device=device)
         # the decode step's static inputs, advanced in place by the step itself
         self.tokens = torch.zeros(max_batch, 1, dtype=torch.long, device=device)
@@ -60,8 +60,14 @@ class StaticLlama(nn.Module):
         self.step_fn = self.decode_step
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * weight
+        return F.rms_norm(x, weight.shape, weight, self.eps)
+
+    def cache(self, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if batch not in self.caches:
+            shape = (batch, self.kv_heads, self.max_len, self.head_dim)
+            self.caches[batch] = [(torch.zeros(shape, device=self.device, dtype=self.dtype),
+                                   torch.zeros(shape, device=self.device, dtype=self.dtype)) for _ in self.layers]
+        return self.caches[batch]
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = x.shape[-1] // 2
@@ -76,16 +82,17 @@ class StaticLlama(nn.Module):
         columns = torch.arange(self.max_len, device=self.device)
         mask = self.valid[:b, None, None, :] & (columns[None, None, None, :] <= col[None, None, :, None])
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        for i, p in enumerate(self.layers):
+        qk_heads = self.heads + self.kv_heads
+        for p, (k_cache, v_cache) in zip(self.layers, self.cache(b), strict=True):
             h = self._rms(x, p["attn_norm"])
-            q, k, v = (h @ p["wqkv"].t()).split([q_size, kv_size, kv_size], dim=-1)
-            q = self._rotate(q.view(b, t, self.heads, self.head_dim).transpose(1, 2), cos, sin)
-            k = self._rotate(k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
-            v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            self.k_cache[i, :b].index_copy_(2, col, k)
-            self.v_cache[i, :b].index_copy_(2, col, v)
-            o = F.scaled_dot_product_attention(q, self.k_cache[i, :b], self.v_cache[i, :b], attn_mask=mask,
-                                               enable_gqa=True)
+            qkv = h @ p["wqkv"].t()
+            qk = self._rotate(qkv[..., :q_size + kv_size].view(b, t, qk_heads, self.head_dim).transpose(1, 2),
+                              cos, sin)  # q and k heads rotated together
+            q, k = qk[:, :self.heads], qk[:, self.heads:]
+            v = qkv[..., q_size + kv_size:].view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            k_cache[:, :, col] = k
+            v_cache[:, :, col] = v
+            o = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)
             x = x + o.transpose(1, 2).reshape(b, t, q_size) @ p["wo"].t()
             gate, up = (self._rms(x, p["mlp_norm"]) @ p["w13"].t()).chunk(2, dim=-1)
             x = x + (F.silu(gate) * up) @ p["w2"].t()
@@ -104,7 +111,8 @@ class StaticLlama(nn.Module):
         self.step_fn = torch.compile(self.decode_step, fullgraph=True, dynamic=False)
 
     def _capture(self, batch: int) -> torch.cuda.CUDAGraph:
-        saved = [t.clone() for t in (self.tokens, self.pos, self.col, self.valid, self.k_cache, self.v_cache)]
+        state = [self.tokens, self.pos, self.col, self.valid, *(t for kv in self.cache(batch) for t in kv)]
+        saved = [t.clone() for t in state]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -114,8 +122,7 @@ class StaticLlama(nn.Module):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self.step_fn(batch)
-        for buffer, old in zip((self.tokens, self.pos, self.col, self.valid, self.k_cache, self.v_cache), saved,
-                               strict=True):
+        for buffer, old in zip(state, saved, strict=True):
             buffer.copy_(old)  # the warm-up steps advanced the state: put it back
         return graph
 

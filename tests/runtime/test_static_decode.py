@@ -48,3 +48,16 @@ def test_cuda_graph_replay_equals_eager():
     static = StaticLlama(model, max_batch=4, max_len=64)
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
     assert static.generate(prompts, 10, use_graph=True) == static.generate(prompts, 10, use_graph=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_graph_equals_eager_and_hf():
+    model = make_tiny_llama(vocab_size=300, layers=3).cuda()
+    static = StaticLlama(model, max_batch=4, max_len=64)
+    compiled = StaticLlama(model, max_batch=4, max_len=64)
+    compiled.compile()
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13]]
+    expected = [hf_greedy(model.cpu(), p, 10) for p in prompts]
+    model.cuda()
+    assert static.generate(prompts, 10, use_graph=False) == expected
+    assert compiled.generate(prompts, 10, use_graph=True) == expected
