@@ -136,7 +136,8 @@ def parse_config(cls: type[C], argv: Sequence[str] | None, prog: str, descriptio
             parser.add_argument(flag, dest=f.name, nargs="+", default=argparse.SUPPRESS, help=help_text)
         else:
             choices = f.metadata.get("choices")
-            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=help_text,
+            convert = int if choices and all(isinstance(c, int) for c in choices) else None
+            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=help_text, type=convert,
                                 choices=choices, metavar=f.metadata.get("metavar"))
     args = vars(parser.parse_args(argv))
     config_path = args.pop("config", None)

@@ -13,6 +13,7 @@ class DemoConfig:
     desc_act: bool = field(False, help="act order")
     name: str | None = field(None, help="name")
     items: list[str] = field([], help="items")
+    level: int = field(4, help="level", choices=(0, 1, 4))
 
     def validate(self):
         if self.bits not in (4, 8):
@@ -57,3 +58,9 @@ def test_missing_and_broken_yaml(tmp_path):
     bad.write_text("bits: [unclosed\n")
     with pytest.raises(UserError, match=r"bad\.yaml.*not valid YAML"):
         parse_config(DemoConfig, ["--config", str(bad)], "demo", "")
+
+
+def test_integer_choices_from_the_command_line():
+    assert parse_config(DemoConfig, ["--level", "1"], "demo", "").level == 1
+    with pytest.raises(SystemExit):
+        parse_config(DemoConfig, ["--level", "3"], "demo", "")

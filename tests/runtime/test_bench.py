@@ -1,0 +1,22 @@
+import json
+import subprocess
+import sys
+
+
+def test_load_test_against_a_started_server(tiny_artifact, tmp_path):
+    out = tmp_path / "serve.json"
+    proc = subprocess.run([sys.executable, "-m", "runtime.bench", "--artifact", str(tiny_artifact.path),
+                           "--concurrency", "3", "--requests", "6", "--prompt-len", "16", "--max-tokens", "5",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    served = result["server"]
+    assert served["completed"] == 6 and served["statuses"] == {"200": 6}
+    assert 0 < served["generated_tokens"] <= 30 and served["ttft_s"]["p50"] <= served["latency_s"]["p99"]
+    assert result["hf_serial"]["generated_tokens"] > 0 and result["throughput_ratio"] > 0
+
+
+def test_bad_arguments_fail_in_one_line(tiny_artifact):
+    proc = subprocess.run([sys.executable, "-m", "runtime.bench", "--artifact", str(tiny_artifact.path),
+                           "--requests", "0"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
