@@ -47,6 +47,27 @@ def make_tiny_llama(vocab_size: int = 512, hidden: int = 64, layers: int = 2, he
     return LlamaForCausalLM(config).eval()
 
 
+def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
+    """Plain greedy decoding, the full sequence re-run each step: what the engines must reproduce."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
+    return ids[0, len(prompt):].tolist()
+
+
+def make_ragged_artifact(path: Path, tokenizer, heads: int, kv_heads: int):
+    """hidden 96, intermediate 160: group size 64 leaves a partial last group in every projection."""
+    from compress.artifact import open_artifact, write_artifact
+    from compress.models import describe_model
+
+    model = make_tiny_llama(vocab_size=len(tokenizer), hidden=96, heads=heads, kv_heads=kv_heads, intermediate=160)
+    with write_artifact(path, "reference", "tests", {}, extra={"model": describe_model(model)}) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return open_artifact(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return make_tiny_tokenizer()

@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from compress.artifact import open_artifact, verify, write_artifact
-from compress.models import describe_model, load_artifact_model
+from compress.artifact import verify
+from compress.models import load_artifact_model
 from compress.quantize import QuantizeConfig, quantize
 from runtime.quantized import GPTQLinear, Int8DynamicLinear
-from tests.conftest import make_tiny_llama
+from tests.conftest import make_ragged_artifact
 
 
 def independent_dequant(qweight, qzeros, scales, g_idx, bits):
@@ -30,12 +30,7 @@ def independent_dequant(qweight, qzeros, scales, g_idx, bits):
 
 @pytest.fixture()
 def ragged_artifact(tmp_path, tiny_tokenizer):
-    """hidden 96 and intermediate 160: group size 64 leaves a partial last group everywhere."""
-    model = make_tiny_llama(vocab_size=len(tiny_tokenizer), hidden=96, heads=4, kv_heads=2, intermediate=160)
-    with write_artifact(tmp_path / "ragged", "reference", "tests", {}, extra={"model": describe_model(model)}) as t:
-        model.save_pretrained(t)
-        tiny_tokenizer.save_pretrained(t)
-    return open_artifact(tmp_path / "ragged")
+    return make_ragged_artifact(tmp_path / "ragged", tiny_tokenizer, heads=4, kv_heads=2)
 
 
 def _cfg(tmp_path, **kw):

@@ -7,14 +7,14 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from compress.artifact import open_artifact, verify, write_artifact
-from compress.models import describe_model, load_artifact_model
+from compress.artifact import verify
+from compress.models import load_artifact_model
 from compress.quantize import QuantizeConfig, quantize
 from export.onnx import OnnxExportConfig, export_onnx
 from runtime.engine import SamplingParams
 from runtime.errors import UserError
 from runtime.onnx_backend import OnnxDecoder, OnnxEngine
-from tests.conftest import make_tiny_llama
+from tests.conftest import greedy_reference, make_ragged_artifact
 
 
 def _export(artifact, tmp_path, name="onnx", **kw):
@@ -53,12 +53,7 @@ def matmulnbits_weights(onnx_path) -> dict[str, np.ndarray]:
 
 @pytest.fixture()
 def ragged_artifact(tmp_path, tiny_tokenizer):
-    """hidden 96, intermediate 160: group 64 leaves a partial last group in every projection."""
-    model = make_tiny_llama(vocab_size=len(tiny_tokenizer), hidden=96, heads=3, kv_heads=1, intermediate=160)
-    with write_artifact(tmp_path / "ragged", "reference", "tests", {}, extra={"model": describe_model(model)}) as t:
-        model.save_pretrained(t)
-        tiny_tokenizer.save_pretrained(t)
-    return open_artifact(tmp_path / "ragged")
+    return make_ragged_artifact(tmp_path / "ragged", tiny_tokenizer, heads=3, kv_heads=1)  # head size 32
 
 
 def test_fp32_export_round_trips_with_cache(tiny_artifact, tmp_path):
@@ -82,11 +77,7 @@ def test_fp32_engine_greedy_equals_pytorch(tiny_artifact, tmp_path):
     ref = load_artifact_model(tiny_artifact.path)
     prompt = torch.randint(3, 500, (1, 7))
     (out,), stats = OnnxEngine(art.path, threads=1).generate([prompt[0].tolist()], SamplingParams(max_new_tokens=12))
-    ids = prompt
-    with torch.no_grad():
-        for _ in range(12):
-            ids = torch.cat([ids, ref(ids).logits[:, -1:].argmax(-1)], dim=1)
-    assert out == ids[0, 7:].tolist() and stats.new_tokens == 12
+    assert out == greedy_reference(ref, prompt[0].tolist(), 12) and stats.new_tokens == 12
 
 
 @pytest.mark.parametrize("desc_act", [True, False])

@@ -3,20 +3,13 @@ import torch
 
 from runtime.engine import Engine, SamplingParams
 from runtime.scheduler import QueueFull, Request, Scheduler
-from tests.conftest import make_tiny_llama
+from tests.conftest import greedy_reference, make_tiny_llama
 
 
 @pytest.fixture(scope="module")
 def model():
     return make_tiny_llama(vocab_size=300, hidden=64, layers=2, heads=4, kv_heads=2)
 
-
-def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        for _ in range(n):
-            ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
-    return ids[0, len(prompt):].tolist()
 
 
 def drain(scheduler: Scheduler, requests: list[Request], limit: int = 500) -> int:
@@ -28,7 +21,7 @@ def drain(scheduler: Scheduler, requests: list[Request], limit: int = 500) -> in
     return steps
 
 
-def test_mixed_lengths_with_chunked_prefill_match_hf_greedy(model):
+def test_mixed_lengths_with_chunked_prefill_match_greedy_reference(model):
     scheduler = Scheduler(Engine(model, block_size=8, num_blocks=128), max_context=512, max_batch_tokens=16)
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 300, (n,), generator=gen).tolist() for n in (3, 40, 9, 17, 33)]
@@ -40,7 +33,7 @@ def test_mixed_lengths_with_chunked_prefill_match_hf_greedy(model):
         scheduler.submit(r)
     drain(scheduler, requests)
     for r, p in zip(requests, prompts, strict=True):
-        assert r.outputs[0] == hf_greedy(model, p, 10)
+        assert r.outputs[0] == greedy_reference(model, p, 10)
         assert r.finish_reasons == ["length"]
     assert scheduler.pool.used == 0 and scheduler.reserved_blocks == 0
 

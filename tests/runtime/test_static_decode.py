@@ -2,15 +2,7 @@ import pytest
 import torch
 
 from runtime.static_decode import StaticLlama
-from tests.conftest import make_tiny_llama
-
-
-def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        for _ in range(n):
-            ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
-    return ids[0, len(prompt):].tolist()
+from tests.conftest import greedy_reference, make_tiny_llama
 
 
 def test_static_batch_greedy_equals_hf_for_mixed_lengths():
@@ -19,7 +11,7 @@ def test_static_batch_greedy_equals_hf_for_mixed_lengths():
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 300, (n,), generator=gen).tolist() for n in (5, 17, 1, 11, 9)]
     got = static.generate(prompts, 12)  # 5 prompts run in the bucket of 8 (left-padded, filler rows)
-    assert got == [hf_greedy(model, p, 12) for p in prompts]
+    assert got == [greedy_reference(model, p, 12) for p in prompts]
     assert static.generate(prompts[:1], 12) == got[:1]  # state is reset between calls
 
 
@@ -57,7 +49,7 @@ def test_compiled_graph_equals_eager_and_hf():
     compiled = StaticLlama(model, max_batch=4, max_len=64)
     compiled.compile()
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13]]
-    expected = [hf_greedy(model.cpu(), p, 10) for p in prompts]
+    expected = [greedy_reference(model.cpu(), p, 10) for p in prompts]
     model.cuda()
     assert static.generate(prompts, 10, use_graph=False) == expected
     assert compiled.generate(prompts, 10, use_graph=True) == expected
