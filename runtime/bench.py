@@ -30,6 +30,8 @@ from runtime.errors import UserError, run_main
 class BenchConfig:
     artifact: str = field(None, help="model artifact to serve (and to run the HF baseline on)")
     url: str | None = field(None, help="target a running server instead of starting one")
+    draft: str | None = field(None, help="draft artifact: the started server decodes speculatively")
+    k: int = field(4, help="draft tokens per target step (with --draft)")
     concurrency: int = field(16, help="clients sending at once")
     requests: int = field(64, help="requests in total")
     prompt_len: int = field(128, help="mean prompt length in tokens (mixed: L/2 .. 3L/2)")
@@ -155,7 +157,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             proc.terminate()
             proc.wait(30)
     result: dict[str, Any] = {"config": asdict(cfg), "server": served,
-                              "server_prefix_cache_hit_blocks": _metric(metrics, "shrinkwrap_prefix_cache_hit_blocks_total")}
+                              "server_prefix_cache_hit_blocks": _metric(metrics, "shrinkwrap_prefix_cache_hit_blocks_total"),
+                              "acceptance_rate": _metric(metrics, "shrinkwrap_speculative_acceptance_rate"),
+                              "tokens_per_target_step": _metric(metrics, "shrinkwrap_speculative_tokens_per_target_step")}
     if cfg.baseline:
         print("baseline: serial HF generate on the same requests ...", flush=True)
         result["hf_serial"] = hf_serial(cfg, prompts, tokenizer)
@@ -193,6 +197,8 @@ def launch_server(cfg: BenchConfig) -> tuple[subprocess.Popen, str]:
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "runtime.serve", "--artifact", cfg.artifact, "--port", str(port), "--device",
            cfg.device, "--max-running", str(cfg.max_running)]
+    if cfg.draft:
+        cmd += ["--draft", cfg.draft, "--k", str(cfg.k)]
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300

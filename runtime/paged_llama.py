@@ -28,9 +28,10 @@ class PagedLlama:
                               dtype=dtype, device=self.device)
 
     @torch.inference_mode()
-    def forward(self, seqs: list[Sequence], last_only: bool = True, ends: list[int] | None = None
+    def forward(self, seqs: list[Sequence], last_only: bool | list[bool] = True, ends: list[int] | None = None
                 ) -> list[torch.Tensor]:
-        """Run each sequence's not-yet-cached tokens (up to `ends`, for chunked prefill); logits per sequence."""
+        """Run each sequence's not-yet-cached tokens (up to `ends`, for chunked prefill); logits per sequence
+        (of its last new token, or of all of them; `last_only` may differ per sequence)."""
         inner = self.model.model
         spans = [(s, s.cached, len(s.tokens) if ends is None else ends[i]) for i, s in enumerate(seqs)]
         for s, _, end in spans:
@@ -67,8 +68,9 @@ class PagedLlama:
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         x = inner.norm(x)[0]
         results, offset = [], 0
-        for s, a, b in spans:
-            rows = x[offset + (b - a) - 1: offset + (b - a)] if last_only else x[offset: offset + (b - a)]
+        for i, (s, a, b) in enumerate(spans):
+            last = last_only[i] if isinstance(last_only, list) else last_only
+            rows = x[offset + (b - a) - 1: offset + (b - a)] if last else x[offset: offset + (b - a)]
             results.append(self.model.lm_head(rows).float())
             offset += b - a
             s.cached = b

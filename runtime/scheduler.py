@@ -7,6 +7,12 @@ max_tokens), so a running sequence never runs out of blocks; `n > 1` samples are
 the first sample's prefill and share its prompt blocks through the prefix cache. Cancelled
 requests release their blocks at the next step boundary. Greedy results are memoised (exact
 match on prompt and settings) when a response cache is configured.
+
+With a draft engine, every decoding sequence advances speculatively inside the same batched
+step: the draft proposes up to k tokens for all of them, the target scores each sequence's k + 1
+positions in the one forward, and the exact rejection rule decides per sequence (greedy output
+equals the target's; sampled output has the target's distribution); rejected tokens are rolled
+back in both caches.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ class _Sample:
     seq: Sequence
     generator: torch.Generator | None
     prompt_len: int
+    draft_seq: Sequence | None = None
 
     @property
     def prefilling(self) -> bool:
@@ -75,12 +82,29 @@ class SchedulerStats:
     response_cache_hits: int = 0
     steps: int = 0
     decode_tokens_per_s: float = 0.0
+    draft_proposed: int = 0
+    draft_accepted: int = 0
+    speculative_steps: int = 0  # target passes of decoding sequences that had a draft
+    speculative_tokens: int = 0  # tokens those passes produced
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.draft_accepted / self.draft_proposed if self.draft_proposed else 0.0
+
+    @property
+    def tokens_per_target_step(self) -> float:
+        return self.speculative_tokens / self.speculative_steps if self.speculative_steps else 0.0
 
 
 class Scheduler:
     def __init__(self, engine: Engine, max_context: int, max_running: int = 16, max_queue: int = 64,
-                 max_batch_tokens: int = 256, response_cache_size: int = 0):
+                 max_batch_tokens: int = 256, response_cache_size: int = 0, draft: Engine | None = None,
+                 k: int = 4):
         self.engine, self.pool, self.runner = engine, engine.pool, engine.runner
+        if draft is not None and (draft.pool.num_blocks, draft.pool.block_size) != (self.pool.num_blocks,
+                                                                                     self.pool.block_size):
+            raise ValueError("the draft's KV pool must have the target's block size and block count")
+        self.draft, self.k = draft, (k if draft is not None else 0)
         self.max_context, self.max_running, self.max_queue = max_context, max_running, max_queue
         self.max_batch_tokens = max_batch_tokens
         self.waiting: list[tuple[int, float, int, Request]] = []
@@ -150,7 +174,7 @@ class Scheduler:
             self.step()
 
     def _worst_case_blocks(self, request: Request) -> int:
-        per = -(-(len(request.prompt) + request.params.max_new_tokens) // self.pool.block_size)
+        per = -(-(len(request.prompt) + request.params.max_new_tokens + self.k) // self.pool.block_size)
         return per * request.n
 
     @staticmethod
@@ -165,7 +189,18 @@ class Scheduler:
     def _new_sample(self, request: Request, index: int) -> _Sample:
         seq = Sequence(list(request.prompt))
         self.pool.admit(seq)
-        return _Sample(request, index, seq, self._generator(request, index), len(request.prompt))
+        sample = _Sample(request, index, seq, self._generator(request, index), len(request.prompt))
+        if self.draft is not None:
+            sample.draft_seq = Sequence(list(request.prompt))
+            self.draft.pool.admit(sample.draft_seq)
+        return sample
+
+    def _free(self, sample: _Sample, register: bool = False) -> None:
+        pairs = [(self.pool, sample.seq)] + ([(self.draft.pool, sample.draft_seq)] if self.draft else [])
+        for pool, seq in pairs:
+            if register:
+                pool.register_full_blocks(seq)
+            pool.free_sequence(seq)
 
     def _admit(self) -> None:
         with self._lock:
@@ -191,7 +226,7 @@ class Scheduler:
         keep = []
         for sample in self.running:
             if sample.request.cancelled:
-                self.pool.free_sequence(sample.seq)
+                self._free(sample)
                 if sample.request.reserved_blocks:
                     self.stats.cancelled_requests += 1
                     self._release(sample.request)
@@ -227,20 +262,19 @@ class Scheduler:
 
     @torch.inference_mode()
     def step(self) -> int:
-        """One scheduling step; returns the number of tokens the forward pass ran."""
+        """One scheduling step; returns the number of tokens the target's forward pass ran."""
         self._drop_cancelled()
         for parent, request, index in list(self.pending_siblings):
             if not parent.prefilling or parent not in self.running:
                 self.pending_siblings.remove((parent, request, index))
                 self.running.append(self._new_sample(request, index))  # shares the parent's full blocks
         self._admit()
-        batch, ends, budget = [], [], self.max_batch_tokens
-        for sample in self.running:  # decodes first: one token each
-            if not sample.prefilling:
-                batch.append(sample)
-                ends.append(len(sample.seq.tokens))
-                budget -= 1
-        for sample in self.running:  # then prompt chunks within the token budget
+        decoding = [s for s in self.running if not s.prefilling]
+        proposals = self._propose(decoding) if self.draft is not None else {}
+        batch = list(decoding)
+        ends = [len(s.seq.tokens) for s in decoding]  # one new token each, plus any draft proposals
+        budget = self.max_batch_tokens - sum(1 + len(proposals.get(id(s), ((), ()))[0]) for s in decoding)
+        for sample in self.running:  # prompt chunks within the token budget
             if sample.prefilling and budget > 0:
                 end = min(sample.prompt_len, sample.seq.cached + budget)
                 batch.append(sample)
@@ -249,35 +283,98 @@ class Scheduler:
         if not batch:
             return 0
         started = time.perf_counter()
-        logits = self.runner.forward([s.seq for s in batch], last_only=True, ends=ends)
-        ran = self.max_batch_tokens - budget
+        chunks = [(s, e) for s, e in zip(batch, ends, strict=True)
+                  if s.prefilling and s.draft_seq is not None and s.draft_seq.cached < e]
+        last_only = [id(s) not in proposals for s in batch]
+        logits = self.runner.forward([s.seq for s in batch], last_only=last_only, ends=ends)
+        if chunks:  # the draft reads the same prompt chunks
+            self.draft.runner.forward([s.draft_seq for s, _ in chunks], ends=[e for _, e in chunks])
         decoded = 0
         for sample, end, rows in zip(batch, ends, logits, strict=True):
             if end < sample.prompt_len:
                 continue  # a chunk of a longer prompt: no token yet
-            if end == sample.prompt_len and sample.index == 0:
-                self.pool.register_full_blocks(sample.seq)  # siblings and later requests reuse them
-            token = self._next_token(sample, rows[-1])
-            sample.seq.tokens.append(token)
-            decoded += 1
-            request = sample.request
-            self._emit(request, sample.index, token)
-            generated = len(request.outputs[sample.index])
-            reason = "stop" if token in request.params.stop_ids else "length" if (
-                generated >= request.params.max_new_tokens or len(sample.seq.tokens) >= self.max_context) else None
-            if reason is not None:
-                self._retire(sample, reason)
+            if end == sample.prompt_len and sample.index == 0:  # siblings and later requests reuse them
+                self.pool.register_full_blocks(sample.seq)
+                if sample.draft_seq is not None:
+                    self.draft.pool.register_full_blocks(sample.draft_seq)
+            if id(sample) in proposals:
+                new = self._verify(sample, rows, *proposals[id(sample)])
+            else:
+                new = [self._next_token(sample, rows[-1])]
+                for seq in (sample.seq, sample.draft_seq):
+                    if seq is not None:
+                        seq.tokens.append(new[0])
+            for token in new:
+                decoded += 1
+                if self._deliver(sample, token):
+                    break
         elapsed = time.perf_counter() - started
         self.stats.steps += 1
         self.stats.generated_tokens += decoded
         rate = decoded / elapsed if elapsed > 0 else 0.0
         self.stats.decode_tokens_per_s = 0.9 * self.stats.decode_tokens_per_s + 0.1 * rate
-        return ran
+        return self.max_batch_tokens - budget
+
+    def _deliver(self, sample: _Sample, token: int) -> bool:
+        """Emit one token; retire the sample (True) on a stop token, max_tokens or the context limit."""
+        request = sample.request
+        self._emit(request, sample.index, token)
+        generated = len(request.outputs[sample.index])
+        reason = "stop" if token in request.params.stop_ids else "length" if (
+            generated >= request.params.max_new_tokens or len(sample.seq.tokens) >= self.max_context) else None
+        if reason is not None:
+            self._retire(sample, reason)
+        return reason is not None
+
+    def _propose(self, samples: list[_Sample]) -> dict[int, tuple[list[int], list[torch.Tensor]]]:
+        """Up to k draft tokens per decoding sample (fewer near max_tokens or the context limit)."""
+        room = {id(s): max(0, min(self.k, s.request.params.max_new_tokens - len(s.request.outputs[s.index]) - 1,
+                                  self.max_context - len(s.seq.tokens) - 1)) for s in samples}
+        proposals: dict[int, tuple[list[int], list[torch.Tensor]]] = {id(s): ([], []) for s in samples}
+        active = [s for s in samples if room[id(s)] > 0]
+        while active:
+            logits = self.draft.runner.forward([s.draft_seq for s in active])
+            for sample, rows in zip(active, logits, strict=True):
+                q = probabilities(rows[-1], sample.request.params)
+                token = self._next_token(sample, rows[-1]) if sample.request.params.temperature <= 0 else draw(
+                    q, sample.generator)
+                proposals[id(sample)][0].append(token)
+                proposals[id(sample)][1].append(q)
+                sample.draft_seq.tokens.append(token)
+            active = [s for s in active if len(proposals[id(s)][0]) < room[id(s)]]
+        for sample in samples:
+            sample.seq.tokens.extend(proposals[id(sample)][0])
+        return proposals
+
+    def _verify(self, sample: _Sample, rows: torch.Tensor, tokens: list[int], qs: list[torch.Tensor]) -> list[int]:
+        """The exact rejection rule over one sample's proposals; both caches rolled back to what stands."""
+        params = sample.request.params
+        ps = [probabilities(row, params) for row in rows]  # len(tokens) + 1 target distributions
+        accepted, final = 0, None
+        for i, token in enumerate(tokens):
+            p, q = ps[i], qs[i]
+            if torch.rand(1, generator=sample.generator).item() < min(1.0, float(p[token] / q[token].clamp(min=1e-20))):
+                accepted += 1
+                continue
+            residual = (p - q).clamp(min=0)
+            final = draw(residual / residual.sum() if residual.sum() > 0 else p, sample.generator)
+            break
+        if final is None:
+            final = draw(ps[len(tokens)], sample.generator)
+        base = len(sample.seq.tokens) - len(tokens)
+        for pool, seq in ((self.pool, sample.seq), (self.draft.pool, sample.draft_seq)):
+            pool.truncate(seq, base + accepted)
+            seq.tokens.append(final)
+        if tokens:
+            self.stats.draft_proposed += len(tokens)
+            self.stats.draft_accepted += accepted
+            self.stats.speculative_steps += 1
+            self.stats.speculative_tokens += accepted + 1
+        return tokens[:accepted] + [final]
 
     def _retire(self, sample: _Sample, reason: str) -> None:
         request = sample.request
-        self.pool.register_full_blocks(sample.seq)
-        self.pool.free_sequence(sample.seq)
+        self._free(sample, register=True)
         self.running.remove(sample)
         self._finish(request, sample.index, reason)
         if request.finished == request.n:

@@ -1,7 +1,7 @@
 """`python -m runtime.serve`: an OpenAI-compatible server over the continuous-batching scheduler.
 
 Endpoints: /v1/completions, /v1/chat/completions (SSE streaming, n, stop, seed, temperature,
-top_p, top_k), /v1/models, /health, /metrics (Prometheus). Bad requests get a 400 with an
+top_p, top_k), /v1/models, /health, /metrics (Prometheus). With --draft, decoding is speculative. Bad requests get a 400 with an
 OpenAI-style error body, a full queue a 429; a client that goes away has its KV blocks freed.
 """
 
@@ -36,6 +36,8 @@ class ServeConfig:
     host: str = field("127.0.0.1", help="address to bind (loopback unless told otherwise)")
     port: int = field(8000, help="TCP port")
     model_name: str | None = field(None, help="the model id clients must send (default: the artifact's folder name)")
+    draft: str | None = field(None, help="draft artifact for speculative decoding (same tokenizer)")
+    k: int = field(4, help="draft tokens proposed per target step")
     device: str = field("cpu", help="cpu or cuda")
     threads: int | None = field(None, help="torch intra-op threads")
     max_running: int = field(16, help="sequences decoded together at most")
@@ -52,7 +54,7 @@ class ServeConfig:
             raise UserError("artifact: required")
         if not 0 < self.port < 65536:
             raise UserError(f"port: must be in 1..65535, got {self.port}")
-        for name in ("max_running", "max_batch_tokens", "block_size", "num_blocks"):
+        for name in ("max_running", "max_batch_tokens", "block_size", "num_blocks", "k"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name}: must be positive")
         if self.max_queue < 0 or self.response_cache < 0:
@@ -159,6 +161,10 @@ class _SchedulerCollector:
                   "kv_blocks_used": ("KV-cache blocks held by sequences", s.pool.used),
                   "kv_blocks_total": ("KV-cache blocks in the pool", s.pool.num_blocks),
                   "decode_tokens_per_second": ("Tokens per second of recent steps", s.stats.decode_tokens_per_s)}
+        if s.draft is not None:
+            gauges["speculative_acceptance_rate"] = ("Draft tokens accepted / proposed", s.stats.acceptance_rate)
+            gauges["speculative_tokens_per_target_step"] = ("Tokens per target pass with a draft",
+                                                             s.stats.tokens_per_target_step)
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(f"shrinkwrap_{name}", doc, value=value)
         counters = {"prefix_cache_hit_blocks": ("KV blocks reused from the prefix cache", s.pool.prefix_hits),
@@ -293,10 +299,15 @@ def build_server(cfg: ServeConfig) -> Server:
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "model"):
         raise UserError(f"{cfg.artifact}: the server runs Llama-family PyTorch artifacts")
     engine = Engine(model, cfg.block_size, cfg.num_blocks)
+    draft = None
+    if cfg.draft is not None:
+        if load_tokenizer(cfg.draft).get_vocab() != tokenizer.get_vocab():
+            raise UserError(f"draft: {cfg.draft} does not share the target's tokenizer")
+        draft = Engine(load_model(cfg.draft, cfg.device), cfg.block_size, cfg.num_blocks)
     limit = getattr(model.config, "max_position_embeddings", None) or cfg.block_size * cfg.num_blocks
     max_context = min(cfg.max_model_len or limit, limit, cfg.block_size * cfg.num_blocks)
     scheduler = Scheduler(engine, max_context, cfg.max_running, cfg.max_queue, cfg.max_batch_tokens,
-                          cfg.response_cache)
+                          cfg.response_cache, draft=draft, k=cfg.k)
     scheduler.start()
     return Server(scheduler, tokenizer, cfg.model_name or Path(cfg.artifact).resolve().name)
 

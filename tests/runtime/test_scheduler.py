@@ -91,3 +91,39 @@ def test_greedy_response_cache(model):
     scheduler.submit(second)
     assert second.finished == 1 and second.outputs == first.outputs
     assert scheduler.stats.steps == steps and scheduler.stats.response_cache_hits == 1
+
+
+def test_speculative_steps_in_the_batch_keep_greedy_output():
+    # untied random models: tied ones just repeat the last prompt token, which any draft guesses
+    model = make_tiny_llama(vocab_size=300, hidden=64, layers=2, heads=4, kv_heads=2, tie=False)
+    draft_model = make_tiny_llama(vocab_size=300, hidden=64, layers=1, heads=4, kv_heads=2, seed=7, tie=False)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 300, (n,), generator=gen).tolist() for n in (4, 30, 12)]
+    for draft, exact in ((Engine(model, block_size=8, num_blocks=128), True),
+                         (Engine(draft_model, block_size=8, num_blocks=128), False)):
+        scheduler = Scheduler(Engine(model, block_size=8, num_blocks=128), max_context=256, max_batch_tokens=16,
+                              draft=draft, k=3)
+        requests = [Request(p, SamplingParams(max_new_tokens=11)) for p in prompts]
+        for r in requests:
+            scheduler.submit(r)
+        drain(scheduler, requests)
+        for r, p in zip(requests, prompts, strict=True):
+            assert r.outputs[0] == greedy_reference(model, p, 11)
+        stats = scheduler.stats
+        assert stats.draft_proposed > 0
+        if exact:  # the target as its own draft: every proposal accepted, k + 1 tokens per target step
+            assert stats.acceptance_rate == 1.0 and stats.tokens_per_target_step > 3
+        else:
+            assert stats.acceptance_rate < 1.0
+        assert scheduler.pool.used == 0 and scheduler.draft.pool.used == 0
+
+
+def test_speculative_sampling_runs_and_respects_max_tokens(model):
+    draft_model = make_tiny_llama(vocab_size=300, hidden=64, layers=1, heads=4, kv_heads=2, seed=7)
+    scheduler = Scheduler(Engine(model, block_size=8, num_blocks=128), max_context=256,
+                          draft=Engine(draft_model, block_size=8, num_blocks=128), k=4)
+    request = Request(list(range(3, 20)), SamplingParams(max_new_tokens=9, temperature=1.0, seed=5), n=2)
+    scheduler.submit(request)
+    drain(scheduler, [request])
+    assert [len(o) for o in request.outputs] == [9, 9]
+    assert 0 <= scheduler.stats.acceptance_rate <= 1

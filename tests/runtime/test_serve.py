@@ -157,3 +157,14 @@ def test_fuzzed_requests_never_get_a_5xx(server, body, chat):
     assert response.status_code < 500, (body, response.text)
     if response.status_code != 200:
         assert "error" in response.json()
+
+
+def test_speculative_server_matches_the_plain_one(artifact, tmp_path_factory):
+    """The target as its own draft: same greedy text, every proposal accepted (via /metrics)."""
+    body = {"model": MODEL, "prompt": "The president said", "max_tokens": 12, "temperature": 0}
+    with running_server(str(artifact.path), model_name=MODEL) as (url, _):
+        plain = httpx.post(f"{url}/v1/completions", json=body).json()["choices"][0]["text"]
+    with running_server(str(artifact.path), model_name=MODEL, draft=str(artifact.path), k=3) as (url, _):
+        spec = httpx.post(f"{url}/v1/completions", json=body).json()["choices"][0]["text"]
+        assert metric(url, "shrinkwrap_speculative_acceptance_rate") == 1.0
+    assert spec == plain
