@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--engines", nargs="+", default=None, help="subset of engines to time (default: all)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("error: this benchmark needs CUDA")
@@ -84,6 +85,8 @@ def main() -> None:
                "ours-eager": lambda b: (lambda: static.generate([prompt] * b, n, use_graph=False)),
                "ours-cuda-graph": lambda b: (lambda: static.generate([prompt] * b, n, use_graph=True)),
                "ours-cuda-graph+compile": lambda b: (lambda: compiled.generate([prompt] * b, n, use_graph=True))}
+    if args.engines:
+        engines = {name: make for name, make in engines.items() if name in args.engines}
     rows = []
     for batch in args.batches:
         runs = {name: make(batch) for name, make in engines.items()}
@@ -126,8 +129,8 @@ def main() -> None:
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy_us = sum(e.device_time for e in kernels) / steps
-    graph_step_us = 1e6 / next(r["tok_s"] for r in rows if r["engine"] == "ours-cuda-graph+compile"
-                               and r["batch"] == 1)
+    graph_step_us = 1e6 / next((r["tok_s"] for r in rows if r["engine"] == "ours-cuda-graph+compile"
+                                and r["batch"] == 1), float("nan"))
     top = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
     result["profile"] = {"kernels_per_step": len(kernels) / steps, "gpu_busy_us_per_step": busy_us,
                          "graph_step_us": graph_step_us, "idle_fraction": 1 - busy_us / graph_step_us,

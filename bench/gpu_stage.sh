@@ -5,6 +5,7 @@
 #   2: join the model, build the reference, gradient-checkpointing memory, GPTQ wall time on CUDA
 #   3: distillation of the 15-layer student on the H200 (bf16-mixed), held-out metrics
 #   decode: CUDA tests of the static decoder and the decode benchmark (no model file needed)
+#   a / real: keep the first half / join it and time the fixed decoder on the real weights
 #   r1: keep the first half; CUDA tests of the runtime; decode benchmark on SmolLM2-shaped random weights
 #   r2: join the model; decode benchmark on the real weights (+ greedy check); server load test;
 #       chat data (the target's answers) for the speculative draft
@@ -51,6 +52,16 @@ case "$1" in
     # the decode benchmark alone (SmolLM2-shaped random weights: speed does not depend on their values)
     python3 -m pytest -q -p no:cacheprovider tests/runtime/test_static_decode.py 2>&1 | tail -3
     python3 bench/gpu_decode.py --repeats 3 2>&1 | grep -v Warning
+    ;;
+  a)
+    cp .gpu/a/* "$W"/
+    ;;
+  real)
+    # the fixed decoder on the real weights: greedy agreement with HF and speed
+    cat "$W/gguf.part00" .gpu/b/gguf.part01 > "$W/SmolLM2-135M-Instruct.Q4_1.gguf"
+    python3 -m compress.reference --model "$W/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$W/reference" --if-missing 2>&1 | tail -1
+    python3 bench/gpu_decode.py --model "$W/reference" --repeats 2 --engines hf-generate ours-cuda-graph+compile 2>&1 \
+      | grep -v Warning | head -12
     ;;
   r2)
     cat "$W/gguf.part00" .gpu/b/gguf.part01 > "$W/SmolLM2-135M-Instruct.Q4_1.gguf"
