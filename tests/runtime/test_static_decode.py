@@ -53,3 +53,20 @@ def test_compiled_graph_equals_eager_and_hf():
     model.cuda()
     assert static.generate(prompts, 10, use_graph=False) == expected
     assert compiled.generate(prompts, 10, use_graph=True) == expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_real_model_greedy_equals_hf(reference_artifact, dtype):
+    from runtime.loading import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(reference_artifact.path)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Tell me about the history of Paris."}],
+                                           add_generation_prompt=True)
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    model = load_model(reference_artifact.path, "cpu", dtype=dtype)
+    ids = torch.tensor([prompt])
+    expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                              pad_token_id=0)[0, len(prompt):].tolist()
+    static = StaticLlama(model, max_batch=1, max_len=len(prompt) + 24, dtype=dtype)
+    assert static.generate([prompt], len(expected), use_graph=False)[0] == expected
