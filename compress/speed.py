@@ -76,8 +76,6 @@ def measure_onnx_speed(cfg: SpeedConfig) -> dict[str, Any]:
     from runtime.engine import SamplingParams
     from runtime.onnx_backend import OnnxEngine
 
-    if cfg.device != "cpu":
-        raise UserError(f"device: an ONNX export is timed on the CPU, not {cfg.device}")
     tokenizer = load_tokenizer(cfg.artifact)
     engine = OnnxEngine(cfg.artifact, threads=cfg.threads)
     decoder = engine.decoder
@@ -103,9 +101,9 @@ def measure_onnx_speed(cfg: SpeedConfig) -> dict[str, Any]:
 
 @torch.inference_mode()
 def measure_speed(cfg: SpeedConfig) -> dict[str, Any]:
-    from runtime.onnx_backend import is_onnx_artifact
+    from runtime.loading import is_onnx_export
 
-    if is_onnx_artifact(cfg.artifact):
+    if is_onnx_export(cfg.artifact, cfg.device):
         return measure_onnx_speed(cfg)
     device = torch.device(cfg.device)
     if cfg.threads:

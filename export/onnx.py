@@ -11,6 +11,7 @@ quantizer, or ONNX Runtime's dynamic int8 quantization (`--int8-method dynamic`)
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import shutil
@@ -66,8 +67,8 @@ class OnnxExportConfig:
             raise UserError("lm_head: an int8 export keeps its head at int8 or float")
 
 
-def gptq_config(artifact: Artifact) -> dict[str, Any] | None:
-    config = json.loads((artifact.path / "config.json").read_text(encoding="utf-8"))
+def gptq_config(artifact: Artifact, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The source's GPTQ quantization_config (None for a float model); other quantizations are refused."""
     quant = config.get("quantization_config")
     if quant is None:
         return None
@@ -77,9 +78,9 @@ def gptq_config(artifact: Artifact) -> dict[str, Any] | None:
     return quant
 
 
-def _float_copy(artifact: Artifact, into: Path) -> Path:
+def _float_copy(artifact: Artifact, gptq_model: torch.nn.Module, into: Path) -> Path:
     """An fp32 HF folder of a GPTQ artifact (the builder lays out its graph from it)."""
-    model = load_quantized_model(artifact.path)
+    model = copy.deepcopy(gptq_model)
     for name, module in list(model.named_modules()):
         if isinstance(module, GPTQLinear):
             dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
@@ -100,7 +101,7 @@ def _float_copy(artifact: Artifact, into: Path) -> Path:
 
 
 def run_builder(source: Path, out: Path, precision: str, options: dict[str, Any], log: Path) -> None:
-    """onnxruntime-genai's builder, its chatter sent to `log` (shown on failure)."""
+    """onnxruntime-genai's builder, its chatter sent to `log`; a failure is one line with its reason."""
     try:
         from onnxruntime_genai.models.builder import create_model, parse_extra_options
     except ImportError as exc:
@@ -223,8 +224,8 @@ def export_onnx(source: Artifact, cfg: OnnxExportConfig) -> Artifact:
     problems = verify(source)
     if problems:
         raise UserError(f"refusing to export a damaged artifact: {problems[0]}")
-    gptq = gptq_config(source)
     hf = json.loads((source.path / "config.json").read_text(encoding="utf-8"))
+    gptq = gptq_config(source, hf)
     head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
     if head_dim % 16:
         raise UserError(f"{source.path}: head size {head_dim} is not a multiple of 16 (ONNX Runtime's "
@@ -253,12 +254,13 @@ def export_onnx(source: Artifact, cfg: OnnxExportConfig) -> Artifact:
                 options["nodes_to_exclude"] = "/lm_head/MatMul"
             elif cfg.lm_head == "int8" and cfg.precision == "int4":
                 options["matmul_mixed_precision"] = "last_matmul:int8"
-        builder_source = _float_copy(source, work / "float") if gptq else source.path
+        gptq_model = load_quantized_model(source.path) if gptq else None
+        builder_source = _float_copy(source, gptq_model, work / "float") if gptq else source.path
         print(f"building the {cfg.precision} graph with onnxruntime-genai's builder ...", flush=True)
         run_builder(builder_source, build, builder_precision, options, work / "builder.log")
         weights = "float"
         if gptq is not None:
-            replaced = inject_gptq(build, load_quantized_model(source.path), block)
+            replaced = inject_gptq(build, gptq_model, block)
             weights = f"GPTQ integers, scales and zero points of the source ({replaced} MatMulNBits, exact)"
         elif cfg.precision == "int8" and cfg.int8_method == "dynamic":
             print("quantizing MatMuls with onnxruntime quantize_dynamic (per-channel int8) ...", flush=True)
@@ -267,8 +269,7 @@ def export_onnx(source: Artifact, cfg: OnnxExportConfig) -> Artifact:
         elif cfg.precision != "fp32":
             weights = (f"onnxruntime-genai builder quantizer (round-to-nearest, {cfg.precision}, block {block}, "
                        f"{'symmetric' if cfg.symmetric else 'asymmetric'})")
-        config = json.loads((source.path / "config.json").read_text(encoding="utf-8"))
-        config.pop("quantization_config", None)
+        config = {k: v for k, v in hf.items() if k != "quantization_config"}
         (build / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         for file in build.iterdir():
             file.chmod(0o644)  # onnx.save writes its data file 0600

@@ -186,15 +186,20 @@ def _metric(text: str, name: str) -> float | None:
     return None
 
 
-def launch_server(cfg: BenchConfig) -> tuple[subprocess.Popen, str]:
-    """`python -m runtime.serve` on a free loopback port; waits for /health."""
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on now."""
     import socket
 
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_server(cfg: BenchConfig) -> tuple[subprocess.Popen, str]:
+    """`python -m runtime.serve` on a free loopback port; waits for /health."""
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "runtime.serve", "--artifact", cfg.artifact, "--port", str(port), "--device",
            cfg.device, "--max-running", str(cfg.max_running)]
     if cfg.draft:

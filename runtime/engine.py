@@ -71,6 +71,28 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     return int(torch.multinomial(probs.cpu(), 1, generator=generator).item())
 
 
+def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """The argmax when greedy, else a draw from the tempered / top-k / top-p distribution."""
+    if params.temperature <= 0:
+        return int(logits.argmax())
+    return draw(probabilities(logits, params), generator)
+
+
+def accept_draft(ps: list[torch.Tensor], qs: list[torch.Tensor], tokens: list[int],
+                 generator: torch.Generator | None) -> tuple[int, int]:
+    """The exact rejection rule: (accepted draft tokens, the token that follows them).
+
+    ps: len(tokens) + 1 target distributions, qs: the draft's, one per proposed token.
+    """
+    for i, token in enumerate(tokens):
+        p, q = ps[i], qs[i]
+        if torch.rand(1, generator=generator).item() < min(1.0, float(p[token] / q[token].clamp(min=1e-20))):
+            continue
+        residual = (p - q).clamp(min=0)
+        return i, draw(residual / residual.sum() if residual.sum() > 0 else p, generator)
+    return len(tokens), draw(ps[len(tokens)], generator)
+
+
 class Engine:
     def __init__(self, model: torch.nn.Module, block_size: int = 16, num_blocks: int = 1024):
         self.runner = PagedLlama(model, block_size, num_blocks)
@@ -101,8 +123,7 @@ class Engine:
         while active:
             still = []
             for row, i in enumerate(active):
-                token = draw(probabilities(logits[row][-1], params), gen) if params.temperature > 0 else int(
-                    logits[row][-1].argmax())
+                token = next_token(logits[row][-1], params, gen)
                 outputs[i].append(token)
                 seqs[i].tokens.append(token)
                 if token not in params.stop_ids and len(outputs[i]) < params.max_new_tokens:
@@ -143,17 +164,7 @@ class Engine:
             scored = [probabilities(row, params) for row in self.runner.forward([t_seq], last_only=False)[0]]
             ps = ([p_first] + scored) if p_first is not None else scored  # k + 1 target distributions
             p_first = None
-            accepted, final = 0, None
-            for i, token in enumerate(proposals):
-                p, q = ps[i], qs[i]
-                if torch.rand(1, generator=gen).item() < min(1.0, float(p[token] / q[token].clamp(min=1e-20))):
-                    accepted += 1
-                    continue
-                residual = (p - q).clamp(min=0)
-                final = draw(residual / residual.sum() if residual.sum() > 0 else p, gen)
-                break
-            if final is None:
-                final = draw(ps[k], gen)
+            accepted, final = accept_draft(ps, qs, proposals, gen)
             new = proposals[:accepted] + [final]
             stats.target_steps += 1
             stats.proposed += k

@@ -31,16 +31,25 @@ def load_tokenizer(path: str | Path) -> Any:
                         f"{(str(exc).strip().splitlines() or [''])[0][:200]})") from None
 
 
+def is_onnx_export(path: str | Path, device: str | torch.device = "cpu") -> bool:
+    """Whether the artifact is an ONNX export; those run on the CPU only (else a one-line error)."""
+    from runtime.onnx_backend import is_onnx_artifact
+
+    if not is_onnx_artifact(path):
+        return False
+    if torch.device(device).type != "cpu":
+        raise UserError(f"{path}: an ONNX export runs on the CPU here (device {device} requested)")
+    return True
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
                ) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     path = model_dir(path)
-    from runtime.onnx_backend import OnnxCausalLM, is_onnx_artifact
+    if is_onnx_export(path, device):
+        from runtime.onnx_backend import OnnxCausalLM
 
-    if is_onnx_artifact(path):
-        if torch.device(device).type != "cpu":
-            raise UserError(f"{path}: an ONNX export runs on the CPU here (device {device} requested)")
         return OnnxCausalLM(path)
     config_file = path / "config.json"
     try:
@@ -63,10 +72,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
 def open_engine(path: str | Path, device: str = "cpu", block_size: int = 16, num_blocks: int = 512) -> Any:
     """The engine for an artifact: ONNX Runtime for an `onnx` export, else the paged PyTorch engine."""
     from runtime.engine import Engine
-    from runtime.onnx_backend import OnnxEngine, is_onnx_artifact
 
-    if is_onnx_artifact(path):
-        if torch.device(device).type != "cpu":
-            raise UserError(f"{path}: an ONNX export runs on the CPU here (device {device} requested)")
+    if is_onnx_export(path, device):
+        from runtime.onnx_backend import OnnxEngine
+
         return OnnxEngine(path)
     return Engine(load_model(path, device), block_size, num_blocks)

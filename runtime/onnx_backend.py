@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime.engine import GenerationStats, SamplingParams, draw, probabilities
+from runtime.engine import GenerationStats, SamplingParams, next_token
 from runtime.errors import UserError
 
 GENAI_CONFIG = "genai_config.json"
@@ -56,8 +56,9 @@ class OnnxDecoder:
         if not config_file.is_file():
             raise UserError(f"{config_file}: missing (not an ONNX export)")
         try:
-            decoder = json.loads(config_file.read_text())["model"]["decoder"]
-            self.context_length = int(json.loads(config_file.read_text())["model"]["context_length"])
+            model = json.loads(config_file.read_text())["model"]
+            decoder = model["decoder"]
+            self.context_length, self.vocab_size = int(model["context_length"]), int(model["vocab_size"])
         except (ValueError, KeyError) as exc:
             raise UserError(f"{config_file}: unreadable genai config ({exc})") from exc
         self.model_file = model_file = self.dir / decoder["filename"]
@@ -75,7 +76,6 @@ class OnnxDecoder:
         except Exception as exc:  # ORT raises its own Fail/InvalidProtobuf/... types
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"{model_file}: cannot load ONNX model ({first})") from exc
-        self.vocab_size = int(json.loads(config_file.read_text())["model"]["vocab_size"])
         self.kv_dtype = np.float16 if "float16" in self.session.get_inputs()[2].type else np.float32
         self.ort = ort
 
@@ -150,10 +150,7 @@ class OnnxEngine:
             start = time.perf_counter()
             out: list[int] = []
             while True:
-                if params.temperature > 0:
-                    token = draw(probabilities(torch.from_numpy(logits), params), gen)
-                else:
-                    token = int(logits.argmax())
+                token = next_token(torch.from_numpy(logits), params, gen)
                 out.append(token)
                 if token in params.stop_ids or len(out) >= params.max_new_tokens:
                     break

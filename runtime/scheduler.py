@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from runtime.engine import Engine, SamplingParams, draw, probabilities
+from runtime.engine import Engine, SamplingParams, accept_draft, draw, next_token, probabilities
 from runtime.kv_cache import Sequence
 
 
@@ -100,7 +100,7 @@ class Scheduler:
     def __init__(self, engine: Engine, max_context: int, max_running: int = 16, max_queue: int = 64,
                  max_batch_tokens: int = 256, response_cache_size: int = 0, draft: Engine | None = None,
                  k: int = 4):
-        self.engine, self.pool, self.runner = engine, engine.pool, engine.runner
+        self.pool, self.runner = engine.pool, engine.runner
         if draft is not None and (draft.pool.num_blocks, draft.pool.block_size) != (self.pool.num_blocks,
                                                                                      self.pool.block_size):
             raise ValueError("the draft's KV pool must have the target's block size and block count")
@@ -128,10 +128,11 @@ class Scheduler:
             raise ValueError("request needs more KV blocks than the pool has")
         request.outputs = [[] for _ in range(request.n)]
         request.finish_reasons = [None] * request.n
-        cached = self.response_cache.get(self._cache_key(request)) if self.response_cache_size else None
+        key = self._cache_key(request)
+        cached = self.response_cache.get(key) if self.response_cache_size else None
         if cached is not None:
             self.stats.response_cache_hits += 1
-            self.response_cache.move_to_end(self._cache_key(request))
+            self.response_cache.move_to_end(key)
             for i, (tokens, reason) in enumerate(cached):
                 for t in tokens:
                     self._emit(request, i, t)
@@ -243,12 +244,6 @@ class Scheduler:
         self.reserved_blocks -= request.reserved_blocks
         request.reserved_blocks = 0
 
-    def _next_token(self, sample: _Sample, logits: torch.Tensor) -> int:
-        params = sample.request.params
-        if params.temperature <= 0:
-            return int(logits.argmax())
-        return draw(probabilities(logits, params), sample.generator)
-
     def _emit(self, request: Request, index: int, token: int) -> None:
         if request.first_token_at is None:
             request.first_token_at = time.monotonic()
@@ -300,7 +295,7 @@ class Scheduler:
             if id(sample) in proposals:
                 new = self._verify(sample, rows, *proposals[id(sample)])
             else:
-                new = [self._next_token(sample, rows[-1])]
+                new = [next_token(rows[-1], sample.request.params, sample.generator)]
                 for seq in (sample.seq, sample.draft_seq):
                     if seq is not None:
                         seq.tokens.append(new[0])
@@ -336,7 +331,7 @@ class Scheduler:
             logits = self.draft.runner.forward([s.draft_seq for s in active])
             for sample, rows in zip(active, logits, strict=True):
                 q = probabilities(rows[-1], sample.request.params)
-                token = self._next_token(sample, rows[-1]) if sample.request.params.temperature <= 0 else draw(
+                token = int(rows[-1].argmax()) if sample.request.params.temperature <= 0 else draw(
                     q, sample.generator)
                 proposals[id(sample)][0].append(token)
                 proposals[id(sample)][1].append(q)
@@ -350,17 +345,7 @@ class Scheduler:
         """The exact rejection rule over one sample's proposals; both caches rolled back to what stands."""
         params = sample.request.params
         ps = [probabilities(row, params) for row in rows]  # len(tokens) + 1 target distributions
-        accepted, final = 0, None
-        for i, token in enumerate(tokens):
-            p, q = ps[i], qs[i]
-            if torch.rand(1, generator=sample.generator).item() < min(1.0, float(p[token] / q[token].clamp(min=1e-20))):
-                accepted += 1
-                continue
-            residual = (p - q).clamp(min=0)
-            final = draw(residual / residual.sum() if residual.sum() > 0 else p, sample.generator)
-            break
-        if final is None:
-            final = draw(ps[len(tokens)], sample.generator)
+        accepted, final = accept_draft(ps, qs, tokens, sample.generator)
         base = len(sample.seq.tokens) - len(tokens)
         for pool, seq in ((self.pool, sample.seq), (self.draft.pool, sample.draft_seq)):
             pool.truncate(seq, base + accepted)
