@@ -5,6 +5,8 @@
 #   2: join the model, build the reference, gradient-checkpointing memory, GPTQ wall time on CUDA
 #   3: distillation of the 15-layer student on the H200 (bf16-mixed), held-out metrics
 #   decode: CUDA tests of the static decoder and the decode benchmark (no model file needed)
+#   fused: CUDA tests and the tile sweep + benchmark of the fused Triton step (no model file needed)
+#   fused2: the same benchmark with the chosen tiles, no sweep
 #   a / real: keep the first half / join it and time the fixed decoder on the real weights
 #   r1: keep the first half; CUDA tests of the runtime; decode benchmark on SmolLM2-shaped random weights
 #   r2: join the model; decode benchmark on the real weights (+ greedy check); server load test;
@@ -53,6 +55,20 @@ case "$1" in
     python3 -m pytest -q -p no:cacheprovider tests/runtime/test_static_decode.py 2>&1 | tail -3
     python3 bench/gpu_decode.py --repeats 3 2>&1 | grep -v Warning
     ;;
+  fused)
+    # the fused Triton decode step: CUDA tests, tile sweep, benchmark against the compiled step and HF
+    python3 -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'
+    python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/runtime/test_static_decode.py \
+      tests/runtime/test_triton_decode.py 2>&1 | tail -3 || true
+    python3 bench/gpu_decode.py --sweep --repeats 2 --engines hf-generate hf-generate-static-cache \
+      ours-cuda-graph+compile ours-triton+cuda-graph 2>&1 | grep -v -i warn | grep -v "^---\|Self CPU %\|^Self"
+    ;;
+  fused2)
+    # the fused step with the tiles the sweep chose (no sweep): the interleaved comparison alone
+    python3 -m pytest -q -p no:cacheprovider tests/runtime/test_triton_decode.py 2>&1 | tail -1 || true
+    python3 bench/gpu_decode.py --repeats 3 --engines hf-generate hf-generate-static-cache \
+      ours-cuda-graph+compile ours-triton+cuda-graph 2>&1 | grep -v -i warn | grep -v "^---\|Self CPU %\|^Self"
+    ;;
   a)
     cp .gpu/a/* "$W"/
     ;;
@@ -60,8 +76,8 @@ case "$1" in
     # the fixed decoder on the real weights: greedy agreement with HF and speed
     cat "$W/gguf.part00" .gpu/b/gguf.part01 > "$W/SmolLM2-135M-Instruct.Q4_1.gguf"
     python3 -m compress.reference --model "$W/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$W/reference" --if-missing 2>&1 | tail -1
-    python3 bench/gpu_decode.py --model "$W/reference" --repeats 2 --engines hf-generate ours-cuda-graph+compile 2>&1 \
-      | grep -v Warning | head -12
+    python3 bench/gpu_decode.py --model "$W/reference" --repeats 2 --engines hf-generate ours-cuda-graph+compile \
+      ours-triton+cuda-graph 2>&1 | grep -v -i warn | grep -v "^---\|Self CPU %\|^Self" | head -24
     ;;
   r2)
     cat "$W/gguf.part00" .gpu/b/gguf.part01 > "$W/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -106,6 +106,28 @@ class StaticLlama(nn.Module):
         self.pos[:batch].add_(1)
         self.col.add_(1)
 
+    def fused_step(self, batch: int) -> None:
+        """`decode_step` in five Triton kernels per layer (runtime/triton_decode.py); CUDA or interpreter."""
+        from runtime.triton_decode import decode_attention, finish_step, fused_linear
+
+        x = F.embedding(self.tokens[:batch, 0], self.embed)
+        for p, (k_cache, v_cache) in zip(self.layers, self.cache(batch), strict=True):
+            qkv = fused_linear(x, p["wqkv"], norm=p["attn_norm"], eps=self.eps)
+            o = decode_attention(qkv, k_cache, v_cache, self.cos, self.sin, self.pos[:batch], self.col,
+                                 self.valid[:batch], self.heads, self.kv_heads, self.head_dim)
+            x = fused_linear(o, p["wo"], residual=x)
+            x = fused_linear(fused_linear(x, p["w13"], norm=p["mlp_norm"], eps=self.eps, swiglu=True), p["w2"],
+                             residual=x)
+        fused_linear(x, self.lm_head, norm=self.norm, eps=self.eps, argmax_into=self.best[:batch])
+        finish_step(self.best[:batch], self.tokens[:batch], self.pos[:batch], self.col)
+
+    def use_fused_kernels(self) -> None:
+        """Decode with `fused_step` (needs Triton; on the CPU only under TRITON_INTERPRET=1)."""
+        from runtime.triton_decode import ARGMAX_EMPTY
+
+        self.best = torch.full((self.max_batch,), ARGMAX_EMPTY, dtype=torch.long, device=self.device)
+        self.step_fn = self.fused_step
+
     def compile(self) -> None:
         """Fuse the step's elementwise work with Inductor (captured in our own graphs afterwards)."""
         self.step_fn = torch.compile(self.decode_step, fullgraph=True, dynamic=False)

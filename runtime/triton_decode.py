@@ -1,0 +1,279 @@
+"""Fused Triton kernels for one decode step of `StaticLlama`: five kernels per layer instead of ~12.
+
+At batch 1 a 135M model's decode step is launch-bound, not bandwidth-bound (the weights stream in
+~63 us on an H200; the Inductor-compiled step took ~1,000 us for ~350 kernels). So the work of a
+layer is folded into five kernels:
+
+1. RMSNorm (prologue) + fused q/k/v projection;
+2. rotary on q and k + KV-cache write + one-query attention over the cache (online softmax, GQA:
+   one program per row and KV head serves its whole query group; the new token comes from
+   registers, so the kernel never reads what it just wrote);
+3. o-projection + residual add (epilogue);
+4. RMSNorm (prologue) + gate/up projection + SiLU(gate) * up (epilogue);
+5. down projection + residual add (epilogue).
+
+The projection kernel is a GEMV for batch 1 (CUDA cores, many small output tiles to fill the SMs)
+and a `tl.dot` tile for larger batches. Every kernel also runs under `TRITON_INTERPRET=1` on the
+CPU, which is how CI checks them against the PyTorch step.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+try:  # programmatic dependent launch (Hopper+): the next kernel starts while this one finishes
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # older Triton
+    gdc_launch_dependents = gdc_wait = None
+
+# tile sizes (bench/gpu_decode.py --sweep measures alternatives on the GPU):
+# GEMV (batch 1): output rows per program and warps, for N <= 4096 and above (the whole K at once);
+# GEMM (batch > 1): output columns per program, K step, warps; attention: cache columns per step, warps
+# pdl: at batch 1, launch with programmatic dependent launch (each kernel loads its weights before
+# waiting for the previous kernel's output), on Hopper+ GPUs only. Measured on the H200: batch 1
+# 1,602 -> 1,933 tok/s with it; batch 32 (GEMM tiles, nothing to prefetch) 32.3k -> 27.4k, so not there.
+TILES = {"gemv": (8, 4, 64, 8), "gemm": (16, 256, 4), "attention": (128, 4),
+         "pdl": (gdc_wait is not None and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0),)}
+
+
+ARGMAX_EMPTY = -(2**63) + 1  # below every packed (value, column)
+
+
+def _launch_options(warps: int, batch: int) -> dict:
+    pdl = TILES["pdl"][0] and batch == 1
+    return {"num_warps": warps, "PDL": pdl, **({"launch_pdl": True} if pdl else {})}
+
+
+@triton.jit
+def _pack_max(values, cols, ok):
+    """(value, column) -> int64 ordered like the values, ties to the lower column (as torch.argmax)."""
+    bits = values.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)  # signed order of the floats
+    return tl.where(ok, (key << 32) | (0xFFFFFFFF - cols.to(tl.int64)), -9223372036854775807)
+
+
+@triton.jit
+def _finish_step_kernel(best_ptr, tokens_ptr, pos_ptr, col_ptr, B, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """Unpack the argmax into the next input tokens, reset it, advance positions and the cache column."""
+    if PDL:
+        gdc_wait()
+    rows = tl.arange(0, BLOCK)
+    ok = rows < B
+    best = tl.load(best_ptr + rows, mask=ok, other=0)
+    tl.store(tokens_ptr + rows, 0xFFFFFFFF - (best & 0xFFFFFFFF), mask=ok)
+    tl.store(best_ptr + rows, tl.full((BLOCK,), -9223372036854775807, tl.int64), mask=ok)
+    tl.store(pos_ptr + rows, tl.load(pos_ptr + rows, mask=ok) + 1, mask=ok)
+    tl.store(col_ptr, tl.load(col_ptr) + 1)
+
+
+def finish_step(best: torch.Tensor, tokens: torch.Tensor, pos: torch.Tensor, col: torch.Tensor) -> None:
+    """tokens (B, 1) <- argmax packed in best (B,) by `fused_linear(..., argmax_into=best)`; pos, col += 1."""
+    batch = best.shape[0]
+    _finish_step_kernel[(1,)](best, tokens, pos, col, batch, BLOCK=triton.next_power_of_2(batch),
+                              **_launch_options(1, batch))
+
+
+@triton.jit
+def _linear_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, res_ptr, M, N, K, eps,
+                   HAS_NORM: tl.constexpr, HAS_RES: tl.constexpr, SWIGLU: tl.constexpr, ARGMAX: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+                   PDL: tl.constexpr):
+    """out[M, N] = norm(x)[M, K] @ w[N, K]^T (+ res), or silu(. @ w[:N]^T) * (. @ w[N:]^T); batch > 1."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    row_ok, col_ok = rows < M, cols < N
+    if HAS_NORM:  # every program recomputes the row norms: K is small and x sits in L2
+        squares = tl.zeros((BLOCK_M,), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = tl.load(x_ptr + rows[:, None] * K + (k0 + ks)[None, :],
+                        mask=row_ok[:, None] & ((k0 + ks) < K)[None, :], other=0.0).to(tl.float32)
+            squares += tl.sum(x * x, 1)
+        inv_rms = 1.0 / tl.sqrt(squares / K + eps)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + ks) < K
+        x = tl.load(x_ptr + rows[:, None] * K + (k0 + ks)[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        if HAS_NORM:
+            g = tl.load(norm_ptr + k0 + ks, mask=k_ok, other=0.0).to(tl.float32)
+            x = (x.to(tl.float32) * inv_rms[:, None]).to(x.dtype).to(tl.float32) * g[None, :]
+        x = x.to(w_ptr.dtype.element_ty)
+        w_mask = col_ok[:, None] & k_ok[None, :]
+        w = tl.load(w_ptr + cols[:, None] * K + (k0 + ks)[None, :], mask=w_mask, other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+        if SWIGLU:
+            w_up = tl.load(w_ptr + (N + cols)[:, None] * K + (k0 + ks)[None, :], mask=w_mask, other=0.0)
+            acc_up = tl.dot(x, tl.trans(w_up), acc_up, input_precision=PRECISION)
+    out_offsets = rows[:, None] * N + cols[None, :]
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    if SWIGLU:  # round like the unfused path: gate and up in the weights' dtype, then SiLU(gate) * up
+        gate = acc.to(w_ptr.dtype.element_ty).to(tl.float32)
+        up = acc_up.to(w_ptr.dtype.element_ty).to(tl.float32)
+        acc = (gate / (1.0 + tl.exp(-gate))).to(w_ptr.dtype.element_ty).to(tl.float32) * up
+    if HAS_RES:
+        acc = acc.to(w_ptr.dtype.element_ty).to(tl.float32)
+        acc += tl.load(res_ptr + out_offsets, mask=out_mask, other=0.0).to(tl.float32)
+    if ARGMAX:  # out is the (M,) int64 running argmax, not logits
+        packed = _pack_max(acc.to(w_ptr.dtype.element_ty).to(tl.float32), cols[None, :] + rows[:, None] * 0, out_mask)
+        tl.atomic_max(out_ptr + rows, tl.max(packed, 1), mask=row_ok)
+    else:
+        tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, res_ptr, N, K, eps, HAS_NORM: tl.constexpr,
+                 HAS_RES: tl.constexpr, SWIGLU: tl.constexpr, ARGMAX: tl.constexpr, BLOCK_N: tl.constexpr,
+                 K_PAD: tl.constexpr, PDL: tl.constexpr):
+    """Batch 1: the whole row of x and a (BLOCK_N, K) slab of w in one load each, no loop.
+
+    A decode GEMV of this size is bound by memory latency, not bandwidth: one round trip per
+    program instead of a chain of K steps (and a separate pass for the norm).
+    """
+    if PDL:
+        gdc_launch_dependents()
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, K_PAD)
+    k_ok, col_ok = ks < K, cols < N
+    w_mask = col_ok[:, None] & k_ok[None, :]
+    w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=w_mask, other=0.0)
+    if SWIGLU:
+        w_up = tl.load(w_ptr + (N + cols)[:, None] * K + ks[None, :], mask=w_mask, other=0.0)
+    if PDL:  # the weights are in flight; now wait for the previous kernel's output
+        gdc_wait()
+    x = tl.load(x_ptr + ks, mask=k_ok, other=0.0)
+    if HAS_NORM:
+        xf = x.to(tl.float32)
+        inv_rms = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / K + eps)
+        gain = tl.load(norm_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)  # (no bf16 arithmetic: the
+        x = (xf * inv_rms).to(x.dtype).to(tl.float32) * gain  # interpreter cannot do it)
+    x = x.to(w_ptr.dtype.element_ty).to(tl.float32)
+    acc = tl.sum(w.to(tl.float32) * x[None, :], 1)
+    if SWIGLU:  # round like the unfused path: gate and up in the weights' dtype, then SiLU(gate) * up
+        gate = acc.to(w_ptr.dtype.element_ty).to(tl.float32)
+        up = tl.sum(w_up.to(tl.float32) * x[None, :], 1).to(w_ptr.dtype.element_ty).to(tl.float32)
+        acc = (gate / (1.0 + tl.exp(-gate))).to(w_ptr.dtype.element_ty).to(tl.float32) * up
+    if HAS_RES:
+        acc = acc.to(w_ptr.dtype.element_ty).to(tl.float32) + tl.load(res_ptr + cols, mask=col_ok).to(tl.float32)
+    if ARGMAX:  # out is the running argmax (one int64), not logits
+        tl.atomic_max(out_ptr, tl.max(_pack_max(acc.to(w_ptr.dtype.element_ty).to(tl.float32), cols, col_ok), 0))
+    else:
+        tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+def fused_linear(x: torch.Tensor, weight: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 1e-5,
+                 residual: torch.Tensor | None = None, swiglu: bool = False, argmax_into: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """x (M, K) -> (M, N): optional RMSNorm of x before, residual add or SwiGLU after (weight (2N, K)).
+
+    With `argmax_into` ((M,) int64 holding `ARGMAX_EMPTY`) the outputs are not written: each row's argmax is
+    folded into it (read it with `finish_step`).
+    """
+    m, k = x.shape
+    n = weight.shape[0] // 2 if swiglu else weight.shape[0]
+    out = argmax_into if argmax_into is not None else torch.empty(m, n, device=x.device, dtype=x.dtype)
+    flags = {"HAS_NORM": norm is not None, "HAS_RES": residual is not None, "SWIGLU": swiglu,
+             "ARGMAX": argmax_into is not None}
+    norm_arg, res_arg = (norm if norm is not None else x), (residual if residual is not None else x)
+    if m == 1:  # GEMV: small output slabs so that even a 576-wide projection spreads over the SMs
+        small_n, small_warps, large_n, large_warps = TILES["gemv"]
+        block_n, warps = (small_n, small_warps) if n <= 4096 else (large_n, large_warps)
+        _gemv_kernel[(triton.cdiv(n, block_n),)](x, weight, out, norm_arg, res_arg, n, k, eps, **flags, BLOCK_N=block_n,
+                                                 K_PAD=triton.next_power_of_2(k), **_launch_options(warps, m))
+        return out
+    block_n, block_k, warps = TILES["gemm"]
+    block_m = min(64, max(16, triton.next_power_of_2(m)))
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    _linear_kernel[grid](x, weight, out, norm_arg, res_arg, m, n, k, eps, **flags, BLOCK_M=block_m, BLOCK_N=block_n,
+                         BLOCK_K=block_k, PRECISION="ieee" if x.dtype == torch.float32 else None,
+                         **_launch_options(warps, m))
+    return out
+
+
+@triton.jit
+def _decode_attention_kernel(qkv_ptr, k_cache, v_cache, cos_ptr, sin_ptr, pos_ptr, col_ptr, valid_ptr, out_ptr,
+                             qkv_stride, cache_b, cache_h, cache_l, valid_stride, out_stride, scale,
+                             HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
+                             D: tl.constexpr, BLOCK_L: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+    """Row b, KV head h: rotate q (its query group) and k, write k/v at column col, attend.
+
+    The query group is padded to 16 rows so both products run on tensor cores (tl.dot), which
+    also lets Triton pipeline the cache loads across loop steps.
+    """
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    b, h = tl.program_id(0), tl.program_id(1)
+    d = tl.arange(0, D)
+    partner = (d + D // 2) % D  # rotate_half: x[d + D/2] (negated) in the first half, x[d - D/2] after
+    sign = tl.where(d < D // 2, -1.0, 1.0)
+    pos, col = tl.load(pos_ptr + b), tl.load(col_ptr)
+    cos = tl.load(cos_ptr + pos * D + d).to(tl.float32)
+    sin = tl.load(sin_ptr + pos * D + d).to(tl.float32)
+    g = tl.arange(0, 16)
+    g_ok = g < GROUP
+    row = qkv_ptr + b * qkv_stride
+    q_at = row + (h * GROUP + g)[:, None] * D
+    q = tl.load(q_at + d[None, :], mask=g_ok[:, None], other=0.0)
+    q_partner = tl.load(q_at + partner[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
+    q = (q.to(tl.float32) * cos[None, :] + sign[None, :] * q_partner * sin[None, :]).to(q.dtype)
+    k_at = row + HEADS * D + h * D
+    k = tl.load(k_at + d)
+    k = (k.to(tl.float32) * cos + sign * tl.load(k_at + partner).to(tl.float32) * sin).to(k.dtype)
+    v = tl.load(row + (HEADS + KV_HEADS) * D + h * D + d)
+    slot = b * cache_b + h * cache_h + col * cache_l
+    tl.store(k_cache + slot + d, k)
+    tl.store(v_cache + slot + d, v)
+    if h == 0:
+        tl.store(valid_ptr + b * valid_stride + col, 1)
+    # online softmax, started from the new token itself (from registers: never read what was just written)
+    best = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], 1) * scale  # (16,)
+    total = tl.full((16,), 1.0, tl.float32)
+    acc = tl.zeros((16, D), tl.float32) + v.to(tl.float32)[None, :]
+    base = b * cache_b + h * cache_h
+    for start in range(0, col, BLOCK_L):
+        cols = start + tl.arange(0, BLOCK_L)
+        ok = (cols < col) & (tl.load(valid_ptr + b * valid_stride + cols, mask=cols < col, other=0) != 0)
+        at = base + cols[:, None] * cache_l + d[None, :]
+        keys = tl.load(k_cache + at, mask=ok[:, None], other=0.0)
+        values = tl.load(v_cache + at, mask=ok[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(keys), input_precision=PRECISION) * scale  # (16, BLOCK_L)
+        scores = tl.where(ok[None, :], scores, float("-inf"))
+        new_best = tl.maximum(best, tl.max(scores, 1))
+        alpha = tl.exp(best - new_best)
+        p = tl.exp(scores - new_best[:, None])
+        total = total * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values, input_precision=PRECISION)
+        best = new_best
+    out = acc / total[:, None]
+    tl.store(out_ptr + b * out_stride + (h * GROUP + g)[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=g_ok[:, None])
+
+
+def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor, pos: torch.Tensor, col: torch.Tensor, valid: torch.Tensor,
+                     heads: int, kv_heads: int, head_dim: int) -> torch.Tensor:
+    """qkv (B, (H + 2 KV) D) of the new token -> attention output (B, H D); updates caches and `valid`.
+
+    Caches are (B, KV, L, D); `pos` (B,) rotary positions; `col` (1,) the cache column written now;
+    `valid` (B, L) bool marks the columns each row may attend to (left padding is False).
+    """
+    batch = qkv.shape[0]
+    group = heads // kv_heads
+    if group > 16 or head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"fused decode attention needs <= 16 query heads per KV head and a power-of-two "
+                         f"head_dim >= 16 (got {group}, {head_dim})")
+    out = torch.empty(batch, heads * head_dim, device=qkv.device, dtype=qkv.dtype)
+    block_l, warps = TILES["attention"]
+    _decode_attention_kernel[(batch, kv_heads)](
+        qkv, k_cache, v_cache, cos, sin, pos, col, valid, out, qkv.stride(0), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), valid.stride(0), out.stride(0), head_dim ** -0.5, HEADS=heads, KV_HEADS=kv_heads,
+        GROUP=group, D=head_dim, BLOCK_L=block_l, PRECISION="ieee" if qkv.dtype == torch.float32 else None,
+        **_launch_options(warps, batch))
+    return out

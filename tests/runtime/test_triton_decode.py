@@ -1,0 +1,105 @@
+"""The fused decode kernels against the PyTorch step: on CUDA compiled, elsewhere in Triton's interpreter."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are defined
+pytest.importorskip("triton")
+
+from runtime.static_decode import StaticLlama  # noqa: E402
+from runtime.triton_decode import decode_attention, fused_linear  # noqa: E402
+from tests.conftest import greedy_reference, make_tiny_llama  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# the interpreter's bf16 tl.dot is wrong (numpy has no bf16), so bf16 is checked on the GEMV path there
+@pytest.mark.parametrize(("rows", "dtype"), [(1, torch.float32), (3, torch.float32), (32, torch.float32),
+                                             (1, torch.bfloat16),
+                                             pytest.param(32, torch.bfloat16, marks=pytest.mark.skipif(
+                                                 DEVICE != "cuda", reason="bf16 tl.dot needs CUDA"))])
+def test_fused_linear_equals_unfused(rows, dtype):
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 80, generator=gen).to(DEVICE, dtype)  # 80: K not a multiple of the tile
+    weight = (torch.randn(96, 80, generator=gen) / 8).to(DEVICE, dtype)
+    gain = (torch.rand(80, generator=gen) + 0.5).to(DEVICE, dtype)
+    residual = torch.randn(rows, 96, generator=gen).to(DEVICE, dtype)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 2e-2}
+    torch.testing.assert_close(fused_linear(x, weight, norm=gain), F.rms_norm(x, (80,), gain, 1e-5) @ weight.t(),
+                               **tol)
+    torch.testing.assert_close(fused_linear(x, weight, residual=residual), residual + x @ weight.t(), **tol)
+    torch.testing.assert_close(fused_linear(x, weight, swiglu=True),
+                               F.silu(x @ weight[:48].t()) * (x @ weight[48:].t()), **tol)
+
+
+def test_decode_attention_equals_sdpa_with_left_padding():
+    heads, kv_heads, dim, length, batch, col = 6, 2, 16, 80, 3, 70  # 70 columns: more than two tiles
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(batch, (heads + 2 * kv_heads) * dim, generator=gen)
+    k_cache = torch.randn(batch, kv_heads, length, dim, generator=gen)
+    v_cache = torch.randn(batch, kv_heads, length, dim, generator=gen)
+    valid = torch.zeros(batch, length, dtype=torch.bool)
+    for row, pad in enumerate((0, 9, 40)):
+        valid[row, pad:col] = True
+    pos = (col - torch.tensor([0, 9, 40]))[:, None]
+    angles = torch.arange(length)[:, None] * torch.rand(dim // 2, generator=gen).repeat(2)[None]
+    cos, sin = angles.cos(), angles.sin()
+    k_ref, v_ref, valid_ref = k_cache.clone(), v_cache.clone(), valid.clone()
+    on_device = [t.to(DEVICE) for t in (qkv, k_cache, v_cache, cos, sin, pos, torch.tensor([col]), valid)]
+    out = decode_attention(*on_device, heads, kv_heads, dim)
+
+    def rotate(x, p):  # (B, N, D) at positions p (B,)
+        half = torch.cat([-x[..., dim // 2:], x[..., :dim // 2]], -1)
+        return x * cos[p][:, None] + half * sin[p][:, None]
+    q = rotate(qkv[:, :heads * dim].view(batch, heads, dim), pos[:, 0])
+    k = rotate(qkv[:, heads * dim:(heads + kv_heads) * dim].view(batch, kv_heads, dim), pos[:, 0])
+    v = qkv[:, (heads + kv_heads) * dim:].view(batch, kv_heads, dim)
+    k_ref[:, :, col], v_ref[:, :, col], valid_ref[:, col] = k, v, True
+    expected = F.scaled_dot_product_attention(q[:, :, None], k_ref, v_ref, attn_mask=valid_ref[:, None, None],
+                                              enable_gqa=True)
+    torch.testing.assert_close(out.cpu(), expected.reshape(batch, heads * dim), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(on_device[1].cpu(), k_ref)  # the new k and v are in the caches
+    torch.testing.assert_close(on_device[2].cpu(), v_ref)
+    assert torch.equal(on_device[-1].cpu(), valid_ref)  # and the new column is marked valid
+
+
+def test_fused_greedy_equals_hf_for_mixed_lengths():
+    model = make_tiny_llama(vocab_size=300, hidden=64, layers=2, heads=4, kv_heads=2)
+    prompts = [torch.randint(3, 300, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+               for n in (5, 17, 1, 11, 9)]
+    expected = [greedy_reference(model, p, 10) for p in prompts]
+    static = StaticLlama(model.to(DEVICE), max_batch=8, max_len=48)
+    static.use_fused_kernels()
+    assert static.generate(prompts, 10, use_graph=False) == expected
+    if DEVICE == "cuda":
+        assert static.generate(prompts, 10, use_graph=True) == expected
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("case", ["tie", "negative"])
+def test_fused_argmax_equals_torch(rows, case):
+    from runtime.triton_decode import ARGMAX_EMPTY, finish_step
+
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 64, generator=gen)
+    weight = torch.randn(300, 64, generator=gen)
+    if case == "tie":  # columns 7 and 200 tie at row 0's maximum: the lower wins, as in torch.argmax
+        weight[7] = weight[200] = 2 * x[0]
+    else:  # every logit negative
+        x, weight = x.abs(), -weight.abs()
+    best = torch.full((rows,), ARGMAX_EMPTY, dtype=torch.long, device=DEVICE)
+    fused_linear(x.to(DEVICE), weight.to(DEVICE), argmax_into=best)
+    tokens = torch.zeros(rows, 1, dtype=torch.long, device=DEVICE)
+    pos = torch.arange(rows, device=DEVICE)[:, None]
+    col = torch.zeros(1, dtype=torch.long, device=DEVICE)
+    finish_step(best, tokens, pos, col)
+    expected = (x @ weight.t()).argmax(-1)
+    assert tokens[:, 0].cpu().tolist() == expected.tolist()
+    if case == "tie":
+        assert expected[0] == 7
+    assert pos[:, 0].cpu().tolist() == [i + 1 for i in range(rows)] and col.item() == 1
+    assert (best.cpu() == ARGMAX_EMPTY).all()  # reset for the next step
