@@ -6,6 +6,9 @@ integers, scales and zero points: the builder lays out the graph, then every `Ma
 is replaced by the GPTQ tensors repacked (act-order columns are regrouped by a Gather on the
 activation, so no value is re-quantized). Float artifacts use the builder's own int4/int8
 quantizer, or ONNX Runtime's dynamic int8 quantization (`--int8-method dynamic`).
+
+Architectures the builder does not know fall back to `torch.onnx.export(dynamo=True)` with a
+concatenating KV cache (export/onnx_torch.py; fp32, or int8 by dynamic quantization).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 import torch
 
 from compress.artifact import Artifact, open_artifact, verify, write_artifact
+from export.onnx_torch import builder_architectures, export_with_torch
 from runtime.config import field, parse_config
 from runtime.errors import UserError, run_main
 from runtime.quantized import GPTQLinear, load_quantized_model, unpack_cols, unpack_rows
@@ -33,6 +37,7 @@ from runtime.quantized import GPTQLinear, load_quantized_model, unpack_cols, unp
 PRECISIONS = ("fp32", "int8", "int4")
 INT8_METHODS = ("weight-only", "dynamic")
 LM_HEADS = ("float", "int8", "int4")
+EXPORTERS = ("auto", "builder", "torch")
 FUSED_INPUTS = {"attn/qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                 "attn/o_proj": ("self_attn.o_proj",), "mlp/gate_proj": ("mlp.gate_proj",),
                 "mlp/up_proj": ("mlp.up_proj",), "mlp/down_proj": ("mlp.down_proj",)}
@@ -52,6 +57,8 @@ class OnnxExportConfig:
                                 choices=(0, 1, 2, 3, 4))
     lm_head: str = field("float", help="LM head weights (int4/int8 exports): float, or the builder's int8 / "
                          "int4 quantizer (a GPTQ artifact's head is float in the source)", choices=LM_HEADS)
+    exporter: str = field("auto", help="auto: onnxruntime-genai's builder where it knows the architecture, "
+                          "else torch.onnx.export (dynamo)", choices=EXPORTERS)
     overwrite: bool = field(False, help="replace an existing artifact at --out")
 
     def validate(self) -> None:
@@ -200,14 +207,15 @@ def inject_gptq(onnx_dir: Path, gptq_model: torch.nn.Module, block: int) -> int:
     return replaced
 
 
-def quantize_dynamic_int8(onnx_dir: Path) -> None:
-    """ORT dynamic quantization of the fp32 export's MatMuls (per-channel int8 weights)."""
+def quantize_dynamic_int8(onnx_dir: Path, exclude: Sequence[str] = ("/lm_head/MatMul",),
+                          op_types: Sequence[str] = ("MatMul",)) -> None:
+    """ORT dynamic quantization of the fp32 export's MatMuls (per-channel int8 weights), head excluded."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     src = onnx_dir / "model.onnx"
     tmp = onnx_dir / "model.int8.onnx"
-    quantize_dynamic(src, tmp, per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                     nodes_to_exclude=["/lm_head/MatMul"], use_external_data_format=True,
+    quantize_dynamic(src, tmp, per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=list(op_types),
+                     nodes_to_exclude=list(exclude), use_external_data_format=True,
                      extra_options={"MatMulConstBOnly": True})
     src.unlink()
     (onnx_dir / "model.onnx.data").unlink()
@@ -226,6 +234,9 @@ def export_onnx(source: Artifact, cfg: OnnxExportConfig) -> Artifact:
         raise UserError(f"refusing to export a damaged artifact: {problems[0]}")
     hf = json.loads((source.path / "config.json").read_text(encoding="utf-8"))
     gptq = gptq_config(source, hf)
+    architecture = (hf.get("architectures") or ["(none)"])[0]
+    if cfg.exporter == "torch" or (cfg.exporter == "auto" and architecture not in builder_architectures()):
+        return _export_torch(source, cfg, gptq, architecture)
     head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
     if head_dim % 16:
         raise UserError(f"{source.path}: head size {head_dim} is not a multiple of 16 (ONNX Runtime's "
@@ -276,6 +287,50 @@ def export_onnx(source: Artifact, cfg: OnnxExportConfig) -> Artifact:
         info = {"precision": cfg.precision, "weights": weights, "block_size": block if cfg.precision != "fp32"
                 else None, "accuracy_level": cfg.accuracy_level, "int8_method": cfg.int8_method
                 if cfg.precision == "int8" else None, "lm_head": cfg.lm_head, "builder": "onnxruntime-genai model builder",
+                "wall_seconds": round(time.perf_counter() - started, 1)}
+        with write_artifact(cfg.out, "onnx", "export.onnx", asdict(cfg), parent=source, overwrite=cfg.overwrite,
+                            extra={"onnx": info}) as tmp:
+            for file in build.iterdir():
+                shutil.move(str(file), tmp / file.name)
+    return open_artifact(cfg.out)
+
+
+def _export_torch(source: Artifact, cfg: OnnxExportConfig, gptq: dict | None, architecture: str) -> Artifact:
+    """The fallback path: torch.onnx.export (dynamo) at fp32, then optionally ORT dynamic int8."""
+    why = f"{source.path} ({architecture}) exports through torch.onnx.export"
+    if gptq is not None or cfg.precision == "int4":
+        raise UserError(f"{why}: int4 (MatMulNBits, GPTQ weights) needs onnxruntime-genai's builder, which does "
+                        "not support this architecture; export at fp32 or int8")
+    if cfg.precision == "int8" and cfg.int8_method != "dynamic":
+        raise UserError(f"{why}: int8 there is ONNX Runtime's dynamic quantization: pass --int8-method dynamic")
+    if cfg.lm_head != "float" or cfg.block_size is not None:
+        raise UserError(f"{why}: --lm-head and --block-size apply to the builder's weight-only quantizer only")
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="shrinkwrap-onnx-") as work_dir:
+        build = Path(work_dir) / "build"
+        build.mkdir()
+        print(f"{architecture} is not in onnxruntime-genai's builder: exporting with torch.onnx.export "
+              "(dynamo) ...", flush=True)
+        export_with_torch(source.path, build, Path(work_dir) / "export.log")
+        weights = "float"
+        if cfg.precision == "int8":
+            import onnx
+
+            graph = onnx.load(str(build / "model.onnx"), load_external_data=False).graph
+            head = [node.name for node in graph.node if "logits" in node.output]
+            print("quantizing MatMul/Gemm with onnxruntime quantize_dynamic (per-channel int8) ...", flush=True)
+            quantize_dynamic_int8(build, exclude=head, op_types=("MatMul", "Gemm"))
+            weights = "onnxruntime quantize_dynamic: per-channel int8 weights, dynamic int8 activations (LM head float)"
+        for file in source.path.iterdir():  # tokenizer and generation files travel with the graph
+            if file.is_file() and file.suffix not in (".safetensors", ".bin") and file.name != "shrinkwrap.json":
+                shutil.copy(file, build / file.name)
+        config = json.loads((source.path / "config.json").read_text(encoding="utf-8"))
+        (build / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        for file in build.iterdir():
+            file.chmod(0o644)
+        info = {"precision": cfg.precision, "weights": weights, "block_size": None, "accuracy_level": None,
+                "int8_method": "dynamic" if cfg.precision == "int8" else None, "lm_head": "float",
+                "builder": "torch.onnx.export (dynamo), concatenating KV cache",
                 "wall_seconds": round(time.perf_counter() - started, 1)}
         with write_artifact(cfg.out, "onnx", "export.onnx", asdict(cfg), parent=source, overwrite=cfg.overwrite,
                             extra={"onnx": info}) as tmp:

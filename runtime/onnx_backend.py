@@ -4,7 +4,9 @@ The exported graph (onnxruntime-genai's builder: GroupQueryAttention with rotary
 takes `input_ids`, an `attention_mask` whose width is the total length so far, and per-layer past
 keys/values. We give it one preallocated buffer per layer of the full context length and bind the
 same buffer as past input and present output (GQA's shared-buffer mode), so each step writes only
-its new rows and nothing is copied between steps.
+its new rows and nothing is copied between steps. Graphs from the torch.onnx fallback
+(`kv_cache: concat`) return past + new as fresh tensors: ORT allocates them and they are bound,
+as they are, as the next step's pasts.
 """
 
 from __future__ import annotations
@@ -65,6 +67,9 @@ class OnnxDecoder:
         self.layers = int(decoder["num_hidden_layers"])
         self.kv_heads = int(decoder["num_key_value_heads"])
         self.head_dim = int(decoder["head_size"])
+        self.kv_layout = decoder.get("kv_cache", "shared")
+        if self.kv_layout not in ("shared", "concat"):
+            raise UserError(f"{config_file}: decoder.kv_cache must be shared or concat, got {self.kv_layout!r}")
         names = decoder["inputs"]
         self.past_names = [(names["past_key_names"] % i, names["past_value_names"] % i) for i in range(self.layers)]
         outs = decoder["outputs"]
@@ -79,11 +84,12 @@ class OnnxDecoder:
         self.kv_dtype = np.float16 if "float16" in self.session.get_inputs()[2].type else np.float32
         self.ort = ort
 
-    def new_cache(self, batch: int, max_len: int | None = None) -> OnnxCache:
-        """Zeroed past/present buffers of `max_len` positions, bound once to a reusable IO binding."""
-        return OnnxCache(self, batch, min(max_len or self.context_length, self.context_length))
+    def new_cache(self, batch: int, max_len: int | None = None) -> OnnxCache | OnnxConcatCache:
+        """An empty cache for `max_len` positions (shared buffers, or growing tensors for concat graphs)."""
+        kind = OnnxCache if self.kv_layout == "shared" else OnnxConcatCache
+        return kind(self, batch, min(max_len or self.context_length, self.context_length))
 
-    def forward(self, input_ids: np.ndarray, cache: OnnxCache, past_len: int) -> np.ndarray:
+    def forward(self, input_ids: np.ndarray, cache: OnnxCache | OnnxConcatCache, past_len: int) -> np.ndarray:
         """Logits (batch, new tokens, vocab) for `input_ids` following `past_len` cached tokens."""
         return cache.run(input_ids, past_len)
 
@@ -127,6 +133,41 @@ class OnnxCache:
         out = np.empty((batch, new, self.decoder.vocab_size), dtype=np.float32)
         binding.bind_output("logits", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
         self.decoder.session.run_with_iobinding(binding)
+        return out
+
+
+class OnnxConcatCache:
+    """Per-layer past tensors that the graph returns grown by the new tokens (torch.onnx fallback)."""
+
+    def __init__(self, decoder: OnnxDecoder, batch: int, length: int):
+        self.decoder, self.batch, self.length = decoder, batch, length
+        empty = np.zeros((batch, decoder.kv_heads, 0, decoder.head_dim), dtype=decoder.kv_dtype)
+        self.past = [decoder.ort.OrtValue.ortvalue_from_numpy(empty) for _ in range(2 * decoder.layers)]
+        self.filled = 0
+        self.mask = np.ones((batch, length), dtype=np.int64)
+
+    def run(self, input_ids: np.ndarray, past_len: int) -> np.ndarray:
+        batch, new = input_ids.shape
+        if batch != self.batch:
+            raise ValueError(f"cache holds {self.batch} sequences, got {batch}")
+        if past_len != self.filled:
+            raise ValueError(f"this cache holds {self.filled} positions, asked to continue after {past_len}")
+        if past_len + new > self.length:
+            raise UserError(f"sequence of {past_len + new} tokens exceeds the cache ({self.length})")
+        decoder = self.decoder
+        binding = decoder.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", self.mask[:, : past_len + new])
+        names = [name for pair in decoder.past_names for name in pair]
+        for name, value in zip(names, self.past, strict=True):
+            binding.bind_ortvalue_input(name, value)
+        out = np.empty((batch, new, decoder.vocab_size), dtype=np.float32)
+        binding.bind_output("logits", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+        for name in (name for pair in decoder.present_names for name in pair):
+            binding.bind_output(name, "cpu")
+        decoder.session.run_with_iobinding(binding)
+        self.past = binding.get_outputs()[1:]
+        self.filled += new
         return out
 
 
