@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from runtime.config import field, parse_config
-from runtime.engine import Engine, SamplingParams
+from runtime.engine import Engine, GenerationStats, SamplingParams
 from runtime.errors import UserError, run_main
 from runtime.loading import load_model, load_tokenizer, open_engine
 
@@ -33,6 +33,8 @@ class GenerateConfig:
     block_size: int = field(16, help="tokens per KV-cache block")
     num_blocks: int = field(512, help="KV-cache blocks in the pool")
     device: str = field("cpu", help="cpu or cuda")
+    static: bool = field(False, help="greedy decoding with the static-cache decoder (Llama family): on CUDA in "
+                         "bf16 with the fused Triton step replayed from a CUDA graph")
 
     def validate(self) -> None:
         if not self.artifact or self.prompt is None:
@@ -41,6 +43,28 @@ class GenerateConfig:
             raise UserError("max_tokens, k, block_size and num_blocks must be positive")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise UserError("temperature must be >= 0 and top_p in (0, 1]")
+        if self.static and (self.draft is not None or self.temperature > 0):
+            raise UserError("static: the static decoder is greedy and has no draft (drop --draft / --temperature)")
+
+
+def static_generate(cfg: GenerateConfig, ids: list[int], stop: tuple[int, ...]) -> tuple[list[int], GenerationStats]:
+    """Greedy tokens from `StaticLlama` (fused kernels + CUDA graph on CUDA), cut after the first stop token."""
+    from runtime.static_decode import StaticLlama
+
+    cuda = cfg.device.startswith("cuda")
+    model = load_model(cfg.artifact, cfg.device, dtype=torch.bfloat16 if cuda else None)
+    try:
+        static = StaticLlama(model, max_batch=1, max_len=len(ids) + cfg.max_tokens)
+    except ValueError as exc:
+        raise UserError(f"static: {exc}") from None
+    if cuda:
+        static.use_fused_kernels()
+        static.generate([ids], 2)  # compile the kernels and capture the graph outside the timing
+    out = static.generate([ids], cfg.max_tokens)[0]
+    cut = next((i + 1 for i, t in enumerate(out) if t in stop), len(out))
+    stats = GenerationStats(prompt_tokens=len(ids), new_tokens=cut, prefill_s=static.timings[0],
+                            decode_s=static.timings[1] * (cut - 1) / max(len(out) - 1, 1))
+    return out[:cut], stats
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -57,6 +81,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         ids = tokenizer(cfg.prompt, add_special_tokens=False)["input_ids"]
     stop = tuple(t for t in (tokenizer.eos_token_id,) if t is not None)
     params = SamplingParams(cfg.max_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.seed, stop)
+    if cfg.static:
+        with torch.inference_mode():
+            out, stats = static_generate(cfg, ids, stop)
+        print(tokenizer.decode(out, skip_special_tokens=True))
+        print(f"[prefill {stats.prompt_tokens / max(stats.prefill_s, 1e-9):.0f} tok/s, "
+              f"decode {max(stats.new_tokens - 1, 0) / max(stats.decode_s, 1e-9):.1f} tok/s, "
+              f"{stats.new_tokens} tokens, static decoder]")
+        return
     with torch.inference_mode():
         target = open_engine(cfg.artifact, cfg.device, cfg.block_size, cfg.num_blocks)
         if cfg.draft is not None and not isinstance(target, Engine):

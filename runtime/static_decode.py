@@ -12,6 +12,8 @@ unpadded greedy decoding. Works on the CPU too (no graphs), which is what the te
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +25,8 @@ class StaticLlama(nn.Module):
     def __init__(self, model: nn.Module, max_batch: int, max_len: int, dtype: torch.dtype | None = None):
         super().__init__()
         cfg = model.config
+        if getattr(cfg, "model_type", None) not in ("llama", "mistral", "qwen2") or not hasattr(model, "model"):
+            raise ValueError(f"the static decoder runs Llama-family models, not {getattr(cfg, 'model_type', '?')}")
         device = next(model.parameters()).device
         dtype = dtype or next(model.parameters()).dtype
         inner = model.model
@@ -58,6 +62,7 @@ class StaticLlama(nn.Module):
         self.dtype, self.device = dtype, device
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.step_fn = self.decode_step
+        self.timings = (0.0, 0.0)  # prefill and decode seconds of the last `generate`
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, weight.shape, weight, self.eps)
@@ -159,6 +164,7 @@ class StaticLlama(nn.Module):
             raise ValueError(f"batch {batch} / length {width + new_tokens} exceed the static cache "
                              f"({self.max_batch} x {self.max_len})")
         use_graph = self.device.type == "cuda" if use_graph is None else use_graph
+        started = time.perf_counter()
         padded = torch.zeros(batch, width, dtype=torch.long)
         pos = torch.zeros(batch, width, dtype=torch.long)
         self.valid.zero_()
@@ -176,10 +182,18 @@ class StaticLlama(nn.Module):
         out[:, 0] = self.tokens[:batch, 0]
         if use_graph and batch not in self.graphs:
             self.graphs[batch] = self._capture(batch)
+        self._sync()
+        prefilled = time.perf_counter()
         for i in range(1, new_tokens):
             if use_graph:
                 self.graphs[batch].replay()
             else:
                 self.step_fn(batch)
             out[:, i] = self.tokens[:batch, 0]
-        return out[:n].tolist()
+        result = out[:n].tolist()  # (synchronises)
+        self.timings = (prefilled - started, time.perf_counter() - prefilled)
+        return result
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

@@ -15,6 +15,10 @@ def test_generate_cli_plain_and_speculative(tiny_artifact):
                 "--chat")
     assert spec.returncode == 0, spec.stderr[-2000:]
     assert "acceptance 1.00" in spec.stdout.splitlines()[-1]
+    static = _run("--artifact", a, "--prompt", "The fire near the town", "--max-tokens", "6", "--static")
+    assert static.returncode == 0, static.stderr[-2000:]
+    assert static.stdout.splitlines()[0] == plain.stdout.splitlines()[0]  # same greedy text
+    assert "static decoder" in static.stdout.splitlines()[-1]
     sampled = _run("--artifact", a, "--prompt", "x", "--temperature", "0.8", "--top-p", "0.9", "--seed", "1")
     again = _run("--artifact", a, "--prompt", "x", "--temperature", "0.8", "--top-p", "0.9", "--seed", "1")
     assert sampled.stdout.splitlines()[0] == again.stdout.splitlines()[0]
@@ -25,3 +29,5 @@ def test_generate_cli_bad_input(tiny_artifact, tmp_path):
     assert proc.returncode == 2 and "no config.json" in proc.stderr
     proc = _run("--artifact", str(tiny_artifact.path), "--prompt", "x", "--top-p", "0")
     assert proc.returncode == 2 and "top_p" in proc.stderr
+    proc = _run("--artifact", str(tiny_artifact.path), "--prompt", "x", "--static", "--temperature", "0.5")
+    assert proc.returncode == 2 and "static" in proc.stderr
