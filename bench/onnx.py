@@ -85,7 +85,8 @@ def hf_runner(reference: str, threads: int):
         if past_len == 0:
             state.clear()
         with torch.inference_mode():
-            out = model(torch.tensor([tokens]), past_key_values=state.get("past"), use_cache=True)
+            out = model(torch.tensor([tokens]), past_key_values=state.get("past"), use_cache=True,
+                        logits_to_keep=1)  # as HF generate does
         state["past"] = out.past_key_values
         return out.logits[0, -1].numpy()
     return greedy_loop(step)
@@ -98,7 +99,7 @@ def ours_runner(path: Path, threads: int, capacity: int):
     def step(tokens, past_len):
         if past_len == 0:
             state["cache"] = decoder.new_cache(1, capacity)
-        return decoder.forward(np.asarray([tokens]), state["cache"], past_len)[0, -1]
+        return decoder.forward(np.asarray([tokens]), state["cache"], past_len, last_only=True)[0, -1]
     return greedy_loop(step)
 
 

@@ -82,6 +82,7 @@ class OnnxDecoder:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"{model_file}: cannot load ONNX model ({first})") from exc
         self.kv_dtype = np.float16 if "float16" in self.session.get_inputs()[2].type else np.float32
+        self.keeps_logits = any(i.name == "logits_to_keep" for i in self.session.get_inputs())
         self.ort = ort
 
     def new_cache(self, batch: int, max_len: int | None = None) -> OnnxCache | OnnxConcatCache:
@@ -89,9 +90,21 @@ class OnnxDecoder:
         kind = OnnxCache if self.kv_layout == "shared" else OnnxConcatCache
         return kind(self, batch, min(max_len or self.context_length, self.context_length))
 
-    def forward(self, input_ids: np.ndarray, cache: OnnxCache | OnnxConcatCache, past_len: int) -> np.ndarray:
-        """Logits (batch, new tokens, vocab) for `input_ids` following `past_len` cached tokens."""
-        return cache.run(input_ids, past_len)
+    def forward(self, input_ids: np.ndarray, cache: OnnxCache | OnnxConcatCache, past_len: int,
+                last_only: bool = False) -> np.ndarray:
+        """Logits (batch, new tokens or 1 with `last_only`, vocab) for `input_ids` after `past_len` cached tokens."""
+        return cache.run(input_ids, past_len, last_only)
+
+    def bind_logits(self, binding, batch: int, new: int, last_only: bool) -> np.ndarray:
+        """Bind `logits_to_keep` (exports that have it) and the logits output into a fresh array."""
+        rows = 1 if last_only else new
+        if self.keeps_logits:
+            binding.bind_cpu_input("logits_to_keep", np.asarray([1 if last_only else 0], dtype=np.int64))
+        elif last_only:  # an older export: every row comes back, keep the last
+            rows = new
+        out = np.empty((batch, rows, self.vocab_size), dtype=np.float32)
+        binding.bind_output("logits", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+        return out
 
     def window_logits(self, windows: np.ndarray) -> np.ndarray:
         """Logits for whole windows (batch, length) from an empty cache: what evaluation needs."""
@@ -121,7 +134,7 @@ class OnnxCache:
             self.binding.bind_ortvalue_output(pres_v, v)
         self.mask = np.ones((batch, length), dtype=np.int64)
 
-    def run(self, input_ids: np.ndarray, past_len: int) -> np.ndarray:
+    def run(self, input_ids: np.ndarray, past_len: int, last_only: bool = False) -> np.ndarray:
         batch, new = input_ids.shape
         if batch != self.batch:
             raise ValueError(f"cache holds {self.batch} sequences, got {batch}")
@@ -130,10 +143,9 @@ class OnnxCache:
         binding = self.binding
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", self.mask[:, : past_len + new])
-        out = np.empty((batch, new, self.decoder.vocab_size), dtype=np.float32)
-        binding.bind_output("logits", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+        out = self.decoder.bind_logits(binding, batch, new, last_only)
         self.decoder.session.run_with_iobinding(binding)
-        return out
+        return out[:, -1:] if last_only else out
 
 
 class OnnxConcatCache:
@@ -146,7 +158,7 @@ class OnnxConcatCache:
         self.filled = 0
         self.mask = np.ones((batch, length), dtype=np.int64)
 
-    def run(self, input_ids: np.ndarray, past_len: int) -> np.ndarray:
+    def run(self, input_ids: np.ndarray, past_len: int, last_only: bool = False) -> np.ndarray:
         batch, new = input_ids.shape
         if batch != self.batch:
             raise ValueError(f"cache holds {self.batch} sequences, got {batch}")
@@ -161,14 +173,13 @@ class OnnxConcatCache:
         names = [name for pair in decoder.past_names for name in pair]
         for name, value in zip(names, self.past, strict=True):
             binding.bind_ortvalue_input(name, value)
-        out = np.empty((batch, new, decoder.vocab_size), dtype=np.float32)
-        binding.bind_output("logits", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+        out = decoder.bind_logits(binding, batch, new, last_only)
         for name in (name for pair in decoder.present_names for name in pair):
             binding.bind_output(name, "cpu")
         decoder.session.run_with_iobinding(binding)
         self.past = binding.get_outputs()[1:]
         self.filled += new
-        return out
+        return out[:, -1:] if last_only else out
 
 
 class OnnxEngine:
@@ -186,7 +197,7 @@ class OnnxEngine:
                 raise UserError("empty prompt")
             cache = self.decoder.new_cache(1, len(prompt) + params.max_new_tokens)
             start = time.perf_counter()
-            logits = self.decoder.forward(np.asarray([prompt]), cache, 0)[0, -1]
+            logits = self.decoder.forward(np.asarray([prompt]), cache, 0, last_only=True)[0, -1]
             stats.prefill_s += time.perf_counter() - start
             start = time.perf_counter()
             out: list[int] = []

@@ -70,6 +70,11 @@ def test_fp32_export_round_trips_with_cache(tiny_artifact, tmp_path):
     for pos in range(10, 24):
         got.append(decoder.forward(ids[:, pos:pos + 1].numpy(), cache, pos)[0])
     np.testing.assert_allclose(np.concatenate(got), expected, atol=1e-4, rtol=1e-4)
+    # prefill of the last position only (logits_to_keep = 1): the same row, one row computed
+    assert decoder.keeps_logits
+    last = decoder.forward(ids[:, :10].numpy(), decoder.new_cache(1, 32), 0, last_only=True)
+    assert last.shape == (1, 1, expected.shape[-1])
+    np.testing.assert_allclose(last[0, 0], expected[9], atol=1e-4, rtol=1e-4)
 
 
 def test_fp32_engine_greedy_equals_pytorch(tiny_artifact, tmp_path):
