@@ -82,7 +82,7 @@ class OnnxDecoder:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"{model_file}: cannot load ONNX model ({first})") from exc
         self.kv_dtype = np.float16 if "float16" in self.session.get_inputs()[2].type else np.float32
-        self.keeps_logits = any(i.name == "logits_to_keep" for i in self.session.get_inputs())
+        self.keeps_logits = any(i.name == "logits_to_keep" for i in self.session.get_overridable_initializers())
         self.ort = ort
 
     def new_cache(self, batch: int, max_len: int | None = None) -> OnnxCache | OnnxConcatCache:
