@@ -46,6 +46,8 @@ EXPORTS = {  # name -> (source, flags)
 def ensure_exports(args: argparse.Namespace) -> dict[str, Path]:
     paths = {}
     for name, (source, flags) in EXPORTS.items():
+        if args.only and name not in args.only:
+            continue
         src = args.reference if source == "reference" else args.gptq
         out = Path(args.work) / name
         if source == "gptq" and not Path(src, "config.json").is_file():
@@ -201,6 +203,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--only", nargs="+", choices=list(EXPORTS), help="these exports only (default: all)")
     parser.add_argument("--out", default="artifacts/bench/onnx-cpu.json")
     args = parser.parse_args()
     os.chdir(ROOT)

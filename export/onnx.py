@@ -14,7 +14,6 @@ concatenating KV cache (export/onnx_torch.py; fp32, or int8 by dynamic quantizat
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import shutil
@@ -26,22 +25,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from compress.artifact import Artifact, open_artifact, verify, write_artifact
+from export.onnx_gptq import float_copy, gptq_lm_head, inject_gptq, inject_lm_head
 from export.onnx_torch import builder_architectures, export_with_torch
 from runtime.config import field, parse_config
 from runtime.errors import UserError, run_main
-from runtime.quantized import GPTQLinear, load_quantized_model, unpack_cols, unpack_rows
+from runtime.quantized import load_quantized_model
 
 PRECISIONS = ("fp32", "int8", "int4")
 INT8_METHODS = ("weight-only", "dynamic")
-LM_HEADS = ("float", "int8", "int4")
+LM_HEADS = ("float", "int8", "int4", "int4-gptq")
 EXPORTERS = ("auto", "builder", "torch")
-FUSED_INPUTS = {"attn/qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                "attn/o_proj": ("self_attn.o_proj",), "mlp/gate_proj": ("mlp.gate_proj",),
-                "mlp/up_proj": ("mlp.up_proj",), "mlp/down_proj": ("mlp.down_proj",)}
-
 
 @dataclass
 class OnnxExportConfig:
@@ -55,8 +50,8 @@ class OnnxExportConfig:
                              "quantize_dynamic (per-channel weights, dynamic int8 activations)", choices=INT8_METHODS)
     accuracy_level: int = field(4, help="MatMulNBits compute type: 0/1 fp32, 4 int8 activations (fastest)",
                                 choices=(0, 1, 2, 3, 4))
-    lm_head: str = field("float", help="LM head weights (int4/int8 exports): float, or the builder's int8 / "
-                         "int4 quantizer (a GPTQ artifact's head is float in the source)", choices=LM_HEADS)
+    lm_head: str = field("float", help="LM head weights (int4/int8 exports): float, the builder's int8 / int4 "
+                         "quantizer, or int4-gptq (GPTQ-calibrated here; GPTQ sources)", choices=LM_HEADS)
     exporter: str = field("auto", help="auto: onnxruntime-genai's builder where it knows the architecture, "
                           "else torch.onnx.export (dynamo)", choices=EXPORTERS)
     overwrite: bool = field(False, help="replace an existing artifact at --out")
@@ -70,7 +65,7 @@ class OnnxExportConfig:
         weight_only = self.precision == "int4" or (self.precision == "int8" and self.int8_method == "weight-only")
         if self.lm_head != "float" and not weight_only:
             raise UserError(f"lm_head: {self.lm_head} needs a weight-only int4/int8 export")
-        if self.lm_head == "int4" and self.precision == "int8":
+        if self.lm_head in ("int4", "int4-gptq") and self.precision == "int8":
             raise UserError("lm_head: an int8 export keeps its head at int8 or float")
 
 
@@ -83,28 +78,6 @@ def gptq_config(artifact: Artifact, config: dict[str, Any]) -> dict[str, Any] | 
         raise UserError(f"{artifact.path}: quant_method {quant.get('quant_method')!r} does not export to ONNX; "
                         "export its unquantized parent and pick --precision int8/int4")
     return quant
-
-
-def _float_copy(artifact: Artifact, gptq_model: torch.nn.Module, into: Path) -> Path:
-    """An fp32 HF folder of a GPTQ artifact (the builder lays out its graph from it)."""
-    model = copy.deepcopy(gptq_model)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, GPTQLinear):
-            dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            dense.weight.data = module.dequantized()
-            if module.bias is not None:
-                dense.bias.data = module.bias.float()
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, dense)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(into)
-    for file in artifact.path.glob("tokenizer*"):
-        shutil.copy(file, into / file.name)
-    for name in ("chat_template.jinja", "generation_config.json", "special_tokens_map.json"):
-        if (artifact.path / name).is_file():
-            shutil.copy(artifact.path / name, into / name)
-    return into
 
 
 def run_builder(source: Path, out: Path, precision: str, options: dict[str, Any], log: Path) -> None:
@@ -126,85 +99,6 @@ def run_builder(source: Path, out: Path, precision: str, options: dict[str, Any]
                             f"{(str(exc).strip().splitlines() or [''])[0][:200]}") from exc
         finally:
             quiet.setLevel(level)
-
-
-def pack_uint4(values: np.ndarray) -> np.ndarray:
-    """Pairs along the last axis into bytes, low nibble first (odd lengths padded with 0)."""
-    if values.shape[-1] % 2:
-        values = np.concatenate([values, np.zeros(values.shape[:-1] + (1,), values.dtype)], axis=-1)
-    return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
-
-
-def gptq_to_matmulnbits(modules: list[GPTQLinear], block: int) -> dict[str, np.ndarray]:
-    """GPTQ tensors of one or more Linears sharing an input -> MatMulNBits B/scales/zero_points (+ perm).
-
-    Output channels of fused modules are concatenated (q, k, v). Act-order checkpoints have their
-    input columns regrouped (`perm`, to apply to the activation) so that each group is contiguous.
-    """
-    ints, scales, zeros, perms = [], [], [], []
-    for m in modules:
-        if m.bits != 4:
-            raise UserError(f"int4 export of a {m.bits}-bit GPTQ checkpoint is not supported")
-        q = unpack_rows(m.qweight, 4).t().numpy().astype(np.uint8)  # (out, in)
-        z = ((unpack_cols(m.qzeros, 4) + 1) & 31).numpy()  # (groups, out), see dequantize_gptq
-        g_idx = m.g_idx.long().numpy()
-        perm = np.argsort(g_idx, kind="stable")
-        if not np.array_equal(g_idx[perm], np.arange(len(g_idx)) // block):
-            raise UserError(f"GPTQ groups are not {block} columns each (g_idx); cannot map to MatMulNBits")
-        if z.max() > 15:
-            raise UserError("a GPTQ zero point does not fit in 4 bits")
-        ints.append(q[:, perm])
-        scales.append(m.scales.float().numpy().T)
-        zeros.append(z.T.astype(np.uint8))
-        perms.append(perm)
-    if any(not np.array_equal(p, perms[0]) for p in perms[1:]):
-        raise UserError("fused q/k/v projections have different act-order permutations")
-    q = np.concatenate(ints)  # (N, K)
-    n, k = q.shape
-    blocks = -(-k // block)
-    q = np.pad(q, ((0, 0), (0, blocks * block - k)))
-    perm = perms[0]
-    return {"B": pack_uint4(q.reshape(n, blocks, block)), "scales": np.concatenate(scales).astype(np.float32),
-            "zero_points": pack_uint4(np.concatenate(zeros)),
-            "perm": None if np.array_equal(perm, np.arange(k)) else perm.astype(np.int64)}
-
-
-def inject_gptq(onnx_dir: Path, gptq_model: torch.nn.Module, block: int) -> int:
-    """Replace every decoder MatMulNBits weight by the GPTQ artifact's own; returns the count."""
-    import onnx
-    from onnx import helper, numpy_helper
-
-    path = onnx_dir / "model.onnx"
-    model = onnx.load(str(path))
-    inits = {t.name: t for t in model.graph.initializer}
-    layers = gptq_model.model.layers
-    new_nodes, replaced = [], 0
-    for node in model.graph.node:
-        if node.op_type == "MatMulNBits" and node.name.startswith("/model/layers."):
-            index = int(node.name.split("/")[2].split(".")[1])
-            key = "/".join(node.name.split("/")[3:5])
-            modules = [layers[index].get_submodule(name) for name in FUSED_INPUTS[key]]
-            packed = gptq_to_matmulnbits(modules, block)
-            for slot, name in zip(node.input[1:4], ("B", "scales", "zero_points"), strict=True):
-                old = inits[slot]
-                if tuple(old.dims) != packed[name].shape:
-                    raise UserError(f"{node.name}: {name} shape {tuple(old.dims)} != GPTQ {packed[name].shape}")
-                old.CopyFrom(numpy_helper.from_array(packed[name], slot))
-            if packed["perm"] is not None:
-                perm_name = f"{node.name}/act_order_perm"
-                model.graph.initializer.append(numpy_helper.from_array(packed["perm"], perm_name))
-                gathered = f"{node.name}/act_order_input"
-                new_nodes.append(helper.make_node("Gather", [node.input[0], perm_name], [gathered], axis=-1,
-                                                  name=f"{node.name}/ActOrderGather"))
-                node.input[0] = gathered
-            replaced += 1
-        new_nodes.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(new_nodes)
-    path.unlink()
-    (onnx_dir / "model.onnx.data").unlink()
-    onnx.save(model, str(path), save_as_external_data=True, location="model.onnx.data")
-    return replaced
 
 
 def quantize_dynamic_int8(onnx_dir: Path, exclude: Sequence[str] = ("/lm_head/MatMul",),
@@ -243,6 +137,9 @@ def export_onnx(source: Artifact, cfg: OnnxExportConfig) -> Artifact:
                         "GroupQueryAttention needs that)")
     if gptq is not None and cfg.precision != "int4":
         raise UserError(f"{source.path} is a GPTQ artifact: export it with --precision int4 (its own weights)")
+    if cfg.lm_head == "int4-gptq" and gptq is None:
+        raise UserError(f"lm_head: int4-gptq calibrates the head of a GPTQ artifact; {source.path} is not one "
+                        "(use --lm-head int4 for the builder's quantizer)")
     block = cfg.block_size or (gptq["group_size"] if gptq else 32)
     if gptq is not None and block != gptq["group_size"]:
         raise UserError(f"block_size: a GPTQ artifact exports with its group size ({gptq['group_size']}), "
@@ -265,14 +162,24 @@ def export_onnx(source: Artifact, cfg: OnnxExportConfig) -> Artifact:
                 options["nodes_to_exclude"] = "/lm_head/MatMul"
             elif cfg.lm_head == "int8" and cfg.precision == "int4":
                 options["matmul_mixed_precision"] = "last_matmul:int8"
+        if cfg.lm_head == "int4-gptq":
+            options.pop("nodes_to_exclude", None)  # the builder writes an int4 head, then it gets GPTQ's
         gptq_model = load_quantized_model(source.path) if gptq else None
-        builder_source = _float_copy(source, gptq_model, work / "float") if gptq else source.path
+        builder_source = float_copy(source, gptq_model, work / "float") if gptq else source.path
         print(f"building the {cfg.precision} graph with onnxruntime-genai's builder ...", flush=True)
         run_builder(builder_source, build, builder_precision, options, work / "builder.log")
         weights = "float"
         if gptq is not None:
             replaced = inject_gptq(build, gptq_model, block)
             weights = f"GPTQ integers, scales and zero points of the source ({replaced} MatMulNBits, exact)"
+            if cfg.lm_head == "int4-gptq":
+                from compress.models import load_tokenizer
+
+                print("GPTQ-quantizing the LM head on calibration windows ...", flush=True)
+                head, head_info = gptq_lm_head(gptq_model, load_tokenizer(source.path), block)
+                inject_lm_head(build, head, block)
+                weights += f"; LM head GPTQ int4 here (asym, group {block}, weight rel. error " \
+                           f"{head_info['weight_rel_err']}, calibration {head_info['source']})"
         elif cfg.precision == "int8" and cfg.int8_method == "dynamic":
             print("quantizing MatMuls with onnxruntime quantize_dynamic (per-channel int8) ...", flush=True)
             quantize_dynamic_int8(build)

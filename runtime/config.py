@@ -145,7 +145,12 @@ def parse_config(cls: type[C], argv: Sequence[str] | None, prog: str, descriptio
     source = str(config_path) if config_path else "command line"
     values = {str(k).replace("-", "_"): v for k, v in values.items()}
     values.update(args)
-    return build_config(cls, values, source)
+    cfg = build_config(cls, values, source)
+    # refuse an existing output before the work, not after it (write_artifact checks again at the end)
+    out, overwrite = getattr(cfg, "out", None), getattr(cfg, "overwrite", None)
+    if overwrite is False and out and Path(out).exists() and not getattr(cfg, "if_missing", False):
+        raise UserError(f"out: {out} already exists (pass --overwrite to replace it)")
+    return cfg
 
 
 def field(default: Any = dataclasses.MISSING, help: str = "", **meta: Any) -> Any:  # noqa: A002

@@ -45,6 +45,7 @@ def session_options(threads: int | None = None):
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3  # errors only ("initializer appears in graph inputs" is logits_to_keep, on purpose)
     return opts
 
 
@@ -83,6 +84,9 @@ class OnnxDecoder:
             raise UserError(f"{model_file}: cannot load ONNX model ({first})") from exc
         self.kv_dtype = np.float16 if "float16" in self.session.get_inputs()[2].type else np.float32
         self.keeps_logits = any(i.name == "logits_to_keep" for i in self.session.get_overridable_initializers())
+        # (an overridable initializer binds as an OrtValue only: bind_cpu_input does not find it)
+        self.keep = {last: ort.OrtValue.ortvalue_from_numpy(np.asarray([int(last)], dtype=np.int64))
+                     for last in (False, True)}
         self.ort = ort
 
     def new_cache(self, batch: int, max_len: int | None = None) -> OnnxCache | OnnxConcatCache:
@@ -99,7 +103,7 @@ class OnnxDecoder:
         """Bind `logits_to_keep` (exports that have it) and the logits output into a fresh array."""
         rows = 1 if last_only else new
         if self.keeps_logits:
-            binding.bind_cpu_input("logits_to_keep", np.asarray([1 if last_only else 0], dtype=np.int64))
+            binding.bind_ortvalue_input("logits_to_keep", self.keep[last_only])
         elif last_only:  # an older export: every row comes back, keep the last
             rows = new
         out = np.empty((batch, rows, self.vocab_size), dtype=np.float32)

@@ -64,3 +64,17 @@ def test_integer_choices_from_the_command_line():
     assert parse_config(DemoConfig, ["--level", "1"], "demo", "").level == 1
     with pytest.raises(SystemExit):
         parse_config(DemoConfig, ["--level", "3"], "demo", "")
+
+
+@dataclass
+class _Writes:
+    out: str = field(None)
+    overwrite: bool = field(False)
+
+
+def test_existing_output_is_refused_before_the_work(tmp_path):
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(UserError, match="already exists .*--overwrite"):
+        parse_config(_Writes, ["--out", str(tmp_path / "taken")], "p", "d")
+    assert parse_config(_Writes, ["--out", str(tmp_path / "taken"), "--overwrite"], "p", "d").overwrite
+    assert parse_config(_Writes, ["--out", str(tmp_path / "free")], "p", "d").out.endswith("free")
