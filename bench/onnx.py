@@ -3,7 +3,7 @@
     python bench/onnx.py [--threads 1 2] [--repeats 3] [--new-tokens 128] [--skip-accuracy]
 
 Exports the reference at fp32, int8 (builder weight-only and ORT dynamic) and int4 (builder RTN),
-and the GPTQ artifact at int4 with its own weights (LM head float / int8 / int4; and with fp32
+and the GPTQ artifact at int4 with its own weights (LM head float / int8 / int4 / GPTQ int4; and with fp32
 MatMulNBits compute instead of int8 activations), unless present. Accuracy: one `compress.evaluate` run (held-out perplexity, KL, top-1 beside the
 reference, through ONNX Runtime). Speed, batch 1, ~100-token chat prompt, 128 greedy tokens, all
 engines interleaved per repeat (fastest repeat kept): HF transformers fp32, our runtime on each
@@ -40,6 +40,7 @@ EXPORTS = {  # name -> (source, flags)
     "int4-gptq-fp32-compute": ("gptq", ["--precision", "int4", "--accuracy-level", "1"]),
     "int4-gptq-int8head": ("gptq", ["--precision", "int4", "--lm-head", "int8"]),
     "int4-gptq-int4head": ("gptq", ["--precision", "int4", "--lm-head", "int4"]),
+    "int4-gptq-gptqhead": ("gptq", ["--precision", "int4", "--lm-head", "int4-gptq"]),
 }
 
 

@@ -1,14 +1,10 @@
 """The fused decode kernels against the PyTorch step: on CUDA compiled, elsewhere in Triton's interpreter."""
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are defined
-pytest.importorskip("triton")
+pytest.importorskip("triton")  # without CUDA, tests/conftest.py has set TRITON_INTERPRET=1
 
 from runtime.static_decode import StaticLlama  # noqa: E402
 from runtime.triton_decode import decode_attention, fused_linear  # noqa: E402
@@ -103,3 +99,23 @@ def test_fused_argmax_equals_torch(rows, case):
         assert expected[0] == 7
     assert pos[:, 0].cpu().tolist() == [i + 1 for i in range(rows)] and col.item() == 1
     assert (best.cpu() == ARGMAX_EMPTY).all()  # reset for the next step
+
+
+@pytest.mark.slow
+def test_fused_step_on_the_real_model_equals_hf_greedy(reference_artifact, monkeypatch):
+    from runtime import triton_decode
+    from runtime.loading import load_model, load_tokenizer
+
+    if DEVICE == "cpu":  # big tiles: fewer programs for the interpreter to walk through
+        monkeypatch.setitem(triton_decode.TILES, "gemv", (256, 4, 1024, 4))
+    tokenizer = load_tokenizer(reference_artifact.path)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Tell me about the history of Paris."}],
+                                           add_generation_prompt=True)
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    model = load_model(reference_artifact.path, "cpu", dtype=torch.float32)
+    ids = torch.tensor([prompt])
+    expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                              pad_token_id=0)[0, len(prompt):].tolist()
+    static = StaticLlama(model.to(DEVICE), max_batch=1, max_len=len(prompt) + 16, dtype=torch.float32)
+    static.use_fused_kernels()
+    assert static.generate([prompt], len(expected), use_graph=False)[0] == expected
