@@ -130,7 +130,7 @@ def export_onnx(source: Artifact, cfg: OnnxExportConfig) -> Artifact:
     gptq = gptq_config(source, hf)
     architecture = (hf.get("architectures") or ["(none)"])[0]
     if cfg.exporter == "torch" or (cfg.exporter == "auto" and architecture not in builder_architectures()):
-        return _export_torch(source, cfg, gptq, architecture)
+        return _export_torch(source, cfg, hf, gptq, architecture)
     head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
     if head_dim % 16:
         raise UserError(f"{source.path}: head size {head_dim} is not a multiple of 16 (ONNX Runtime's "
@@ -187,19 +187,25 @@ def export_onnx(source: Artifact, cfg: OnnxExportConfig) -> Artifact:
         elif cfg.precision != "fp32":
             weights = (f"onnxruntime-genai builder quantizer (round-to-nearest, {cfg.precision}, block {block}, "
                        f"{'symmetric' if cfg.symmetric else 'asymmetric'})")
-        add_logits_to_keep(build)
-        config = {k: v for k, v in hf.items() if k != "quantization_config"}
-        (build / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        for file in build.iterdir():
-            file.chmod(0o644)  # onnx.save writes its data file 0600
         info = {"precision": cfg.precision, "weights": weights, "block_size": block if cfg.precision != "fp32"
                 else None, "accuracy_level": cfg.accuracy_level, "int8_method": cfg.int8_method
-                if cfg.precision == "int8" else None, "lm_head": cfg.lm_head, "builder": "onnxruntime-genai model builder",
-                "wall_seconds": round(time.perf_counter() - started, 1)}
-        with write_artifact(cfg.out, "onnx", "export.onnx", asdict(cfg), parent=source, overwrite=cfg.overwrite,
-                            extra={"onnx": info}) as tmp:
-            for file in build.iterdir():
-                shutil.move(str(file), tmp / file.name)
+                if cfg.precision == "int8" else None, "lm_head": cfg.lm_head, "builder": "onnxruntime-genai model builder"}
+        return _write_onnx_artifact(build, source, cfg, hf, info, started)
+
+
+def _write_onnx_artifact(build: Path, source: Artifact, cfg: OnnxExportConfig, hf: dict[str, Any],
+                         info: dict[str, Any], started: float) -> Artifact:
+    """Both exporters end here: logits_to_keep, the source's config, the manifest, atomically."""
+    add_logits_to_keep(build)
+    config = {k: v for k, v in hf.items() if k != "quantization_config"}
+    (build / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    for file in build.iterdir():
+        file.chmod(0o644)  # onnx.save writes its data file 0600
+    info["wall_seconds"] = round(time.perf_counter() - started, 1)
+    with write_artifact(cfg.out, "onnx", "export.onnx", asdict(cfg), parent=source, overwrite=cfg.overwrite,
+                        extra={"onnx": info}) as tmp:
+        for file in build.iterdir():
+            shutil.move(str(file), tmp / file.name)
     return open_artifact(cfg.out)
 
 
@@ -237,7 +243,8 @@ def add_logits_to_keep(onnx_dir: Path) -> None:
     onnx.save(model, str(path))
 
 
-def _export_torch(source: Artifact, cfg: OnnxExportConfig, gptq: dict | None, architecture: str) -> Artifact:
+def _export_torch(source: Artifact, cfg: OnnxExportConfig, hf: dict[str, Any], gptq: dict | None,
+                  architecture: str) -> Artifact:
     """The fallback path: torch.onnx.export (dynamo) at fp32, then optionally ORT dynamic int8."""
     why = f"{source.path} ({architecture}) exports through torch.onnx.export"
     if gptq is not None or cfg.precision == "int4":
@@ -263,23 +270,13 @@ def _export_torch(source: Artifact, cfg: OnnxExportConfig, gptq: dict | None, ar
             print("quantizing MatMul/Gemm with onnxruntime quantize_dynamic (per-channel int8) ...", flush=True)
             quantize_dynamic_int8(build, exclude=head, op_types=("MatMul", "Gemm"))
             weights = "onnxruntime quantize_dynamic: per-channel int8 weights, dynamic int8 activations (LM head float)"
-        add_logits_to_keep(build)
         for file in source.path.iterdir():  # tokenizer and generation files travel with the graph
             if file.is_file() and file.suffix not in (".safetensors", ".bin") and file.name != "shrinkwrap.json":
                 shutil.copy(file, build / file.name)
-        config = json.loads((source.path / "config.json").read_text(encoding="utf-8"))
-        (build / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        for file in build.iterdir():
-            file.chmod(0o644)
         info = {"precision": cfg.precision, "weights": weights, "block_size": None, "accuracy_level": None,
                 "int8_method": "dynamic" if cfg.precision == "int8" else None, "lm_head": "float",
-                "builder": "torch.onnx.export (dynamo), concatenating KV cache",
-                "wall_seconds": round(time.perf_counter() - started, 1)}
-        with write_artifact(cfg.out, "onnx", "export.onnx", asdict(cfg), parent=source, overwrite=cfg.overwrite,
-                            extra={"onnx": info}) as tmp:
-            for file in build.iterdir():
-                shutil.move(str(file), tmp / file.name)
-    return open_artifact(cfg.out)
+                "builder": "torch.onnx.export (dynamo), concatenating KV cache"}
+        return _write_onnx_artifact(build, source, cfg, hf, info, started)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
