@@ -168,6 +168,7 @@ def speed(args: argparse.Namespace, exports: dict[str, Path], prompt: list[int])
             run(prompt, 4)  # warm-up
         for rep in range(args.repeats):  # interleaved: every engine once per repeat
             for name, run in runners.items():
+                time.sleep(args.settle)  # let the previous engine's spinning worker threads go idle
                 prefill_s, decode_s, tokens = run(prompt, args.new_tokens)
                 if name not in best or decode_s < best[name][1]:
                     best[name] = (min(prefill_s, best.get(name, (prefill_s,))[0]), decode_s, tokens)
@@ -204,6 +205,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--settle", type=float, default=0.5,
+                        help="idle seconds before each timed run (ORT/OpenMP threads spin after a run)")
     parser.add_argument("--only", nargs="+", choices=list(EXPORTS), help="these exports only (default: all)")
     parser.add_argument("--out", default="artifacts/bench/onnx-cpu.json")
     args = parser.parse_args()

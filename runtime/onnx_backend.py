@@ -45,6 +45,9 @@ def session_options(threads: int | None = None):
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # no BFC arena: decode steps allocate small, differently shaped temporaries each step, and the
+    # arena's bookkeeping cost 9-14% of int4 decode speed here (interleaved A/B; prefill unchanged)
+    opts.enable_cpu_mem_arena = False
     opts.log_severity_level = 3  # errors only ("initializer appears in graph inputs" is logits_to_keep, on purpose)
     return opts
 
