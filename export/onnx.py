@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from compress.artifact import Artifact, open_artifact, verify, write_artifact
-from export.onnx_gptq import float_copy, gptq_lm_head, inject_gptq, inject_lm_head
+from export.onnx_gptq import float_copy, gptq_lm_head, inject_gptq
 from export.onnx_torch import builder_architectures, export_with_torch
 from runtime.config import field, parse_config
 from runtime.errors import UserError, run_main
@@ -170,14 +170,15 @@ def export_onnx(source: Artifact, cfg: OnnxExportConfig) -> Artifact:
         run_builder(builder_source, build, builder_precision, options, work / "builder.log")
         weights = "float"
         if gptq is not None:
-            replaced = inject_gptq(build, gptq_model, block)
-            weights = f"GPTQ integers, scales and zero points of the source ({replaced} MatMulNBits, exact)"
+            head = None
             if cfg.lm_head == "int4-gptq":
                 from compress.models import load_tokenizer
 
                 print("GPTQ-quantizing the LM head on calibration windows ...", flush=True)
                 head, head_info = gptq_lm_head(gptq_model, load_tokenizer(source.path), block)
-                inject_lm_head(build, head, block)
+            replaced = inject_gptq(build, gptq_model, block, head)
+            weights = f"GPTQ integers, scales and zero points of the source ({replaced} MatMulNBits, exact)"
+            if head is not None:
                 weights += f"; LM head GPTQ int4 here (asym, group {block}, weight rel. error " \
                            f"{head_info['weight_rel_err']}, calibration {head_info['source']})"
         elif cfg.precision == "int8" and cfg.int8_method == "dynamic":

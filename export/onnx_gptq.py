@@ -2,8 +2,9 @@
 
 The builder lays out the graph from a dense fp32 copy of the GPTQ model (`float_copy`); then every
 `MatMulNBits` gets the GPTQ artifact's own integers, scales and zero points (`inject_gptq`). The LM
-head, float in a GPTQ checkpoint, can be GPTQ-quantized here too (`--lm-head int4-gptq`): its
-Hessian comes from the quantized body's final hidden states on calibration windows.
+head, float in a GPTQ checkpoint, can be GPTQ-quantized here too (`--lm-head int4-gptq`, then it
+goes in with the rest): its Hessian comes from the quantized body's final hidden states on
+calibration windows.
 """
 
 from __future__ import annotations
@@ -88,8 +89,20 @@ def gptq_to_matmulnbits(modules: list[GPTQLinear], block: int) -> dict[str, np.n
             "perm": None if np.array_equal(perm, np.arange(k)) else perm.astype(np.int64)}
 
 
-def inject_gptq(onnx_dir: Path, gptq_model: torch.nn.Module, block: int) -> int:
-    """Replace every decoder MatMulNBits weight by the GPTQ artifact's own; returns the count."""
+def _replace_weights(node, inits: dict, packed: dict[str, np.ndarray]) -> None:
+    """A MatMulNBits node's B / scales / zero_points initializers <- the repacked GPTQ tensors."""
+    from onnx import numpy_helper
+
+    for slot, name in zip(node.input[1:4], ("B", "scales", "zero_points"), strict=True):
+        old = inits[slot]
+        if tuple(old.dims) != packed[name].shape:
+            raise UserError(f"{node.name}: {name} shape {tuple(old.dims)} != GPTQ {packed[name].shape}")
+        old.CopyFrom(numpy_helper.from_array(packed[name], slot))
+
+
+def inject_gptq(onnx_dir: Path, gptq_model: torch.nn.Module, block: int, head: GPTQLinear | None = None) -> int:
+    """Replace every decoder MatMulNBits weight by the GPTQ artifact's own (and the int4 LM head's by
+    `head`, when given), in one rewrite of the graph; returns the count of decoder MatMulNBits."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -97,18 +110,14 @@ def inject_gptq(onnx_dir: Path, gptq_model: torch.nn.Module, block: int) -> int:
     model = onnx.load(str(path))
     inits = {t.name: t for t in model.graph.initializer}
     layers = gptq_model.model.layers
-    new_nodes, replaced = [], 0
+    new_nodes, replaced, head_done = [], 0, False
     for node in model.graph.node:
         if node.op_type == "MatMulNBits" and node.name.startswith("/model/layers."):
             index = int(node.name.split("/")[2].split(".")[1])
             key = "/".join(node.name.split("/")[3:5])
             modules = [layers[index].get_submodule(name) for name in FUSED_INPUTS[key]]
             packed = gptq_to_matmulnbits(modules, block)
-            for slot, name in zip(node.input[1:4], ("B", "scales", "zero_points"), strict=True):
-                old = inits[slot]
-                if tuple(old.dims) != packed[name].shape:
-                    raise UserError(f"{node.name}: {name} shape {tuple(old.dims)} != GPTQ {packed[name].shape}")
-                old.CopyFrom(numpy_helper.from_array(packed[name], slot))
+            _replace_weights(node, inits, packed)
             if packed["perm"] is not None:
                 perm_name = f"{node.name}/act_order_perm"
                 model.graph.initializer.append(numpy_helper.from_array(packed["perm"], perm_name))
@@ -117,15 +126,18 @@ def inject_gptq(onnx_dir: Path, gptq_model: torch.nn.Module, block: int) -> int:
                                                   name=f"{node.name}/ActOrderGather"))
                 node.input[0] = gathered
             replaced += 1
+        elif head is not None and node.op_type == "MatMulNBits" and node.name.startswith("/lm_head/"):
+            _replace_weights(node, inits, gptq_to_matmulnbits([head], block))
+            head_done = True
         new_nodes.append(node)
+    if head is not None and not head_done:
+        raise UserError(f"{path}: no int4 LM head (MatMulNBits) to put the GPTQ head into")
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
     path.unlink()
     (onnx_dir / "model.onnx.data").unlink()
     onnx.save(model, str(path), save_as_external_data=True, location="model.onnx.data")
     return replaced
-
-
 
 
 @torch.no_grad()
@@ -154,24 +166,3 @@ def gptq_lm_head(gptq_model: torch.nn.Module, tokenizer: Any, block: int, n_samp
     error = float((module.dequantized() - head.weight.float()).norm() / head.weight.float().norm())
     return module, {**info, "weight_rel_err": round(error, 5), "gptq_loss": result.loss}
 
-
-def inject_lm_head(onnx_dir: Path, head: GPTQLinear, block: int) -> None:
-    """Put the GPTQ head's integers into the builder's int4 LM head MatMulNBits."""
-    import onnx
-    from onnx import numpy_helper
-
-    path = onnx_dir / "model.onnx"
-    model = onnx.load(str(path))
-    inits = {t.name: t for t in model.graph.initializer}
-    node = next((n for n in model.graph.node if n.op_type == "MatMulNBits" and n.name.startswith("/lm_head/")), None)
-    if node is None:
-        raise UserError(f"{path}: no int4 LM head (MatMulNBits) to put the GPTQ head into")
-    packed = gptq_to_matmulnbits([head], block)
-    for slot, name in zip(node.input[1:4], ("B", "scales", "zero_points"), strict=True):
-        old = inits[slot]
-        if tuple(old.dims) != packed[name].shape:
-            raise UserError(f"{node.name}: {name} shape {tuple(old.dims)} != GPTQ {packed[name].shape}")
-        old.CopyFrom(numpy_helper.from_array(packed[name], slot))
-    path.unlink()
-    (onnx_dir / "model.onnx.data").unlink()
-    onnx.save(model, str(path), save_as_external_data=True, location="model.onnx.data")

@@ -74,12 +74,11 @@ def export_with_torch(source: Path, out: Path, log: Path) -> dict:
     batch, seq, past, total = (torch.export.Dim(n) for n in ("batch", "sequence", "past_sequence", "total_sequence"))
     example_past = [torch.zeros(2, kv_heads, 3, head_dim) for _ in range(2 * layers)]  # sizes 0/1 would specialise
     inputs = (torch.randint(0, text.vocab_size, (2, 4)), torch.ones(2, 7, dtype=torch.long), *example_past)
-    names = KV_NAMES
+    pasts, presents = KV_NAMES["inputs"], KV_NAMES["outputs"]
     input_names = ["input_ids", "attention_mask"] + [
-        name % i for i in range(layers) for name in (names["inputs"]["past_key_names"],
-                                                     names["inputs"]["past_value_names"])]
-    output_names = ["logits"] + [name % i for i in range(layers) for name in (names["outputs"]["present_key_names"],
-                                                                               names["outputs"]["present_value_names"])]
+        name % i for i in range(layers) for name in (pasts["past_key_names"], pasts["past_value_names"])]
+    output_names = ["logits"] + [
+        name % i for i in range(layers) for name in (presents["present_key_names"], presents["present_value_names"])]
     shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, tuple({0: batch, 2: past} for _ in example_past))
     chatter = io.StringIO()
     onnx_logger = logging.getLogger("torch.onnx")
@@ -103,6 +102,6 @@ def export_with_torch(source: Path, out: Path, log: Path) -> dict:
                        "vocab_size": int(text.vocab_size),
                        "decoder": {"filename": "model.onnx", "num_hidden_layers": layers, "num_attention_heads": heads,
                                    "num_key_value_heads": kv_heads, "head_size": head_dim, "kv_cache": "concat",
-                                   **json.loads(json.dumps(names))}}}
+                                   **KV_NAMES}}}
     (out / "genai_config.json").write_text(json.dumps(genai, indent=2) + "\n", encoding="utf-8")
     return {"layers": layers, "kv_heads": kv_heads, "head_size": head_dim}

@@ -81,26 +81,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         ids = tokenizer(cfg.prompt, add_special_tokens=False)["input_ids"]
     stop = tuple(t for t in (tokenizer.eos_token_id,) if t is not None)
     params = SamplingParams(cfg.max_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.seed, stop)
-    if cfg.static:
-        with torch.inference_mode():
-            out, stats = static_generate(cfg, ids, stop)
-        print(tokenizer.decode(out, skip_special_tokens=True))
-        print(f"[prefill {stats.prompt_tokens / max(stats.prefill_s, 1e-9):.0f} tok/s, "
-              f"decode {max(stats.new_tokens - 1, 0) / max(stats.decode_s, 1e-9):.1f} tok/s, "
-              f"{stats.new_tokens} tokens, static decoder]")
-        return
     with torch.inference_mode():
-        target = open_engine(cfg.artifact, cfg.device, cfg.block_size, cfg.num_blocks)
-        if cfg.draft is not None and not isinstance(target, Engine):
-            raise UserError("draft: speculative decoding runs on the PyTorch engine, not on an ONNX export")
-        if cfg.draft is None:
-            (out,), stats = target.generate([ids], params)
+        if cfg.static:
+            out, stats = static_generate(cfg, ids, stop)
         else:
-            draft = Engine(load_model(cfg.draft, cfg.device), cfg.block_size, cfg.num_blocks)
-            out, stats = target.speculative(draft, ids, params, cfg.k, cfg.adaptive_k)
+            target = open_engine(cfg.artifact, cfg.device, cfg.block_size, cfg.num_blocks)
+            if cfg.draft is not None and not isinstance(target, Engine):
+                raise UserError("draft: speculative decoding runs on the PyTorch engine, not on an ONNX export")
+            if cfg.draft is None:
+                (out,), stats = target.generate([ids], params)
+            else:
+                draft = Engine(load_model(cfg.draft, cfg.device), cfg.block_size, cfg.num_blocks)
+                out, stats = target.speculative(draft, ids, params, cfg.k, cfg.adaptive_k)
     print(tokenizer.decode(out, skip_special_tokens=True))
     line = (f"[prefill {stats.prompt_tokens / max(stats.prefill_s, 1e-9):.0f} tok/s, "
             f"decode {stats.new_tokens / max(stats.decode_s, 1e-9):.1f} tok/s, {stats.new_tokens} tokens")
+    if cfg.static:
+        line += ", static decoder"
     if cfg.draft is not None:
         line += (f", acceptance {stats.acceptance_rate:.2f}, {stats.tokens_per_target_step:.2f} tokens/target step"
                  f", k={cfg.k}{' adaptive' if cfg.adaptive_k else ''}")

@@ -102,16 +102,23 @@ class OnnxDecoder:
         """Logits (batch, new tokens or 1 with `last_only`, vocab) for `input_ids` after `past_len` cached tokens."""
         return cache.run(input_ids, past_len, last_only)
 
-    def bind_logits(self, binding, batch: int, new: int, last_only: bool) -> np.ndarray:
-        """Bind `logits_to_keep` (exports that have it) and the logits output into a fresh array."""
-        rows = 1 if last_only else new
+    def bind_step(self, binding, cache: OnnxCache | OnnxConcatCache, input_ids: np.ndarray, past_len: int,
+                  last_only: bool) -> np.ndarray:
+        """Check the step against the cache, bind `input_ids`, the mask, `logits_to_keep` (exports that
+        have it) and the logits output; returns the logits array ORT fills when the binding runs."""
+        batch, new = input_ids.shape
+        if batch != cache.batch:
+            raise ValueError(f"cache holds {cache.batch} sequences, got {batch}")
+        if past_len + new > cache.length:
+            raise UserError(f"sequence of {past_len + new} tokens exceeds the cache ({cache.length})")
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", cache.mask[:, : past_len + new])
         if self.keeps_logits:
             binding.bind_ortvalue_input("logits_to_keep", self.keep[last_only])
-        elif last_only:  # an older export: every row comes back, keep the last
-            rows = new
+        rows = 1 if last_only and self.keeps_logits else new  # an older export returns every row
         out = np.empty((batch, rows, self.vocab_size), dtype=np.float32)
         binding.bind_output("logits", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
-        return out
+        return out[:, -1:] if last_only else out
 
     def window_logits(self, windows: np.ndarray) -> np.ndarray:
         """Logits for whole windows (batch, length) from an empty cache: what evaluation needs."""
@@ -121,8 +128,8 @@ class OnnxDecoder:
 class OnnxCache:
     """KV buffers bound as both past input and present output (shared-buffer GQA), plus the binding.
 
-    Only `input_ids`, the attention mask and the logits output are re-bound per step; ORT writes
-    the logits straight into the array returned.
+    Only `input_ids`, the attention mask and the logits output are re-bound per step
+    (`OnnxDecoder.bind_step`); ORT writes the logits straight into the array returned.
     """
 
     def __init__(self, decoder: OnnxDecoder, batch: int, length: int):
@@ -142,17 +149,9 @@ class OnnxCache:
         self.mask = np.ones((batch, length), dtype=np.int64)
 
     def run(self, input_ids: np.ndarray, past_len: int, last_only: bool = False) -> np.ndarray:
-        batch, new = input_ids.shape
-        if batch != self.batch:
-            raise ValueError(f"cache holds {self.batch} sequences, got {batch}")
-        if past_len + new > self.length:
-            raise UserError(f"sequence of {past_len + new} tokens exceeds the cache ({self.length})")
-        binding = self.binding
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
-        binding.bind_cpu_input("attention_mask", self.mask[:, : past_len + new])
-        out = self.decoder.bind_logits(binding, batch, new, last_only)
-        self.decoder.session.run_with_iobinding(binding)
-        return out[:, -1:] if last_only else out
+        out = self.decoder.bind_step(self.binding, self, input_ids, past_len, last_only)
+        self.decoder.session.run_with_iobinding(self.binding)
+        return out
 
 
 class OnnxConcatCache:
@@ -166,27 +165,20 @@ class OnnxConcatCache:
         self.mask = np.ones((batch, length), dtype=np.int64)
 
     def run(self, input_ids: np.ndarray, past_len: int, last_only: bool = False) -> np.ndarray:
-        batch, new = input_ids.shape
-        if batch != self.batch:
-            raise ValueError(f"cache holds {self.batch} sequences, got {batch}")
         if past_len != self.filled:
             raise ValueError(f"this cache holds {self.filled} positions, asked to continue after {past_len}")
-        if past_len + new > self.length:
-            raise UserError(f"sequence of {past_len + new} tokens exceeds the cache ({self.length})")
         decoder = self.decoder
         binding = decoder.session.io_binding()
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
-        binding.bind_cpu_input("attention_mask", self.mask[:, : past_len + new])
+        out = decoder.bind_step(binding, self, input_ids, past_len, last_only)  # logits: the first output
         names = [name for pair in decoder.past_names for name in pair]
         for name, value in zip(names, self.past, strict=True):
             binding.bind_ortvalue_input(name, value)
-        out = decoder.bind_logits(binding, batch, new, last_only)
         for name in (name for pair in decoder.present_names for name in pair):
             binding.bind_output(name, "cpu")
         decoder.session.run_with_iobinding(binding)
         self.past = binding.get_outputs()[1:]
-        self.filled += new
-        return out[:, -1:] if last_only else out
+        self.filled += input_ids.shape[1]
+        return out
 
 
 class OnnxEngine:
