@@ -12,6 +12,10 @@
 #   r2: join the model; decode benchmark on the real weights (+ greedy check); server load test;
 #       chat data (the target's answers) for the speculative draft
 #   r3: distil the chat draft, then speculative decoding with it in the engine
+#   spec0: keep the first half; CUDA tests of the static decoder, fused kernels and static speculator
+#   spec1: join the model; chat data from the static decoder; 2- and 4-layer chat drafts distilled side by side
+#   spec2: speculative decoding with each draft on the static decoder (fused + graphs; each verify kernel
+#          choice), the CLI, and the paged engine
 set -euo pipefail
 W=/tmp/w
 mkdir -p "$W" "${OUT:-/tmp/out}"
@@ -92,6 +96,35 @@ case "$1" in
       --data "$W/chat.jsonl" --out "$W/draft" --overwrite --accelerator gpu --batch-size 16 --grad-accum 1 --max-steps 1200 \
       --max-minutes 3 --val-every 400 --ckpt-every 600 --warmup-steps 50 2>&1 | grep -v "it/s\]" | tail -6
     python3 bench/engine.py --target "$W/reference" --draft "$W/draft" --device cuda --prompts 8 --new-tokens 128 2>&1 | tail -3
+    ;;
+  spec0)
+    cp .gpu/a/* "$W"/
+    python3 -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'
+    python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/runtime/test_static_decode.py \
+      tests/runtime/test_triton_decode.py tests/runtime/test_static_speculative.py 2>&1 | tail -4 || true
+    ;;
+  spec1)
+    cat "$W/gguf.part00" .gpu/b/gguf.part01 > "$W/SmolLM2-135M-Instruct.Q4_1.gguf"
+    python3 -m compress.reference --model "$W/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$W/reference" --if-missing 2>&1 | tail -1
+    time python3 bench/chat_draft_data.py --teacher "$W/reference" --out "$W/chat.jsonl" --offsets 9 --instructions 7 \
+      2>&1 | tail -1
+    for layers in 2 4; do
+      python3 -m compress.distill --config configs/distill/chat-draft.yaml --teacher "$W/reference" \
+        --data "$W/chat.jsonl" --out "$W/draft$layers" --student-layers "$layers" --overwrite --accelerator gpu \
+        --eval-windows 2 > "$OUT/distill$layers.log" 2>&1 &
+    done
+    wait
+    for layers in 2 4; do grep -v "it/s\]" "$OUT/distill$layers.log" | tail -1; done
+    ;;
+  spec2)
+    for layers in 2 4; do
+      OUT="$OUT/draft$layers" python3 bench/static_speculative.py --target "$W/reference" --draft "$W/draft$layers" \
+        --device cuda --k 1 2 3 4 --small gemv gemm gemm+pdl 2>&1 | grep -v -i "warn\|Loading weights"
+    done
+    python3 -m runtime.generate --artifact "$W/reference" --draft "$W/draft4" --k 3 --static --device cuda --chat \
+      --max-tokens 64 --prompt "Summarize: the fire service says the blaze near the town is now under control." 2>&1 | tail -2
+    OUT="$OUT/engine" python3 bench/engine.py --target "$W/reference" --draft "$W/draft4" --device cuda --prompts 4 \
+      --new-tokens 64 --k 3 2>&1 | grep -v -i "warn\|Loading weights" | tail -3
     ;;
   3)
     shift

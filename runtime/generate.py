@@ -43,28 +43,42 @@ class GenerateConfig:
             raise UserError("max_tokens, k, block_size and num_blocks must be positive")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise UserError("temperature must be >= 0 and top_p in (0, 1]")
-        if self.static and (self.draft is not None or self.temperature > 0):
-            raise UserError("static: the static decoder is greedy and has no draft (drop --draft / --temperature)")
+        if self.static and (self.temperature > 0 or self.adaptive_k):
+            raise UserError("static: the static decoder is greedy with a fixed k (drop --temperature / --adaptive-k)")
 
 
 def static_generate(cfg: GenerateConfig, ids: list[int], stop: tuple[int, ...]) -> tuple[list[int], GenerationStats]:
-    """Greedy tokens from `StaticLlama` (fused kernels + CUDA graph on CUDA), cut after the first stop token."""
+    """Greedy tokens from `StaticLlama` (fused kernels + CUDA graph on CUDA), with the draft if given."""
     from runtime.static_decode import StaticLlama
+    from runtime.static_speculative import StaticSpeculator
 
     cuda = cfg.device.startswith("cuda")
-    model = load_model(cfg.artifact, cfg.device, dtype=torch.bfloat16 if cuda else None)
-    try:
-        static = StaticLlama(model, max_batch=1, max_len=len(ids) + cfg.max_tokens)
-    except ValueError as exc:
-        raise UserError(f"static: {exc}") from None
+    decoders = []
+    for name in (cfg.artifact, cfg.draft):
+        if name is None:
+            continue
+        model = load_model(name, cfg.device, dtype=torch.bfloat16 if cuda else None)
+        try:
+            decoders.append(StaticLlama(model, max_batch=1, max_len=len(ids) + cfg.max_tokens + cfg.k))
+        except ValueError as exc:
+            raise UserError(f"static: {name}: {exc}") from None
+        if cuda:
+            decoders[-1].use_fused_kernels()
+    if cfg.draft is None:
+        static = decoders[0]
+        if cuda:
+            static.generate([ids], 2)  # compile the kernels and capture the graph outside the timing
+        out = static.generate([ids], cfg.max_tokens)[0]
+        cut = next((i + 1 for i, t in enumerate(out) if t in stop), len(out))
+        return out[:cut], GenerationStats(prompt_tokens=len(ids), new_tokens=cut, prefill_s=static.timings[0],
+                                          decode_s=static.timings[1] * (cut - 1) / max(len(out) - 1, 1))
+    speculator = StaticSpeculator(*decoders, k=cfg.k)
     if cuda:
-        static.use_fused_kernels()
-        static.generate([ids], 2)  # compile the kernels and capture the graph outside the timing
-    out = static.generate([ids], cfg.max_tokens)[0]
-    cut = next((i + 1 for i, t in enumerate(out) if t in stop), len(out))
-    stats = GenerationStats(prompt_tokens=len(ids), new_tokens=cut, prefill_s=static.timings[0],
-                            decode_s=static.timings[1] * (cut - 1) / max(len(out) - 1, 1))
-    return out[:cut], stats
+        speculator.generate(ids, 2)  # compile and capture outside the timing
+    out = speculator.generate(ids, cfg.max_tokens, stop)
+    s = speculator.stats
+    return out, GenerationStats(prompt_tokens=len(ids), new_tokens=len(out), prefill_s=s.prefill_s, decode_s=s.decode_s,
+                                target_steps=s.cycles, proposed=s.cycles * s.k, accepted=s.accepted)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

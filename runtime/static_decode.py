@@ -13,6 +13,7 @@ unpadded greedy decoding. Works on the CPU too (no graphs), which is what the te
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -103,68 +104,96 @@ class StaticLlama(nn.Module):
             x = x + (F.silu(gate) * up) @ p["w2"].t()
         return self._rms(x, self.norm) @ self.lm_head.t()
 
-    def decode_step(self, batch: int) -> None:
-        """One token for `batch` rows from the static inputs; writes the argmax back as the next input."""
+    def decode_step(self, batch: int, tokens: torch.Tensor | None = None, next_tokens: torch.Tensor | None = None
+                    ) -> None:
+        """One token for `batch` rows from the static inputs; writes the argmax back as the next input.
+
+        `tokens` / `next_tokens` ((batch, 1); both default to `self.tokens`) let a caller chain
+        steps through its own buffer (the speculative draft records its proposals that way).
+        """
+        tokens = self.tokens[:batch] if tokens is None else tokens
         self.valid[:batch].index_fill_(1, self.col, True)
-        logits = self.forward(self.tokens[:batch], self.pos[:batch], self.col)
-        self.tokens[:batch].copy_(logits[:, -1:].argmax(-1))
+        logits = self.forward(tokens, self.pos[:batch], self.col)
+        (tokens if next_tokens is None else next_tokens).copy_(logits[:, -1:].argmax(-1))
         self.pos[:batch].add_(1)
         self.col.add_(1)
 
-    def fused_step(self, batch: int) -> None:
-        """`decode_step` in five Triton kernels per layer (runtime/triton_decode.py); CUDA or interpreter."""
-        from runtime.triton_decode import decode_attention, finish_step, fused_linear
+    def _fused_layers(self, tokens: torch.Tensor, caches: list, attention) -> torch.Tensor:
+        """Embedding, then each layer in five Triton kernels; `attention(qkv, k_cache, v_cache)` is the varying one."""
+        from runtime.triton_decode import fused_linear
 
-        x = F.embedding(self.tokens[:batch, 0], self.embed)
-        for p, (k_cache, v_cache) in zip(self.layers, self.cache(batch), strict=True):
-            qkv = fused_linear(x, p["wqkv"], norm=p["attn_norm"], eps=self.eps)
-            o = decode_attention(qkv, k_cache, v_cache, self.cos, self.sin, self.pos[:batch], self.col,
-                                 self.valid[:batch], self.heads, self.kv_heads, self.head_dim)
+        x = F.embedding(tokens, self.embed)
+        for p, (k_cache, v_cache) in zip(self.layers, caches, strict=True):
+            o = attention(fused_linear(x, p["wqkv"], norm=p["attn_norm"], eps=self.eps), k_cache, v_cache)
             x = fused_linear(o, p["wo"], residual=x)
             x = fused_linear(fused_linear(x, p["w13"], norm=p["mlp_norm"], eps=self.eps, swiglu=True), p["w2"],
                              residual=x)
+        return x
+
+    def fused_step(self, batch: int, tokens: torch.Tensor | None = None, next_tokens: torch.Tensor | None = None
+                   ) -> None:
+        """`decode_step` in five Triton kernels per layer (runtime/triton_decode.py); CUDA or interpreter."""
+        from runtime.triton_decode import decode_attention, finish_step, fused_linear
+
+        tokens = self.tokens[:batch] if tokens is None else tokens
+
+        def attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+            return decode_attention(qkv, k_cache, v_cache, self.cos, self.sin, self.pos[:batch], self.col,
+                                    self.valid[:batch], self.heads, self.kv_heads, self.head_dim)
+        x = self._fused_layers(tokens[:, 0], self.cache(batch), attention)
         fused_linear(x, self.lm_head, norm=self.norm, eps=self.eps, argmax_into=self.best[:batch])
-        finish_step(self.best[:batch], self.tokens[:batch], self.pos[:batch], self.col)
+        finish_step(self.best[:batch], tokens if next_tokens is None else next_tokens, self.pos[:batch], self.col)
+
+    def verify_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Row 0's greedy next token after each of T consecutive tokens (T, 1) -> (T,); their k/v enter the cache.
+
+        They sit at positions `pos[0]..` and cache columns `col..`; neither is advanced (the caller
+        moves them past what it accepts).
+        """
+        count = tokens.shape[0]
+        offsets = torch.arange(count, device=self.device)
+        if self.step_fn != self.fused_step:
+            self.valid[:1].index_fill_(1, self.col + offsets, True)
+            return self.forward(tokens.view(1, count), self.pos[:1] + offsets, self.col + offsets)[0].argmax(-1)
+        from runtime.triton_decode import ARGMAX_EMPTY, fused_linear, unpack_argmax, verify_attention
+
+        def attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+            return verify_attention(qkv, k_cache, v_cache, self.cos, self.sin, self.pos[0], self.col, self.valid[:1],
+                                    self.heads, self.kv_heads, self.head_dim)
+        x = self._fused_layers(tokens[:, 0], self.cache(1), attention)
+        best = self.best[:count]
+        fused_linear(x, self.lm_head, norm=self.norm, eps=self.eps, argmax_into=best)
+        argmax = unpack_argmax(best)
+        best.fill_(ARGMAX_EMPTY)
+        return argmax
 
     def use_fused_kernels(self) -> None:
         """Decode with `fused_step` (needs Triton; on the CPU only under TRITON_INTERPRET=1)."""
         from runtime.triton_decode import ARGMAX_EMPTY
 
-        self.best = torch.full((self.max_batch,), ARGMAX_EMPTY, dtype=torch.long, device=self.device)
+        self.best = torch.full((max(self.max_batch, 64),), ARGMAX_EMPTY, dtype=torch.long, device=self.device)
         self.step_fn = self.fused_step
 
     def compile(self) -> None:
         """Fuse the step's elementwise work with Inductor (captured in our own graphs afterwards)."""
         self.step_fn = torch.compile(self.decode_step, fullgraph=True, dynamic=False)
 
-    def _capture(self, batch: int) -> torch.cuda.CUDAGraph:
-        state = [self.tokens, self.pos, self.col, self.valid, *(t for kv in self.cache(batch) for t in kv)]
-        saved = [t.clone() for t in state]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):  # warm-up (and compilation) outside the graph
-                self.step_fn(batch)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.step_fn(batch)
-        for buffer, old in zip(state, saved, strict=True):
-            buffer.copy_(old)  # the warm-up steps advanced the state: put it back
-        return graph
+    def state(self, batch: int) -> list[torch.Tensor]:
+        """Every buffer a decode step of `batch` rows writes."""
+        return [self.tokens, self.pos, self.col, self.valid, *(t for kv in self.cache(batch) for t in kv)]
 
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], new_tokens: int, use_graph: bool | None = None
-                 ) -> list[list[int]]:
-        """Greedy continuation of each prompt (no stop token): `new_tokens` ids per prompt."""
+    def prefill(self, prompts: list[list[int]], new_tokens: int) -> int:
+        """Left-padded prompts through the model (eager) into the cache; the batch bucket used.
+
+        Leaves the first greedy token in `tokens` and positions / cache column after the prompts.
+        """
         n = len(prompts)
         batch = next((b for b in BUCKETS if b >= n), n)
         width = max(map(len, prompts))
         if batch > self.max_batch or width + new_tokens > self.max_len:
             raise ValueError(f"batch {batch} / length {width + new_tokens} exceed the static cache "
                              f"({self.max_batch} x {self.max_len})")
-        use_graph = self.device.type == "cuda" if use_graph is None else use_graph
-        started = time.perf_counter()
         padded = torch.zeros(batch, width, dtype=torch.long)
         pos = torch.zeros(batch, width, dtype=torch.long)
         self.valid.zero_()
@@ -174,14 +203,23 @@ class StaticLlama(nn.Module):
             pos[i, pad:] = torch.arange(len(p))
             self.valid[i, pad:width] = True
         col = torch.arange(width, device=self.device)
-        logits = self.forward(padded.to(self.device), pos.to(self.device), col)  # prefill, eager
+        logits = self.forward(padded.to(self.device), pos.to(self.device), col)
         self.tokens[:batch] = logits[:, -1:].argmax(-1)
         self.pos[:batch] = pos[:, -1:].to(self.device) + 1
         self.col.fill_(width)
+        return batch
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], new_tokens: int, use_graph: bool | None = None
+                 ) -> list[list[int]]:
+        """Greedy continuation of each prompt (no stop token): `new_tokens` ids per prompt."""
+        use_graph = self.device.type == "cuda" if use_graph is None else use_graph
+        started = time.perf_counter()
+        batch = self.prefill(prompts, new_tokens)
         out = torch.empty(batch, new_tokens, dtype=torch.long, device=self.device)
         out[:, 0] = self.tokens[:batch, 0]
         if use_graph and batch not in self.graphs:
-            self.graphs[batch] = self._capture(batch)
+            self.graphs[batch] = capture_graph(lambda: self.step_fn(batch), self.state(batch))
         self._sync()
         prefilled = time.perf_counter()
         for i in range(1, new_tokens):
@@ -190,10 +228,27 @@ class StaticLlama(nn.Module):
             else:
                 self.step_fn(batch)
             out[:, i] = self.tokens[:batch, 0]
-        result = out[:n].tolist()  # (synchronises)
+        result = out[:len(prompts)].tolist()  # (synchronises)
         self.timings = (prefilled - started, time.perf_counter() - prefilled)
         return result
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def capture_graph(step: Callable[[], None], state: list[torch.Tensor]) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of `step`, after warm-up runs (compilation) on a side stream; `state` is put back after."""
+    saved = [t.clone() for t in state]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for buffer, old in zip(state, saved, strict=True):
+        buffer.copy_(old)  # the warm-up runs advanced the state: put it back
+    return graph

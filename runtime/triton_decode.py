@@ -34,15 +34,20 @@ except ImportError:  # older Triton
 # pdl: at batch 1, launch with programmatic dependent launch (each kernel loads its weights before
 # waiting for the previous kernel's output), on Hopper+ GPUs only. Measured on the H200: batch 1
 # 1,602 -> 1,933 tok/s with it; batch 32 (GEMM tiles, nothing to prefetch) 32.3k -> 27.4k, so not there.
-TILES = {"gemv": (8, 4, 64, 8), "gemm": (16, 256, 4), "attention": (128, 4),
+# small: 2..GEMV_MAX_ROWS rows (a small batch, a speculative verify pass) go through the GEMV with the weight slab
+# shared by the rows ("gemv"), or the tl.dot tile with "gemm_small" ("gemm"; "gemm+pdl" with PDL):
+# bench/static_speculative.py --small measures them.
+TILES = {"gemv": (8, 4, 64, 8), "gemm": (16, 256, 4), "gemm_small": (16, 256, 4), "attention": (128, 4),
+         "small": ("gemv",),
          "pdl": (gdc_wait is not None and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0),)}
 
 
 ARGMAX_EMPTY = -(2**63) + 1  # below every packed (value, column)
+GEMV_MAX_ROWS = 8  # up to this many rows (a small batch, a speculative verify pass) share one weight load
 
 
-def _launch_options(warps: int, batch: int) -> dict:
-    pdl = TILES["pdl"][0] and batch == 1
+def _launch_options(warps: int, batch: int, pdl: bool | None = None) -> dict:
+    pdl = TILES["pdl"][0] and (batch == 1 if pdl is None else pdl)
     return {"num_warps": warps, "PDL": pdl, **({"launch_pdl": True} if pdl else {})}
 
 
@@ -73,6 +78,11 @@ def finish_step(best: torch.Tensor, tokens: torch.Tensor, pos: torch.Tensor, col
     batch = best.shape[0]
     _finish_step_kernel[(1,)](best, tokens, pos, col, batch, BLOCK=triton.next_power_of_2(batch),
                               **_launch_options(1, batch))
+
+
+def unpack_argmax(best: torch.Tensor) -> torch.Tensor:
+    """The column ids packed by `fused_linear(..., argmax_into=best)` (PyTorch ops: a graph's last few kernels)."""
+    return 0xFFFFFFFF - (best & 0xFFFFFFFF)
 
 
 @triton.jit
@@ -130,11 +140,13 @@ def _linear_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, res_ptr, M, N, K, eps,
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, res_ptr, N, K, eps, HAS_NORM: tl.constexpr,
                  HAS_RES: tl.constexpr, SWIGLU: tl.constexpr, ARGMAX: tl.constexpr, BLOCK_N: tl.constexpr,
-                 K_PAD: tl.constexpr, PDL: tl.constexpr):
-    """Batch 1: the whole row of x and a (BLOCK_N, K) slab of w in one load each, no loop.
+                 K_PAD: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr):
+    """Up to a few rows: a (BLOCK_N, K) slab of w in one load, no loop, reused by each row of x.
 
     A decode GEMV of this size is bound by memory latency, not bandwidth: one round trip per
-    program instead of a chain of K steps (and a separate pass for the norm).
+    program instead of a chain of K steps (and a separate pass for the norm). Each row's sum is
+    the batch-1 code, so a row's result does not depend on how many rows come with it; but the
+    rows' reductions run one after another (on the H200 about +1.3 us per kernel per row).
     """
     if PDL:
         gdc_launch_dependents()
@@ -147,24 +159,28 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, res_ptr, N, K, eps, HAS_NORM: 
         w_up = tl.load(w_ptr + (N + cols)[:, None] * K + ks[None, :], mask=w_mask, other=0.0)
     if PDL:  # the weights are in flight; now wait for the previous kernel's output
         gdc_wait()
-    x = tl.load(x_ptr + ks, mask=k_ok, other=0.0)
     if HAS_NORM:
-        xf = x.to(tl.float32)
-        inv_rms = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / K + eps)
-        gain = tl.load(norm_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)  # (no bf16 arithmetic: the
-        x = (xf * inv_rms).to(x.dtype).to(tl.float32) * gain  # interpreter cannot do it)
-    x = x.to(w_ptr.dtype.element_ty).to(tl.float32)
-    acc = tl.sum(w.to(tl.float32) * x[None, :], 1)
-    if SWIGLU:  # round like the unfused path: gate and up in the weights' dtype, then SiLU(gate) * up
-        gate = acc.to(w_ptr.dtype.element_ty).to(tl.float32)
-        up = tl.sum(w_up.to(tl.float32) * x[None, :], 1).to(w_ptr.dtype.element_ty).to(tl.float32)
-        acc = (gate / (1.0 + tl.exp(-gate))).to(w_ptr.dtype.element_ty).to(tl.float32) * up
-    if HAS_RES:
-        acc = acc.to(w_ptr.dtype.element_ty).to(tl.float32) + tl.load(res_ptr + cols, mask=col_ok).to(tl.float32)
-    if ARGMAX:  # out is the running argmax (one int64), not logits
-        tl.atomic_max(out_ptr, tl.max(_pack_max(acc.to(w_ptr.dtype.element_ty).to(tl.float32), cols, col_ok), 0))
-    else:
-        tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+        gain = tl.load(norm_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+    for r in tl.static_range(ROWS):
+        x = tl.load(x_ptr + r * K + ks, mask=k_ok, other=0.0)
+        if HAS_NORM:
+            xf = x.to(tl.float32)
+            inv_rms = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / K + eps)  # (no bf16 arithmetic: the
+            x = (xf * inv_rms).to(x.dtype).to(tl.float32) * gain  # interpreter cannot do it)
+        x = x.to(w_ptr.dtype.element_ty).to(tl.float32)
+        acc = tl.sum(w.to(tl.float32) * x[None, :], 1)
+        if SWIGLU:  # round like the unfused path: gate and up in the weights' dtype, then SiLU(gate) * up
+            gate = acc.to(w_ptr.dtype.element_ty).to(tl.float32)
+            up = tl.sum(w_up.to(tl.float32) * x[None, :], 1).to(w_ptr.dtype.element_ty).to(tl.float32)
+            acc = (gate / (1.0 + tl.exp(-gate))).to(w_ptr.dtype.element_ty).to(tl.float32) * up
+        if HAS_RES:
+            acc = (acc.to(w_ptr.dtype.element_ty).to(tl.float32)
+                   + tl.load(res_ptr + r * N + cols, mask=col_ok).to(tl.float32))
+        if ARGMAX:  # out is the running argmax (one int64 per row), not logits
+            tl.atomic_max(out_ptr + r,
+                          tl.max(_pack_max(acc.to(w_ptr.dtype.element_ty).to(tl.float32), cols, col_ok), 0))
+        else:
+            tl.store(out_ptr + r * N + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 1e-5,
@@ -181,19 +197,27 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, norm: torch.Tensor | Non
     flags = {"HAS_NORM": norm is not None, "HAS_RES": residual is not None, "SWIGLU": swiglu,
              "ARGMAX": argmax_into is not None}
     norm_arg, res_arg = (norm if norm is not None else x), (residual if residual is not None else x)
-    if m == 1:  # GEMV: small output slabs so that even a 576-wide projection spreads over the SMs
+    small = TILES["small"][0]
+    if m == 1 or (m <= GEMV_MAX_ROWS and small == "gemv"):  # GEMV: small output slabs spread even N = 576
         small_n, small_warps, large_n, large_warps = TILES["gemv"]
         block_n, warps = (small_n, small_warps) if n <= 4096 else (large_n, large_warps)
         _gemv_kernel[(triton.cdiv(n, block_n),)](x, weight, out, norm_arg, res_arg, n, k, eps, **flags, BLOCK_N=block_n,
-                                                 K_PAD=triton.next_power_of_2(k), **_launch_options(warps, m))
+                                                 K_PAD=triton.next_power_of_2(k), ROWS=m,
+                                                 **_launch_options(warps, 1))
         return out
-    block_n, block_k, warps = TILES["gemm"]
+    block_n, block_k, warps = TILES["gemm_small" if m <= 16 else "gemm"]
     block_m = min(64, max(16, triton.next_power_of_2(m)))
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
     _linear_kernel[grid](x, weight, out, norm_arg, res_arg, m, n, k, eps, **flags, BLOCK_M=block_m, BLOCK_N=block_n,
                          BLOCK_K=block_k, PRECISION="ieee" if x.dtype == torch.float32 else None,
-                         **_launch_options(warps, m))
+                         **_launch_options(warps, m, pdl=m <= 16 and small == "gemm+pdl"))
     return out
+
+
+@triton.jit
+def _rotary(x, x_partner, cos, sin, sign):
+    """Rotary embedding in fp32: x * cos + rotate_half(x) * sin, rotate_half read as the partner lanes."""
+    return x.to(tl.float32) * cos + sign * x_partner.to(tl.float32) * sin
 
 
 @triton.jit
@@ -221,11 +245,11 @@ def _decode_attention_kernel(qkv_ptr, k_cache, v_cache, cos_ptr, sin_ptr, pos_pt
     row = qkv_ptr + b * qkv_stride
     q_at = row + (h * GROUP + g)[:, None] * D
     q = tl.load(q_at + d[None, :], mask=g_ok[:, None], other=0.0)
-    q_partner = tl.load(q_at + partner[None, :], mask=g_ok[:, None], other=0.0).to(tl.float32)
-    q = (q.to(tl.float32) * cos[None, :] + sign[None, :] * q_partner * sin[None, :]).to(q.dtype)
+    q_partner = tl.load(q_at + partner[None, :], mask=g_ok[:, None], other=0.0)
+    q = _rotary(q, q_partner, cos[None, :], sin[None, :], sign[None, :]).to(q.dtype)
     k_at = row + HEADS * D + h * D
     k = tl.load(k_at + d)
-    k = (k.to(tl.float32) * cos + sign * tl.load(k_at + partner).to(tl.float32) * sin).to(k.dtype)
+    k = _rotary(k, tl.load(k_at + partner), cos, sin, sign).to(k.dtype)
     v = tl.load(row + (HEADS + KV_HEADS) * D + h * D + d)
     slot = b * cache_b + h * cache_h + col * cache_l
     tl.store(k_cache + slot + d, k)
@@ -265,10 +289,7 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     `valid` (B, L) bool marks the columns each row may attend to (left padding is False).
     """
     batch = qkv.shape[0]
-    group = heads // kv_heads
-    if group > 16 or head_dim < 16 or head_dim & (head_dim - 1):
-        raise ValueError(f"fused decode attention needs <= 16 query heads per KV head and a power-of-two "
-                         f"head_dim >= 16 (got {group}, {head_dim})")
+    group = _query_group(heads, kv_heads, head_dim)
     out = torch.empty(batch, heads * head_dim, device=qkv.device, dtype=qkv.dtype)
     block_l, warps = TILES["attention"]
     _decode_attention_kernel[(batch, kv_heads)](
@@ -276,4 +297,96 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         k_cache.stride(2), valid.stride(0), out.stride(0), head_dim ** -0.5, HEADS=heads, KV_HEADS=kv_heads,
         GROUP=group, D=head_dim, BLOCK_L=block_l, PRECISION="ieee" if qkv.dtype == torch.float32 else None,
         **_launch_options(warps, batch))
+    return out
+
+
+def _query_group(heads: int, kv_heads: int, head_dim: int) -> int:
+    group = heads // kv_heads
+    if group > 16 or head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"fused decode attention needs <= 16 query heads per KV head and a power-of-two "
+                         f"head_dim >= 16 (got {group}, {head_dim})")
+    return group
+
+
+@triton.jit
+def _verify_attention_kernel(qkv_ptr, k_cache, v_cache, cos_ptr, sin_ptr, pos_ptr, col_ptr, valid_ptr, out_ptr,
+                             qkv_stride, cache_h, cache_l, out_stride, scale, T, HEADS: tl.constexpr,
+                             KV_HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, T_PAD: tl.constexpr,
+                             QROWS: tl.constexpr, BLOCK_L: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+    """KV head h: T new tokens (columns col.., positions pos..) write their rotated k and v, then attend causally.
+
+    Query row r is token r // GROUP, head h * GROUP + r % GROUP: the T query groups share one
+    tensor-core tile (padded to QROWS), so k + 1 speculative positions cost one pass over the cache.
+    """
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    h = tl.program_id(0)
+    d = tl.arange(0, D)
+    partner = (d + D // 2) % D
+    sign = tl.where(d < D // 2, -1.0, 1.0)[None, :]
+    pos, col = tl.load(pos_ptr), tl.load(col_ptr)
+    t = tl.arange(0, T_PAD)
+    t_ok = (t < T)[:, None]
+    cos = tl.load(cos_ptr + (pos + t)[:, None] * D + d[None, :], mask=t_ok, other=0.0)
+    sin = tl.load(sin_ptr + (pos + t)[:, None] * D + d[None, :], mask=t_ok, other=0.0)
+    k_at = qkv_ptr + t[:, None] * qkv_stride + HEADS * D + h * D
+    k = tl.load(k_at + d[None, :], mask=t_ok, other=0.0)
+    k = _rotary(k, tl.load(k_at + partner[None, :], mask=t_ok, other=0.0), cos, sin, sign).to(k.dtype)
+    v = tl.load(qkv_ptr + t[:, None] * qkv_stride + (HEADS + KV_HEADS) * D + h * D + d[None, :], mask=t_ok, other=0.0)
+    slot = h * cache_h + (col + t)[:, None] * cache_l + d[None, :]
+    tl.store(k_cache + slot, k, mask=t_ok)
+    tl.store(v_cache + slot, v, mask=t_ok)
+    if h == 0:
+        tl.store(valid_ptr + col + t, tl.full((T_PAD,), 1, tl.int1), mask=t < T)
+    tl.debug_barrier()  # the program reads back what it wrote
+    r = tl.arange(0, QROWS)
+    qt = r // GROUP
+    q_ok = (qt < T)[:, None]
+    q_at = qkv_ptr + qt[:, None] * qkv_stride + (h * GROUP + r % GROUP)[:, None] * D
+    cos = tl.load(cos_ptr + (pos + qt)[:, None] * D + d[None, :], mask=q_ok, other=0.0)
+    sin = tl.load(sin_ptr + (pos + qt)[:, None] * D + d[None, :], mask=q_ok, other=0.0)
+    q = tl.load(q_at + d[None, :], mask=q_ok, other=0.0)
+    q = _rotary(q, tl.load(q_at + partner[None, :], mask=q_ok, other=0.0), cos, sin, sign).to(q.dtype)
+    best = tl.full((QROWS,), -1e30, tl.float32)  # finite: a row may see no column in a tile
+    total = tl.zeros((QROWS,), tl.float32)
+    acc = tl.zeros((QROWS, D), tl.float32)
+    for start in range(0, col + T, BLOCK_L):
+        cols = start + tl.arange(0, BLOCK_L)
+        seen = cols < col + T
+        ok = seen & (tl.load(valid_ptr + cols, mask=seen, other=0) != 0)
+        at = h * cache_h + cols[:, None] * cache_l + d[None, :]
+        keys = tl.load(k_cache + at, mask=ok[:, None], other=0.0)
+        values = tl.load(v_cache + at, mask=ok[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(keys), input_precision=PRECISION) * scale  # (QROWS, BLOCK_L)
+        scores = tl.where(ok[None, :] & (cols[None, :] <= (col + qt)[:, None]), scores, float("-inf"))
+        new_best = tl.maximum(best, tl.max(scores, 1))
+        alpha = tl.exp(best - new_best)
+        p = tl.exp(scores - new_best[:, None])
+        total = total * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values, input_precision=PRECISION)
+        best = new_best
+    out = acc / total[:, None]
+    tl.store(out_ptr + qt[:, None] * out_stride + (h * GROUP + r % GROUP)[:, None] * D + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=q_ok)
+
+
+def verify_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor, pos: torch.Tensor, col: torch.Tensor, valid: torch.Tensor,
+                     heads: int, kv_heads: int, head_dim: int) -> torch.Tensor:
+    """qkv (T, (H + 2 KV) D) of T consecutive new tokens of one sequence -> (T, H D), causal among them.
+
+    Caches (1, KV, L, D); `pos` (1,) the first token's rotary position, `col` (1,) its cache column;
+    `valid` (1, L) as in `decode_attention`. Columns past the new tokens are ignored, so a rejected
+    speculative tail needs no clean-up: moving `col` back is the rollback.
+    """
+    tokens = qkv.shape[0]
+    group = _query_group(heads, kv_heads, head_dim)
+    out = torch.empty(tokens, heads * head_dim, device=qkv.device, dtype=qkv.dtype)
+    block_l, warps = TILES["attention"]
+    _verify_attention_kernel[(kv_heads,)](
+        qkv, k_cache, v_cache, cos, sin, pos, col, valid, out, qkv.stride(0), k_cache.stride(1), k_cache.stride(2),
+        out.stride(0), head_dim ** -0.5, tokens, HEADS=heads, KV_HEADS=kv_heads, GROUP=group, D=head_dim,
+        T_PAD=triton.next_power_of_2(tokens), QROWS=max(16, triton.next_power_of_2(tokens * group)),
+        BLOCK_L=block_l, PRECISION="ieee" if qkv.dtype == torch.float32 else None, **_launch_options(warps, 1))
     return out

@@ -19,6 +19,11 @@ def test_generate_cli_plain_and_speculative(tiny_artifact):
     assert static.returncode == 0, static.stderr[-2000:]
     assert static.stdout.splitlines()[0] == plain.stdout.splitlines()[0]  # same greedy text
     assert "static decoder" in static.stdout.splitlines()[-1]
+    static_spec = _run("--artifact", a, "--draft", a, "--k", "2", "--prompt", "The fire near the town", "--max-tokens",
+                       "6", "--static")
+    assert static_spec.returncode == 0, static_spec.stderr[-2000:]
+    assert static_spec.stdout.splitlines()[0] == plain.stdout.splitlines()[0]
+    assert "acceptance 1.00" in static_spec.stdout.splitlines()[-1]
     sampled = _run("--artifact", a, "--prompt", "x", "--temperature", "0.8", "--top-p", "0.9", "--seed", "1")
     again = _run("--artifact", a, "--prompt", "x", "--temperature", "0.8", "--top-p", "0.9", "--seed", "1")
     assert sampled.stdout.splitlines()[0] == again.stdout.splitlines()[0]

@@ -7,18 +7,25 @@ import torch.nn.functional as F
 pytest.importorskip("triton")  # without CUDA, tests/conftest.py has set TRITON_INTERPRET=1
 
 from runtime.static_decode import StaticLlama  # noqa: E402
-from runtime.triton_decode import decode_attention, fused_linear  # noqa: E402
+from runtime.triton_decode import decode_attention, fused_linear, verify_attention  # noqa: E402
 from tests.conftest import greedy_reference, make_tiny_llama  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # the interpreter's bf16 tl.dot is wrong (numpy has no bf16), so bf16 is checked on the GEMV path there
-@pytest.mark.parametrize(("rows", "dtype"), [(1, torch.float32), (3, torch.float32), (32, torch.float32),
+@pytest.mark.parametrize(("rows", "dtype"), [(1, torch.float32), (3, torch.float32), (8, torch.float32),
+                                             (9, torch.float32), (32, torch.float32), (5, torch.bfloat16),
                                              (1, torch.bfloat16),
                                              pytest.param(32, torch.bfloat16, marks=pytest.mark.skipif(
                                                  DEVICE != "cuda", reason="bf16 tl.dot needs CUDA"))])
-def test_fused_linear_equals_unfused(rows, dtype):
+@pytest.mark.parametrize("small", ["gemv", "gemm"])
+def test_fused_linear_equals_unfused(rows, dtype, small, monkeypatch):
+    from runtime import triton_decode
+
+    if small == "gemm" and (rows == 1 or rows > 8 or dtype == torch.bfloat16 and DEVICE != "cuda"):
+        pytest.skip("the setting only routes 2-8 rows; bf16 tl.dot needs CUDA")
+    monkeypatch.setitem(triton_decode.TILES, "small", (small,))
     gen = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 80, generator=gen).to(DEVICE, dtype)  # 80: K not a multiple of the tile
     weight = (torch.randn(96, 80, generator=gen) / 8).to(DEVICE, dtype)
@@ -61,6 +68,53 @@ def test_decode_attention_equals_sdpa_with_left_padding():
     torch.testing.assert_close(on_device[1].cpu(), k_ref)  # the new k and v are in the caches
     torch.testing.assert_close(on_device[2].cpu(), v_ref)
     assert torch.equal(on_device[-1].cpu(), valid_ref)  # and the new column is marked valid
+
+
+def test_multi_row_gemv_rows_equal_single_row_gemv_bitwise(monkeypatch):
+    """With the GEMV, a verify pass over k + 1 tokens scores each exactly as a one-token decode step would."""
+    from runtime import triton_decode
+
+    monkeypatch.setitem(triton_decode.TILES, "small", ("gemv",))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 80, generator=gen).to(DEVICE)
+    weight, gain = torch.randn(96, 80, generator=gen).to(DEVICE), torch.rand(80, generator=gen).to(DEVICE)
+    together = fused_linear(x, weight, norm=gain)
+    for row in range(5):
+        assert torch.equal(together[row:row + 1], fused_linear(x[row:row + 1], weight, norm=gain))
+
+
+def test_verify_attention_equals_causal_sdpa():
+    heads, kv_heads, dim, length, col, tokens, pad = 6, 2, 16, 96, 70, 5, 4  # 70 + 5 columns: three tiles
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=gen)
+    k_cache = torch.randn(1, kv_heads, length, dim, generator=gen)  # stale values beyond col: must be ignored
+    v_cache = torch.randn(1, kv_heads, length, dim, generator=gen)
+    valid = torch.zeros(1, length, dtype=torch.bool)
+    valid[0, pad:] = True  # left padding before, stale "valid" columns after col (a rolled-back tail)
+    pos = col - pad
+    angles = torch.arange(length)[:, None] * torch.rand(dim // 2, generator=gen).repeat(2)[None]
+    cos, sin = angles.cos(), angles.sin()
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    on_device = [t.to(DEVICE) for t in (qkv, k_cache, v_cache, cos, sin, torch.tensor([pos]), torch.tensor([col]),
+                                        valid)]
+    out = verify_attention(*on_device, heads, kv_heads, dim)
+
+    def rotate(x):  # (T, N, D) at positions pos..pos+T-1
+        half = torch.cat([-x[..., dim // 2:], x[..., :dim // 2]], -1)
+        p = pos + torch.arange(tokens)
+        return x * cos[p][:, None] + half * sin[p][:, None]
+    q = rotate(qkv[:, :heads * dim].view(tokens, heads, dim))
+    k = rotate(qkv[:, heads * dim:(heads + kv_heads) * dim].view(tokens, kv_heads, dim))
+    v = qkv[:, (heads + kv_heads) * dim:].view(tokens, kv_heads, dim)
+    k_ref[0, :, col:col + tokens], v_ref[0, :, col:col + tokens] = k.transpose(0, 1), v.transpose(0, 1)
+    columns = torch.arange(length)
+    mask = valid[0][None] & (columns[None] <= col + torch.arange(tokens)[:, None])  # (T, L)
+    expected = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k_ref, v_ref, attn_mask=mask[None, None],
+                                              enable_gqa=True)[0].transpose(0, 1)
+    torch.testing.assert_close(out.cpu(), expected.reshape(tokens, heads * dim), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(on_device[1].cpu(), k_ref)
+    torch.testing.assert_close(on_device[2].cpu(), v_ref)
+    assert on_device[-1].cpu()[0, col:col + tokens].all()
 
 
 def test_fused_greedy_equals_hf_for_mixed_lengths():

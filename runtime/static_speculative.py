@@ -1,0 +1,113 @@
+"""Greedy speculative decoding over two static decoders: each draft-and-verify cycle is one CUDA graph.
+
+The engine's speculative loop (runtime/engine.py) is the general one (sampling, paged cache) and
+goes through the host for every draft token; on a GPU, where the target's fused decode step
+takes ~0.5 ms, that overhead would eat the gain. Here a cycle is k + 1 draft decode steps (the
+last one only writes the k-th proposal's k/v), one target pass over the last accepted token and
+the k proposals (`StaticLlama.verify_step`: k + 1 positions for about the price of one step, the
+weights are read once), and the acceptance: the longest prefix of proposals equal to the target's
+argmax, plus the target's next token after it. All of it stays on the device; cycles are replayed
+in chunks that cannot overshoot the token budget, so the host synchronises a few times per
+answer. Rejected tokens roll back by moving both cache columns back: their stale k/v lie beyond
+every later query's causal limit until overwritten. Greedy output equals the target's own greedy
+output (up to floating-point ties between the one-token and the (k + 1)-token kernels).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from runtime.static_decode import StaticLlama, capture_graph
+
+
+@dataclass
+class SpeculativeStats:
+    new_tokens: int = 0
+    cycles: int = 0  # target passes
+    accepted: int = 0  # draft tokens accepted, over all cycles run
+    k: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / (self.cycles * self.k) if self.cycles else 0.0
+
+    @property
+    def tokens_per_target_step(self) -> float:
+        return (self.accepted + self.cycles) / self.cycles if self.cycles else 0.0
+
+
+class StaticSpeculator:
+    def __init__(self, target: StaticLlama, draft: StaticLlama, k: int = 4):
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        if target.embed.shape[0] != draft.embed.shape[0] or target.device != draft.device:
+            raise ValueError("draft and target need the same vocabulary and device")
+        self.target, self.draft, self.k = target, draft, k
+        device = target.device
+        self.tokens = torch.zeros(k + 2, 1, dtype=torch.long, device=device)  # last accepted, k proposals, spare
+        self.offsets = torch.arange(k + 1, device=device)
+        self.out = torch.zeros(target.max_len + k + 1, dtype=torch.long, device=device)
+        self.count = torch.zeros(1, dtype=torch.long, device=device)  # tokens in `out`
+        self.accepted = torch.zeros(1, dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.stats = SpeculativeStats(k=k)
+
+    def cycle(self) -> None:
+        """Draft k tokens, verify them, append the accepted ones and the target's next token to `out`."""
+        target, draft, k = self.target, self.draft, self.k
+        for i in range(k + 1):
+            draft.step_fn(1, self.tokens[i:i + 1], self.tokens[i + 1:i + 2])
+        argmax = target.verify_step(self.tokens[:k + 1])  # the target's token after each of the k + 1
+        accepted = (argmax[:k] == self.tokens[1:k + 1, 0]).long().cumprod(0).sum()
+        self.out.index_copy_(0, self.count + self.offsets, argmax)  # argmax[:accepted + 1] are the new tokens
+        self.tokens[0].copy_(argmax.gather(0, accepted.view(1)))
+        advance = accepted + 1
+        target.pos[:1] += advance
+        target.col += advance
+        draft.pos[:1].copy_(target.pos[:1])
+        draft.col.copy_(target.col)
+        self.count += advance
+        self.accepted += accepted
+
+    def _state(self) -> list[torch.Tensor]:
+        return [self.tokens, self.out, self.count, self.accepted, *self.target.state(1), *self.draft.state(1)]
+
+    @torch.inference_mode()
+    def generate(self, prompt: list[int], new_tokens: int, stop_ids: tuple[int, ...] = (),
+                 use_graph: bool | None = None) -> list[int]:
+        """Greedy continuation of one prompt: `new_tokens` ids, or up to and including the first stop id."""
+        target, draft, k = self.target, self.draft, self.k
+        if len(prompt) + new_tokens + k > min(target.max_len, draft.max_len):
+            raise ValueError(f"prompt {len(prompt)} + {new_tokens} new tokens + k {k} exceed the static cache "
+                             f"({min(target.max_len, draft.max_len)})")
+        use_graph = target.device.type == "cuda" if use_graph is None else use_graph
+        started = time.perf_counter()
+        target.prefill([prompt], new_tokens)
+        draft.prefill([prompt], new_tokens)  # its own first token is not used: the target's is
+        self.tokens[0].copy_(target.tokens[0])
+        self.out[0] = target.tokens[0, 0]
+        self.count.fill_(1)
+        self.accepted.zero_()
+        if use_graph and self.graph is None:
+            self.graph = capture_graph(self.cycle, self._state())
+        target._sync()
+        prefilled = time.perf_counter()
+        cycles, done = 0, 1
+        while done < new_tokens and not (stop_ids and any(t in stop_ids for t in self.out[:done].tolist())):
+            # each cycle adds 1..k+1 tokens: this many cannot overshoot the budget (few near a stop token)
+            chunk = math.ceil((new_tokens - done) / (k + 1))
+            for _ in range(min(chunk, 8) if stop_ids else chunk):
+                self.graph.replay() if use_graph else self.cycle()
+            cycles += min(chunk, 8) if stop_ids else chunk
+            done = int(self.count.item())
+        out = self.out[:min(done, new_tokens)].tolist()
+        cut = next((i + 1 for i, t in enumerate(out) if t in stop_ids), len(out))
+        self.stats = SpeculativeStats(new_tokens=cut, cycles=cycles, accepted=int(self.accepted.item()), k=k,
+                                      prefill_s=prefilled - started, decode_s=time.perf_counter() - prefilled)
+        return out[:cut]

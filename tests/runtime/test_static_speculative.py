@@ -1,0 +1,80 @@
+import copy
+
+import pytest
+import torch
+
+from runtime.static_decode import StaticLlama
+from runtime.static_speculative import StaticSpeculator
+from tests.conftest import greedy_reference, make_tiny_llama
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def tiny_pair(noise: float = 0.4):
+    """A target and a draft that agrees with it part of the time (its LM head perturbed)."""
+    target = make_tiny_llama(vocab_size=300, hidden=96, layers=3, heads=6, kv_heads=2, tie=False)
+    draft = copy.deepcopy(target)
+    with torch.no_grad():
+        head = draft.lm_head.weight
+        head.add_(torch.randn(head.shape, generator=torch.Generator().manual_seed(1)) * head.std() * noise)
+    return target, draft
+
+
+PROMPT = [5, 17, 123, 9, 250, 31, 77]
+
+
+@pytest.mark.parametrize("k", [1, 3, 4])
+def test_speculative_greedy_equals_target_greedy(k):
+    target, draft = tiny_pair()
+    expected = greedy_reference(target, PROMPT, 24)
+    spec = StaticSpeculator(StaticLlama(target, 1, 64), StaticLlama(draft, 1, 64), k)
+    assert spec.generate(PROMPT, 24) == expected
+    assert 0 < spec.stats.acceptance_rate < 1  # both branches of the acceptance ran
+    assert spec.stats.new_tokens == 24
+    assert spec.generate(PROMPT[:3], 10) == greedy_reference(target, PROMPT[:3], 10)  # state reset between calls
+
+
+def test_smaller_draft_and_stop_token():
+    target, _ = tiny_pair()
+    draft = make_tiny_llama(vocab_size=300, hidden=64, layers=1, heads=4, kv_heads=2, seed=3, tie=False)
+    expected = greedy_reference(target, PROMPT, 16)
+    spec = StaticSpeculator(StaticLlama(target, 1, 64), StaticLlama(draft, 1, 64), 3)
+    assert spec.generate(PROMPT, 16) == expected
+    stop = expected[9]
+    assert spec.generate(PROMPT, 16, stop_ids=(stop,)) == expected[:expected.index(stop) + 1]
+
+
+def test_target_as_its_own_draft_accepts_every_token():
+    target, _ = tiny_pair()
+    spec = StaticSpeculator(StaticLlama(target, 1, 64), StaticLlama(target, 1, 64), 4)
+    assert spec.generate(PROMPT, 21) == greedy_reference(target, PROMPT, 21)
+    assert spec.stats.acceptance_rate == 1.0 and spec.stats.tokens_per_target_step == 5.0
+    assert spec.stats.cycles == 4  # 1 token from the prefill, then 4 cycles of 5
+
+
+def test_limits_are_checked():
+    target, draft = tiny_pair()
+    spec = StaticSpeculator(StaticLlama(target, 1, 32), StaticLlama(draft, 1, 32), 4)
+    with pytest.raises(ValueError, match="static cache"):
+        spec.generate(PROMPT, 22)  # 7 + 22 + 4 > 32
+    with pytest.raises(ValueError, match="vocabulary"):
+        StaticSpeculator(StaticLlama(target, 1, 32), StaticLlama(make_tiny_llama(vocab_size=200), 1, 32))
+
+
+@pytest.mark.parametrize("small", ["gemv", "gemm"])
+def test_fused_speculative_equals_target_greedy(small, monkeypatch):
+    """The Triton path (verify attention over k + 1 tokens, either kernel for the k + 1 rows); CPU: interpreter."""
+    pytest.importorskip("triton")
+    from runtime import triton_decode
+
+    monkeypatch.setitem(triton_decode.TILES, "small", (small,))
+    target, draft = tiny_pair()
+    expected = greedy_reference(target, PROMPT, 12)
+    fused_target, fused_draft = StaticLlama(target.to(DEVICE), 1, 48), StaticLlama(draft.to(DEVICE), 1, 48)
+    fused_target.use_fused_kernels()
+    fused_draft.use_fused_kernels()
+    spec = StaticSpeculator(fused_target, fused_draft, 3)
+    assert spec.generate(PROMPT, 12, use_graph=False) == expected
+    assert 0 < spec.stats.acceptance_rate < 1
+    if DEVICE == "cuda":
+        assert spec.generate(PROMPT, 12, use_graph=True) == expected
