@@ -4,9 +4,11 @@
 
 (1) Prefix caching: time to first token of a sequence whose 512-token prefix is new, then of a
 second sequence sharing that prefix (its blocks come from the cache). (2) On held-out chat prompts,
-greedy decoding without and with the draft, interleaved prompt by prompt, same engine: decode
-tokens/s of each, the speed-up, the acceptance rate and mean tokens per target step; outputs are
-checked to be identical. Writes artifacts/bench/engine-<device>.json.
+greedy decoding (to the end-of-turn token, at most --new-tokens), interleaved prompt by prompt:
+the engine alone, with the draft model (`--draft none` skips it), with prompt lookup as the draft,
+and the baseline, transformers' `generate` plain and with its `prompt_lookup_num_tokens`. Decode
+tokens/s, speed-ups, acceptance rate and tokens per target step; every output is checked against
+the engine's plain output. Writes artifacts/bench/engine-<device>.json.
 """
 
 from __future__ import annotations
@@ -19,9 +21,18 @@ from pathlib import Path
 
 import torch
 
-from runtime.engine import Engine, SamplingParams
+from runtime.engine import Engine, PromptLookupDraft, SamplingParams
 from runtime.loading import load_model, load_tokenizer
 from train.data import chat_prompts, heldout_windows
+
+
+@torch.inference_mode()
+def hf_generate(model: torch.nn.Module, ids: list[int], max_new: int, stop: tuple[int, ...], **extra) -> list[int]:
+    device = next(model.parameters()).device
+    tokens = torch.tensor([ids], device=device)
+    out = model.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=max_new, do_sample=False,
+                         eos_token_id=list(stop) or None, pad_token_id=0, **extra)
+    return out[0, len(ids):].tolist()
 
 
 def main() -> None:
@@ -32,6 +43,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--lookup-k", type=int, default=2, help="prompt lookup: tokens proposed per step")
+    parser.add_argument("--lookup-ngram", type=int, default=3, help="prompt lookup: longest n-gram matched")
+    parser.add_argument("--lookup-min-ngram", type=int, default=1, help="prompt lookup: shortest n-gram matched")
+    parser.add_argument("--stop", action=argparse.BooleanOptionalAction, default=True,
+                        help="stop at the end-of-turn token (else exactly --new-tokens)")
     args = parser.parse_args()
     tokenizer = load_tokenizer(args.target)
     target = Engine(load_model(args.target, args.device), block_size=16, num_blocks=512)
@@ -50,30 +66,58 @@ def main() -> None:
     print(f"prefix cache: TTFT {first * 1000:.0f} ms -> {second * 1000:.0f} ms with a shared 512-token prefix "
           f"({stats.prefix_hit_blocks} blocks reused, ratio {second / first:.3f})", flush=True)
 
-    draft = Engine(load_model(args.draft, args.device), block_size=16, num_blocks=512)
+    model = target.runner.model
+    draft = Engine(load_model(args.draft, args.device), block_size=16, num_blocks=512) if args.draft != "none" else None
     rows = []
-    params = SamplingParams(max_new_tokens=args.new_tokens)
+    eos = (tokenizer.eos_token_id,) if args.stop else ()
+    params = SamplingParams(max_new_tokens=args.new_tokens, stop_ids=eos)
     for text in chat_prompts(tokenizer, args.prompts, split="heldout"):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         (plain,), p_stats = target.generate([ids], params)
-        spec, s_stats = target.speculative(draft, ids, params, k=args.k)
-        rows.append({"prompt_tokens": len(ids), "identical": plain == spec,
-                     "plain_tok_s": p_stats.new_tokens / p_stats.decode_s,
-                     "spec_tok_s": s_stats.new_tokens / s_stats.decode_s,
-                     "acceptance": s_stats.acceptance_rate, "tokens_per_target_step": s_stats.tokens_per_target_step})
-        print(rows[-1], flush=True)
-    total = {k: sum(r[k] for r in rows) / len(rows) for k in ("plain_tok_s", "spec_tok_s", "acceptance",
-                                                               "tokens_per_target_step")}
-    total["speedup"] = total["spec_tok_s"] / total["plain_tok_s"]
-    total["all_identical"] = all(r["identical"] for r in rows)
-    result.update(rows=rows, mean=total, torch_threads=torch.get_num_threads())
+        row = {"prompt_tokens": len(ids), "new_tokens": len(plain), "plain_tok_s": p_stats.new_tokens / p_stats.decode_s,
+               "plain_e2e_tok_s": p_stats.new_tokens / (p_stats.prefill_s + p_stats.decode_s)}
+        arms = {"lookup": (PromptLookupDraft(args.lookup_ngram, args.lookup_min_ngram), args.lookup_k)}
+        if draft is not None:
+            arms["spec"] = (draft, args.k)
+        for name, (drafter, k) in arms.items():
+            out, s_stats = target.speculative(drafter, ids, params, k=k)
+            row.update({f"{name}_identical": out == plain, f"{name}_tok_s": s_stats.new_tokens / s_stats.decode_s,
+                        f"{name}_e2e_tok_s": s_stats.new_tokens / (s_stats.prefill_s + s_stats.decode_s),
+                        f"{name}_acceptance": s_stats.acceptance_rate,
+                        f"{name}_tokens_per_target_step": s_stats.tokens_per_target_step})
+        if model is not None:  # the baseline: transformers' generate, plain and with its prompt lookup
+            for name, extra in (("hf", {}), ("hf_lookup", {"prompt_lookup_num_tokens": args.lookup_k})):
+                started = time.perf_counter()
+                out = hf_generate(model, ids, len(plain), eos, **extra)
+                row[f"{name}_e2e_tok_s"] = len(out) / (time.perf_counter() - started)
+                row[f"{name}_identical"] = out == plain
+        rows.append(row)
+        print({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+    total = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if not k.endswith("identical")}
+    total.update({k: all(r[k] for r in rows) for k in rows[0] if k.endswith("identical")})
+    for name in ("spec", "lookup"):
+        if f"{name}_tok_s" in total:
+            total[f"{name}_speedup"] = sum(r[f"{name}_tok_s"] / r["plain_tok_s"] for r in rows) / len(rows)
+    if "hf_lookup_e2e_tok_s" in total:
+        total["hf_lookup_speedup"] = sum(r["hf_lookup_e2e_tok_s"] / r["hf_e2e_tok_s"] for r in rows) / len(rows)
+        total["lookup_vs_hf_lookup_e2e"] = sum(r["lookup_e2e_tok_s"] / r["hf_lookup_e2e_tok_s"] for r in rows) / len(rows)
+    result.update(rows=rows, mean=total, torch_threads=torch.get_num_threads(), lookup_k=args.lookup_k,
+                  lookup_ngram=(args.lookup_min_ngram, args.lookup_ngram), stop_at_eos=args.stop)
     out = Path(os.environ.get("OUT", "artifacts/bench"))
     out.mkdir(parents=True, exist_ok=True)
     (out / f"engine-{args.device}.json").write_text(json.dumps(result, indent=2))
-    print(f"\nspeculative (k={args.k}): acceptance {total['acceptance']:.2f}, {total['tokens_per_target_step']:.2f} "
-          f"tokens/target step, decode {total['plain_tok_s']:.1f} -> {total['spec_tok_s']:.1f} tok/s "
-          f"({total['speedup']:.2f}x), greedy outputs identical: {total['all_identical']}")
-
+    print(f"\nplain decode {total['plain_tok_s']:.1f} tok/s; answers {total['new_tokens']:.0f} tokens")
+    if "spec_tok_s" in total:
+        print(f"draft model (k={args.k}): acceptance {total['spec_acceptance']:.2f}, "
+              f"{total['spec_tokens_per_target_step']:.2f} tokens/target step, {total['spec_tok_s']:.1f} tok/s "
+              f"({total['spec_speedup']:.2f}x), identical: {total['spec_identical']}")
+    print(f"prompt lookup (k={args.lookup_k}, n<={args.lookup_ngram}): acceptance {total['lookup_acceptance']:.2f}, "
+          f"{total['lookup_tokens_per_target_step']:.2f} tokens/target step, {total['lookup_tok_s']:.1f} tok/s "
+          f"({total['lookup_speedup']:.2f}x), identical: {total['lookup_identical']}")
+    if "hf_lookup_speedup" in total:
+        print(f"HF generate end to end: plain {total['hf_e2e_tok_s']:.1f}, prompt lookup {total['hf_lookup_e2e_tok_s']:.1f} "
+              f"tok/s ({total['hf_lookup_speedup']:.2f}x); ours with lookup / HF with lookup: "
+              f"{total['lookup_vs_hf_lookup_e2e']:.2f}x")
 
 if __name__ == "__main__":
     main()

@@ -78,14 +78,18 @@ def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     return draw(probabilities(logits, params), generator)
 
 
-def accept_draft(ps: list[torch.Tensor], qs: list[torch.Tensor], tokens: list[int],
+def accept_draft(ps: list[torch.Tensor], qs: list[torch.Tensor | None], tokens: list[int],
                  generator: torch.Generator | None) -> tuple[int, int]:
     """The exact rejection rule: (accepted draft tokens, the token that follows them).
 
-    ps: len(tokens) + 1 target distributions, qs: the draft's, one per proposed token.
+    ps: len(tokens) + 1 target distributions, qs: the draft's, one per proposed token (None: a
+    deterministic draft, q one-hot at the token).
     """
     for i, token in enumerate(tokens):
         p, q = ps[i], qs[i]
+        if q is None:
+            q = torch.zeros_like(p)
+            q[token] = 1.0
         if torch.rand(1, generator=generator).item() < min(1.0, float(p[token] / q[token].clamp(min=1e-20))):
             continue
         residual = (p - q).clamp(min=0)
@@ -139,51 +143,116 @@ class Engine:
             self.pool.free_sequence(s)
         return outputs, stats
 
-    def speculative(self, draft: Engine, prompt: list[int], params: SamplingParams, k: int = 4,
+    def speculative(self, draft: Engine | PromptLookupDraft, prompt: list[int], params: SamplingParams, k: int = 4,
                     adaptive: bool = False) -> tuple[list[int], GenerationStats]:
-        """One sequence with a draft model; rejected draft tokens are rolled back in both caches."""
+        """One sequence with a draft (a model engine or prompt lookup); rejected tokens roll back in both caches."""
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         stats = GenerationStats(prompt_tokens=len(prompt))
-        (t_seq,), (d_seq,) = self._start([prompt]), draft._start([prompt])
+        drafter = ModelDraft(draft) if isinstance(draft, Engine) else draft
+        (t_seq,) = self._start([prompt])
         start = time.perf_counter()
         p_first = probabilities(self.runner.forward([t_seq])[0][-1], params)
-        d_probs = probabilities(draft.runner.forward([d_seq])[0][-1], params)
+        drafter.begin(prompt, params)
         stats.prefill_s = time.perf_counter() - start
         out: list[int] = []
         start = time.perf_counter()
         while len(out) < params.max_new_tokens:
             base = len(t_seq.tokens)  # accepted so far, the last (uncached) correction token included
-            proposals, qs = [], []
-            for _ in range(k):
-                token = draw(d_probs, gen)
-                proposals.append(token)
-                qs.append(d_probs)
-                d_seq.tokens.append(token)
-                d_probs = probabilities(draft.runner.forward([d_seq])[0][-1], params)
+            proposals, qs = drafter.propose(k, params, gen)
             t_seq.tokens.extend(proposals)
-            scored = [probabilities(row, params) for row in self.runner.forward([t_seq], last_only=False)[0]]
-            ps = ([p_first] + scored) if p_first is not None else scored  # k + 1 target distributions
+            scored = ([probabilities(row, params) for row in self.runner.forward([t_seq], last_only=False)[0]]
+                      if proposals or p_first is None else [])
+            ps = ([p_first] + scored) if p_first is not None else scored  # len(proposals) + 1 target distributions
             p_first = None
             accepted, final = accept_draft(ps, qs, proposals, gen)
             new = proposals[:accepted] + [final]
             stats.target_steps += 1
-            stats.proposed += k
+            stats.proposed += len(proposals)
             stats.accepted += accepted
             stats.per_step_accepted.append(accepted)
             self.pool.truncate(t_seq, base + accepted)
-            draft.pool.truncate(d_seq, base + accepted)
             t_seq.tokens.append(final)
-            d_seq.tokens.append(final)
+            drafter.accept(base + accepted, final)
             out.extend(new)
             if any(t in params.stop_ids for t in new):
                 out = out[: next(i for i, t in enumerate(out) if t in params.stop_ids) + 1]
                 break
-            d_probs = probabilities(draft.runner.forward([d_seq])[0][-1], params)
             if adaptive:
                 k = min(8, k + 1) if accepted == k else max(1, k - 1) if accepted == 0 else k
         out = out[: params.max_new_tokens]
         stats.decode_s = time.perf_counter() - start
         stats.new_tokens = len(out)
-        for engine, seq in ((self, t_seq), (draft, d_seq)):
-            engine.pool.free_sequence(seq)
+        self.pool.free_sequence(t_seq)
+        drafter.finish()
         return out, stats
+
+
+class ModelDraft:
+    """A draft model on its own engine: proposes by sampling its own distribution k times."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def begin(self, prompt: list[int], params: SamplingParams) -> None:
+        (self.seq,) = self.engine._start([prompt])
+        self.params = params
+        self.probs = probabilities(self.engine.runner.forward([self.seq])[0][-1], params)
+
+    def propose(self, k: int, params: SamplingParams, gen: torch.Generator | None
+                ) -> tuple[list[int], list[torch.Tensor]]:
+        tokens, qs = [], []
+        for _ in range(k):
+            token = draw(self.probs, gen)
+            tokens.append(token)
+            qs.append(self.probs)
+            self.seq.tokens.append(token)
+            self.probs = probabilities(self.engine.runner.forward([self.seq])[0][-1], params)
+        return tokens, qs
+
+    def accept(self, keep: int, final: int) -> None:
+        """Keep the first `keep` tokens (prompt included), then the target's `final` token."""
+        self.engine.pool.truncate(self.seq, keep)
+        self.seq.tokens.append(final)
+        self.probs = probabilities(self.engine.runner.forward([self.seq])[0][-1], self.params)
+
+    def finish(self) -> None:
+        self.engine.pool.free_sequence(self.seq)
+
+
+class PromptLookupDraft:
+    """Draft without a model: the tokens that followed the latest earlier occurrence of the context's last n-gram.
+
+    Prompt lookup decoding (Saxena 2023; HF `prompt_lookup_num_tokens`, vLLM's "ngram" draft): answers
+    that copy from the prompt (summaries, extraction, code edits) are proposed for free. The draft is
+    deterministic, so its q is one-hot and the rejection rule stays exact: accept with probability
+    p(token), else resample from p with that token removed.
+    """
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"prompt lookup needs 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def begin(self, prompt: list[int], params: SamplingParams) -> None:
+        self.context = list(prompt)
+
+    def propose(self, k: int, params: SamplingParams, gen: torch.Generator | None
+                ) -> tuple[list[int], list[torch.Tensor]]:
+        tokens = lookup_continuation(self.context, k, self.max_ngram, self.min_ngram)
+        return tokens, [None] * len(tokens)
+
+    def accept(self, keep: int, final: int) -> None:
+        self.context = self.context[:keep] + [final]
+
+    def finish(self) -> None:
+        self.context = []
+
+
+def lookup_continuation(context: list[int], k: int, max_ngram: int, min_ngram: int) -> list[int]:
+    """Up to k tokens following the most recent earlier match of the longest suffix n-gram (none: [])."""
+    for n in range(min(max_ngram, len(context) - 1), min_ngram - 1, -1):
+        suffix = context[-n:]
+        for start in range(len(context) - n - 1, -1, -1):  # the latest match that has a continuation
+            if context[start:start + n] == suffix:
+                return context[start + n:start + n + k]
+    return []

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from runtime.config import field, parse_config
-from runtime.engine import Engine, GenerationStats, SamplingParams
+from runtime.engine import Engine, GenerationStats, PromptLookupDraft, SamplingParams
 from runtime.errors import UserError, run_main
 from runtime.loading import load_model, load_tokenizer, open_engine
 
@@ -24,6 +24,8 @@ class GenerateConfig:
     draft: str | None = field(None, help="draft artifact for speculative decoding (same tokenizer)")
     k: int = field(4, help="draft tokens proposed per target step")
     adaptive_k: bool = field(False, help="grow k after full acceptance, shrink it after a miss")
+    prompt_lookup: int = field(0, help="draft by prompt lookup instead of a model: the longest n-gram (n <= this) "
+                               "of the context's end found earlier proposes what followed it (0: off)")
     chat: bool = field(False, help="wrap the prompt in the tokenizer's chat template")
     max_tokens: int = field(128, help="new tokens at most")
     temperature: float = field(0.0, help="0 for greedy")
@@ -43,6 +45,8 @@ class GenerateConfig:
             raise UserError("max_tokens, k, block_size and num_blocks must be positive")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise UserError("temperature must be >= 0 and top_p in (0, 1]")
+        if self.prompt_lookup < 0 or (self.prompt_lookup and (self.draft is not None or self.static)):
+            raise UserError("prompt_lookup: a positive n-gram length, without --draft or --static")
         if self.static and (self.temperature > 0 or self.adaptive_k):
             raise UserError("static: the static decoder is greedy with a fixed k (drop --temperature / --adaptive-k)")
 
@@ -100,19 +104,21 @@ def main(argv: Sequence[str] | None = None) -> None:
             out, stats = static_generate(cfg, ids, stop)
         else:
             target = open_engine(cfg.artifact, cfg.device, cfg.block_size, cfg.num_blocks)
-            if cfg.draft is not None and not isinstance(target, Engine):
+            speculative = cfg.draft is not None or cfg.prompt_lookup > 0
+            if speculative and not isinstance(target, Engine):
                 raise UserError("draft: speculative decoding runs on the PyTorch engine, not on an ONNX export")
-            if cfg.draft is None:
+            if not speculative:
                 (out,), stats = target.generate([ids], params)
             else:
-                draft = Engine(load_model(cfg.draft, cfg.device), cfg.block_size, cfg.num_blocks)
+                draft = (PromptLookupDraft(cfg.prompt_lookup) if cfg.prompt_lookup else
+                         Engine(load_model(cfg.draft, cfg.device), cfg.block_size, cfg.num_blocks))
                 out, stats = target.speculative(draft, ids, params, cfg.k, cfg.adaptive_k)
     print(tokenizer.decode(out, skip_special_tokens=True))
     line = (f"[prefill {stats.prompt_tokens / max(stats.prefill_s, 1e-9):.0f} tok/s, "
             f"decode {stats.new_tokens / max(stats.decode_s, 1e-9):.1f} tok/s, {stats.new_tokens} tokens")
     if cfg.static:
         line += ", static decoder"
-    if cfg.draft is not None:
+    if cfg.draft is not None or cfg.prompt_lookup:
         line += (f", acceptance {stats.acceptance_rate:.2f}, {stats.tokens_per_target_step:.2f} tokens/target step"
                  f", k={cfg.k}{' adaptive' if cfg.adaptive_k else ''}")
     print(line + "]")

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from runtime.engine import Engine, SamplingParams, probabilities
+from runtime.engine import Engine, PromptLookupDraft, SamplingParams, lookup_continuation, probabilities
 from runtime.kv_cache import BlockPool, OutOfBlocks, Sequence
 from runtime.paged_llama import PagedLlama
 from tests.conftest import make_tiny_llama
@@ -105,3 +105,53 @@ def test_speculative_sampling_matches_target_distribution():
     assert statistic(_first_token_counts(t_engine, d_engine, prompt, params, runs)) < critical
     # the test has power: sampling from the draft alone (no rejection rule) is caught
     assert statistic(_first_token_counts(t_engine, d_engine, prompt, params, runs, use_draft_only=True)) > critical
+
+
+def test_lookup_continuation_takes_the_latest_longest_match():
+    assert lookup_continuation([1, 2, 3, 4, 5, 2, 3], k=3, max_ngram=3, min_ngram=1) == [4, 5, 2]
+    assert lookup_continuation([7, 8, 1, 7, 8, 2, 9, 7, 8], k=2, max_ngram=2, min_ngram=1) == [2, 9]
+    assert lookup_continuation([9, 1, 5, 1, 6, 1], k=4, max_ngram=3, min_ngram=1) == [6, 1]  # n = 1, latest
+    assert lookup_continuation([1, 2, 3], k=4, max_ngram=3, min_ngram=1) == []
+    assert lookup_continuation([1, 2, 1], k=4, max_ngram=3, min_ngram=2) == []
+
+
+def test_prompt_lookup_greedy_equals_target():
+    target = make_tiny_llama(layers=2, seed=1)
+    engine = Engine(target, block_size=4, num_blocks=128)
+    accepted = 0
+    for prompt in PROMPTS[:4]:
+        prompt = prompt + prompt[:6]  # a repeat, so that lookups find something
+        out, stats = engine.speculative(PromptLookupDraft(3), prompt, SamplingParams(max_new_tokens=20), k=4)
+        assert out == hf_greedy(target, prompt, 20)
+        accepted += stats.accepted
+    assert accepted > 0 and engine.pool.used == 0
+
+
+def test_prompt_lookup_sampling_matches_target_distribution():
+    """The one-hot draft's rejection rule: accept with p(token), else resample without it."""
+    from scipy.stats import chi2
+
+    target = make_tiny_llama(layers=2, seed=1)
+    engine = Engine(target, block_size=4, num_blocks=64)
+    params = SamplingParams(temperature=1.0, top_k=6)
+    prompt = [60, 50, 50, *range(100, 110), 60, 50]  # the 2-gram (60, 50) recurs: the lookup proposes 50
+    (x,) = lookup_continuation(prompt, 1, 3, 1)
+    with torch.no_grad():
+        p = probabilities(target(torch.tensor([prompt])).logits[0, -1], params)
+    assert x == 50 and 0.2 < p[x] < 0.6  # a likely, not certain, proposal: both branches of the rule run
+    runs = 1500
+    counts = torch.zeros(512)
+    for seed in range(runs):
+        out, _ = engine.speculative(PromptLookupDraft(3), prompt, SamplingParams(1, 1.0, top_k=6, seed=seed), k=2)
+        counts[out[0]] += 1
+    support = p > 0
+
+    def statistic(c):
+        expected = p[support] * runs
+        return float(((c[support] - expected) ** 2 / expected).sum() + c[~support].sum() * 1e3)
+
+    critical = chi2.ppf(0.999, int(support.sum()) - 1)
+    assert statistic(counts) < critical
+    always_accepted = torch.zeros(512)
+    always_accepted[x] = runs
+    assert statistic(always_accepted) > critical  # a rule that kept every proposal would be caught
