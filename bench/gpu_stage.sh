@@ -12,7 +12,8 @@
 #   r2: join the model; decode benchmark on the real weights (+ greedy check); server load test;
 #       chat data (the target's answers) for the speculative draft
 #   r3: distil the chat draft, then speculative decoding with it in the engine
-#   spec0: keep the first half; CUDA tests of the static decoder, fused kernels and static speculator
+#   test: CUDA tests of the static decoder, fused kernels and static speculator (no model file needed)
+#   spec0: keep the first half, then the same tests
 #   spec1: join the model; chat data from the static decoder; 2- and 4-layer chat drafts distilled side by side
 #   spec2: speculative decoding with each draft on the static decoder (fused + graphs; each verify kernel
 #          choice), the CLI, and the paged engine
@@ -97,8 +98,8 @@ case "$1" in
       --max-minutes 3 --val-every 400 --ckpt-every 600 --warmup-steps 50 2>&1 | grep -v "it/s\]" | tail -6
     python3 bench/engine.py --target "$W/reference" --draft "$W/draft" --device cuda --prompts 8 --new-tokens 128 2>&1 | tail -3
     ;;
-  spec0)
-    cp .gpu/a/* "$W"/
+  test|spec0)
+    if [ "$1" = spec0 ]; then cp .gpu/a/* "$W"/; fi
     python3 -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'
     python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/runtime/test_static_decode.py \
       tests/runtime/test_triton_decode.py tests/runtime/test_static_speculative.py 2>&1 | tail -4 || true

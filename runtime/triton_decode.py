@@ -221,6 +221,21 @@ def _rotary(x, x_partner, cos, sin, sign):
 
 
 @triton.jit
+def _attend_tile(q, key_ptrs, value_ptrs, ok, allowed, best, total, acc, scale, PRECISION: tl.constexpr):
+    """One online-softmax step over a tile of cache columns (loaded where `ok`, scored where `allowed`)."""
+    keys = tl.load(key_ptrs, mask=ok[:, None], other=0.0)
+    values = tl.load(value_ptrs, mask=ok[:, None], other=0.0)
+    scores = tl.dot(q, tl.trans(keys), input_precision=PRECISION) * scale  # (query rows, BLOCK_L)
+    scores = tl.where(allowed, scores, float("-inf"))
+    new_best = tl.maximum(best, tl.max(scores, 1))
+    alpha = tl.exp(best - new_best)
+    p = tl.exp(scores - new_best[:, None])
+    total = total * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values, input_precision=PRECISION)
+    return new_best, total, acc
+
+
+@triton.jit
 def _decode_attention_kernel(qkv_ptr, k_cache, v_cache, cos_ptr, sin_ptr, pos_ptr, col_ptr, valid_ptr, out_ptr,
                              qkv_stride, cache_b, cache_h, cache_l, valid_stride, out_stride, scale,
                              HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
@@ -265,16 +280,8 @@ def _decode_attention_kernel(qkv_ptr, k_cache, v_cache, cos_ptr, sin_ptr, pos_pt
         cols = start + tl.arange(0, BLOCK_L)
         ok = (cols < col) & (tl.load(valid_ptr + b * valid_stride + cols, mask=cols < col, other=0) != 0)
         at = base + cols[:, None] * cache_l + d[None, :]
-        keys = tl.load(k_cache + at, mask=ok[:, None], other=0.0)
-        values = tl.load(v_cache + at, mask=ok[:, None], other=0.0)
-        scores = tl.dot(q, tl.trans(keys), input_precision=PRECISION) * scale  # (16, BLOCK_L)
-        scores = tl.where(ok[None, :], scores, float("-inf"))
-        new_best = tl.maximum(best, tl.max(scores, 1))
-        alpha = tl.exp(best - new_best)
-        p = tl.exp(scores - new_best[:, None])
-        total = total * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values, input_precision=PRECISION)
-        best = new_best
+        best, total, acc = _attend_tile(q, k_cache + at, v_cache + at, ok, ok[None, :], best, total, acc, scale,
+                                        PRECISION)
     out = acc / total[:, None]
     tl.store(out_ptr + b * out_stride + (h * GROUP + g)[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=g_ok[:, None])
@@ -356,16 +363,8 @@ def _verify_attention_kernel(qkv_ptr, k_cache, v_cache, cos_ptr, sin_ptr, pos_pt
         seen = cols < col + T
         ok = seen & (tl.load(valid_ptr + cols, mask=seen, other=0) != 0)
         at = h * cache_h + cols[:, None] * cache_l + d[None, :]
-        keys = tl.load(k_cache + at, mask=ok[:, None], other=0.0)
-        values = tl.load(v_cache + at, mask=ok[:, None], other=0.0)
-        scores = tl.dot(q, tl.trans(keys), input_precision=PRECISION) * scale  # (QROWS, BLOCK_L)
-        scores = tl.where(ok[None, :] & (cols[None, :] <= (col + qt)[:, None]), scores, float("-inf"))
-        new_best = tl.maximum(best, tl.max(scores, 1))
-        alpha = tl.exp(best - new_best)
-        p = tl.exp(scores - new_best[:, None])
-        total = total * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values, input_precision=PRECISION)
-        best = new_best
+        allowed = ok[None, :] & (cols[None, :] <= (col + qt)[:, None])  # causal among the new tokens
+        best, total, acc = _attend_tile(q, k_cache + at, v_cache + at, ok, allowed, best, total, acc, scale, PRECISION)
     out = acc / total[:, None]
     tl.store(out_ptr + qt[:, None] * out_stride + (h * GROUP + r % GROUP)[:, None] * D + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=q_ok)
