@@ -195,11 +195,12 @@ class ModelDraft:
 
     def begin(self, prompt: list[int], params: SamplingParams) -> None:
         (self.seq,) = self.engine._start([prompt])
-        self.params = params
         self.probs = probabilities(self.engine.runner.forward([self.seq])[0][-1], params)
 
     def propose(self, k: int, params: SamplingParams, gen: torch.Generator | None
-                ) -> tuple[list[int], list[torch.Tensor]]:
+                ) -> tuple[list[int], list[torch.Tensor | None]]:
+        if self.probs is None:  # after `accept`: the draft has not seen the target's token yet
+            self.probs = probabilities(self.engine.runner.forward([self.seq])[0][-1], params)
         tokens, qs = [], []
         for _ in range(k):
             token = draw(self.probs, gen)
@@ -213,7 +214,7 @@ class ModelDraft:
         """Keep the first `keep` tokens (prompt included), then the target's `final` token."""
         self.engine.pool.truncate(self.seq, keep)
         self.seq.tokens.append(final)
-        self.probs = probabilities(self.engine.runner.forward([self.seq])[0][-1], self.params)
+        self.probs = None  # computed when the next proposal needs it (never after the last step)
 
     def finish(self) -> None:
         self.engine.pool.free_sequence(self.seq)
@@ -237,7 +238,7 @@ class PromptLookupDraft:
         self.context = list(prompt)
 
     def propose(self, k: int, params: SamplingParams, gen: torch.Generator | None
-                ) -> tuple[list[int], list[torch.Tensor]]:
+                ) -> tuple[list[int], list[torch.Tensor | None]]:
         tokens = lookup_continuation(self.context, k, self.max_ngram, self.min_ngram)
         return tokens, [None] * len(tokens)
 

@@ -151,8 +151,8 @@ class StaticLlama(nn.Module):
         moves them past what it accepts).
         """
         count = tokens.shape[0]
-        offsets = torch.arange(count, device=self.device)
         if self.step_fn != self.fused_step:
+            offsets = torch.arange(count, device=self.device)
             self.valid[:1].index_fill_(1, self.col + offsets, True)
             return self.forward(tokens.view(1, count), self.pos[:1] + offsets, self.col + offsets)[0].argmax(-1)
         from runtime.triton_decode import ARGMAX_EMPTY, fused_linear, unpack_argmax, verify_attention

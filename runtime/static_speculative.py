@@ -98,15 +98,17 @@ class StaticSpeculator:
             self.graph = capture_graph(self.cycle, self._state())
         target._sync()
         prefilled = time.perf_counter()
-        cycles, done = 0, 1
-        while done < new_tokens and not (stop_ids and any(t in stop_ids for t in self.out[:done].tolist())):
+        cycles, done, out = 0, 1, [int(target.tokens[0, 0])]
+        while done < new_tokens and not any(t in stop_ids for t in out):
             # each cycle adds 1..k+1 tokens: this many cannot overshoot the budget (few near a stop token)
             chunk = math.ceil((new_tokens - done) / (k + 1))
-            for _ in range(min(chunk, 8) if stop_ids else chunk):
+            chunk = min(chunk, 8) if stop_ids else chunk
+            for _ in range(chunk):
                 self.graph.replay() if use_graph else self.cycle()
-            cycles += min(chunk, 8) if stop_ids else chunk
+            cycles += chunk
             done = int(self.count.item())
-        out = self.out[:min(done, new_tokens)].tolist()
+            out += self.out[len(out):done].tolist()  # only what this chunk added
+        out = out[:new_tokens]
         cut = next((i + 1 for i, t in enumerate(out) if t in stop_ids), len(out))
         self.stats = SpeculativeStats(new_tokens=cut, cycles=cycles, accepted=int(self.accepted.item()), k=k,
                                       prefill_s=prefilled - started, decode_s=time.perf_counter() - prefilled)
