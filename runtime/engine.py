@@ -25,6 +25,13 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop_ids: tuple[int, ...] = ()
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the logits
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
 
 @dataclass
@@ -46,6 +53,32 @@ class GenerationStats:
     @property
     def tokens_per_target_step(self) -> float:
         return self.new_tokens / self.target_steps if self.target_steps else 0.0
+
+
+def adjust_logits(logits: torch.Tensor, params: SamplingParams, generated: list[int]) -> torch.Tensor:
+    """OpenAI's logit bias and presence/frequency penalties over the tokens generated so far (not the prompt)."""
+    if not params.adjusts_logits:
+        return logits
+    logits = logits.float().clone()
+    if params.logit_bias:
+        ids, bias = zip(*params.logit_bias, strict=True)
+        logits[..., list(ids)] += torch.tensor(bias, device=logits.device)
+    if generated and (params.presence_penalty or params.frequency_penalty):
+        counts = torch.bincount(torch.tensor(generated), minlength=logits.shape[-1])[: logits.shape[-1]]
+        counts = counts.to(logits.device, torch.float32)
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
+    return logits
+
+
+def token_logprobs(rows: torch.Tensor, tokens: list[int], top_n: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    """(log p(token), the top_n (id, log p) pairs) per row, from the model's own distribution (before any
+    temperature, penalty or bias), as OpenAI-compatible servers report them."""
+    logp = rows.float().log_softmax(-1)
+    chosen = logp[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()
+    if top_n <= 0:
+        return [(c, []) for c in chosen]
+    values, ids = logp.topk(min(top_n, logp.shape[-1]), dim=-1)
+    return [(c, list(zip(i, v, strict=True))) for c, i, v in zip(chosen, ids.tolist(), values.tolist(), strict=True)]
 
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

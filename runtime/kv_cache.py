@@ -73,8 +73,11 @@ class BlockPool:
     def chain_hash(previous: int, tokens: list[int]) -> int:
         return hash((previous, tuple(tokens)))
 
-    def admit(self, seq: Sequence) -> None:
-        """Attach cached full blocks matching the sequence's prompt prefix (not its last token)."""
+    def admit(self, seq: Sequence, reuse_prefix: bool = True) -> None:
+        """Attach cached full blocks matching the sequence's prompt prefix (not its last token); with
+        `reuse_prefix=False` every prompt token is computed (prompt logprobs need all their logits)."""
+        if not reuse_prefix:
+            return
         h, bs = 0, self.block_size
         for start in range(0, len(seq.tokens) - 1 - (len(seq.tokens) - 1) % bs, bs):
             h = self.chain_hash(h, seq.tokens[start:start + bs])

@@ -6,17 +6,23 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Strict(BaseModel):
-    # strict: "max_tokens": "10" is a wrong type (400), not silently 10; unknown fields are ignored,
-    # as clients send options we do not implement (logprobs, user, ...)
-    model_config = ConfigDict(strict=True, extra="ignore")
+    # strict: "max_tokens": "10" is a wrong type (400), not silently 10; NaN/inf are refused; an unknown
+    # parameter is a 400 that names it (a client relying on tools or response_format must not get an
+    # answer that silently ignored them)
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+
+
+MAX_STOP = 4  # as OpenAI: at most 4 stop sequences
+MAX_TOP_LOGPROBS = 20
+MAX_PROMPTS = 64  # prompts in one batched completion request
 
 
 class SamplingFields(_Strict):
@@ -24,31 +30,123 @@ class SamplingFields(_Strict):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=0, lt=2**31, description="extension: sample among the k most likely tokens")
     n: int = Field(1, ge=1, le=16)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None  # an end-user id for abuse tracking: accepted, not used
     priority: int = Field(0, ge=-1000, le=1000, description="lower is served first (extension)")
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(stop, list) and len(stop) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences")
+        return stop
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for token, value in (bias or {}).items():
+            if not token.isdigit() or len(token) > 9:
+                raise ValueError(f"keys are token ids, got {token[:40]!r}")
+            if not -100 <= value <= 100:
+                raise ValueError(f"bias for token {token} must be in [-100, 100]")
+        return bias
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return [s for s in stops if s]
 
+    def new_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def top_logprobs_count(self) -> int | None:
+        """Top alternatives per token to report (None: no logprobs)."""
+        raise NotImplementedError
+
+    def echo_prompt(self) -> bool:
+        return False
+
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int]
-    max_tokens: int | None = Field(16, ge=1)
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=0)  # 0: only with echo, to score the prompt
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    best_of: int | None = Field(None, ge=1, le=16)
+    suffix: None = None  # insertion is not supported: only null is accepted
+
+    @model_validator(mode="after")
+    def _supported(self) -> CompletionRequest:
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of: only best_of == n is supported (no server-side ranking)")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 is only valid with echo (scoring the prompt)")
+        if isinstance(self.prompt, list) and len(self.prompt) > 0 and isinstance(self.prompt[0], (str, list)) \
+                and len(self.prompt) > MAX_PROMPTS:
+            raise ValueError(f"prompt: at most {MAX_PROMPTS} prompts per request")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The batch: one entry per prompt (a string or token ids)."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if self.prompt and isinstance(self.prompt[0], (str, list)):
+            return list(self.prompt)
+        return [list(self.prompt)]  # one prompt of token ids (an empty list is an empty prompt)
+
+    def top_logprobs_count(self) -> int | None:
+        return self.logprobs
+
+    def echo_prompt(self) -> bool:
+        return self.echo
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
 
 
 class ChatMessage(_Strict):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text"]  # json_object / json_schema need constrained decoding, which we do not have
 
 
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> ChatRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: requires logprobs: true")
+        if self.max_tokens is not None and self.max_completion_tokens is not None \
+                and self.max_tokens != self.max_completion_tokens:
+            raise ValueError("max_completion_tokens: differs from max_tokens (send one of them)")
+        return self
+
+    def new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def top_logprobs_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,

@@ -5,8 +5,13 @@ chunks of waiting prompts (so a long prompt never stalls running decodes for mor
 chunk). Requests are admitted by priority while the KV pool can hold their worst case (prompt +
 max_tokens), so a running sequence never runs out of blocks; `n > 1` samples are admitted after
 the first sample's prefill and share its prompt blocks through the prefix cache. Cancelled
-requests release their blocks at the next step boundary. Greedy results are memoised (exact
-match on prompt and settings) when a response cache is configured.
+requests release their blocks at the next step boundary. Deterministic (greedy) results are
+memoised when a response cache is configured: the caller gives each request its cache key (None:
+not cacheable), which must hold everything that determines the output.
+
+Per token the scheduler can report log-probabilities (the chosen token's and the top N), and per
+prompt position when asked (OpenAI's `echo` + `logprobs`): such a prompt is computed in full,
+never taken from the prefix cache.
 
 With a draft engine, every decoding sequence advances speculatively inside the same batched
 step: the draft proposes up to k tokens for all of them, the target scores each sequence's k + 1
@@ -27,7 +32,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from runtime.engine import Engine, SamplingParams, accept_draft, draw, next_token, probabilities
+from runtime.engine import (
+    Engine,
+    SamplingParams,
+    accept_draft,
+    adjust_logits,
+    draw,
+    next_token,
+    probabilities,
+    token_logprobs,
+)
 from runtime.kv_cache import Sequence
 
 
@@ -41,6 +55,8 @@ class Event:
     index: int  # which of the request's n samples
     token: int | None = None
     finish_reason: str | None = None
+    logprob: float | None = None  # with Request.logprobs set: log p(token) under the model
+    top_logprobs: list[tuple[int, float]] | None = None  # and the top-N (id, log p) pairs
 
 
 @dataclass
@@ -57,6 +73,11 @@ class Request:
     first_token_at: float | None = None
     outputs: list[list[int]] = field(default_factory=list)
     finish_reasons: list[str | None] = field(default_factory=list)
+    logprobs: int | None = None  # report per-token logprobs with this many top alternatives (None: off)
+    prompt_logprobs: bool = False  # also score every prompt token after the first (`prompt_scores`)
+    prompt_scores: list[tuple[float, list[tuple[int, float]]]] | None = None  # set before the first token
+    cache_key: tuple | None = None  # response-cache key; None: never served from or stored in the cache
+    records: list[list[tuple[int, float | None, list | None]]] = field(default_factory=list)
 
 
 @dataclass
@@ -126,23 +147,34 @@ class Scheduler:
                              f"exceeds the context ({self.max_context})")
         if self._worst_case_blocks(request) > self.pool.num_blocks:
             raise ValueError("request needs more KV blocks than the pool has")
+        if request.params.max_new_tokens < 1 and not request.prompt_logprobs:
+            raise ValueError("max_tokens must be positive (0 only to score the prompt)")
         request.outputs = [[] for _ in range(request.n)]
         request.finish_reasons = [None] * request.n
-        key = self._cache_key(request)
-        cached = self.response_cache.get(key) if self.response_cache_size else None
+        request.records = [[] for _ in range(request.n)]
+        with self._lock:
+            cached = self._cached_response(request)
+            if cached is None and len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"queue full ({self.max_queue} waiting)")
+            if cached is None:
+                heapq.heappush(self.waiting, (request.priority, request.arrival, next(self._order), request))
+                self._lock.notify()
+        if cached is not None:  # replayed outside the lock: the callbacks may block briefly
+            samples, request.prompt_scores = cached
+            for i, (records, reason) in enumerate(samples):
+                for token, logprob, top in records:
+                    self._emit(request, i, token, logprob, top)
+                self._finish(request, i, reason)
+
+    def _cached_response(self, request: Request) -> tuple | None:
+        """The stored answer for this request's key (caller holds the lock)."""
+        if not self.response_cache_size or request.cache_key is None:
+            return None
+        cached = self.response_cache.get(request.cache_key)
         if cached is not None:
             self.stats.response_cache_hits += 1
-            self.response_cache.move_to_end(key)
-            for i, (tokens, reason) in enumerate(cached):
-                for t in tokens:
-                    self._emit(request, i, t)
-                self._finish(request, i, reason)
-            return
-        with self._lock:
-            if len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"queue full ({self.max_queue} waiting)")
-            heapq.heappush(self.waiting, (request.priority, request.arrival, next(self._order), request))
-            self._lock.notify()
+            self.response_cache.move_to_end(request.cache_key)
+        return cached
 
     def cancel(self, request: Request) -> None:
         with self._lock:
@@ -178,18 +210,13 @@ class Scheduler:
         per = -(-(len(request.prompt) + request.params.max_new_tokens + self.k) // self.pool.block_size)
         return per * request.n
 
-    @staticmethod
-    def _cache_key(request: Request) -> tuple:
-        p = request.params
-        return (tuple(request.prompt), p.max_new_tokens, p.stop_ids, request.n)
-
     def _generator(self, request: Request, index: int) -> torch.Generator | None:
         seed = request.params.seed
-        return torch.Generator().manual_seed(seed + index) if seed is not None else None
+        return torch.Generator().manual_seed((seed + index) % 2**63) if seed is not None else None
 
     def _new_sample(self, request: Request, index: int) -> _Sample:
         seq = Sequence(list(request.prompt))
-        self.pool.admit(seq)
+        self.pool.admit(seq, reuse_prefix=not (request.prompt_logprobs and index == 0))
         sample = _Sample(request, index, seq, self._generator(request, index), len(request.prompt))
         if self.draft is not None:
             sample.draft_seq = Sequence(list(request.prompt))
@@ -244,11 +271,13 @@ class Scheduler:
         self.reserved_blocks -= request.reserved_blocks
         request.reserved_blocks = 0
 
-    def _emit(self, request: Request, index: int, token: int) -> None:
+    def _emit(self, request: Request, index: int, token: int, logprob: float | None = None,
+              top: list[tuple[int, float]] | None = None) -> None:
         if request.first_token_at is None:
             request.first_token_at = time.monotonic()
         request.outputs[index].append(token)
-        request.on_event(Event("token", index, token=token))
+        request.records[index].append((token, logprob, top))
+        request.on_event(Event("token", index, token=token, logprob=logprob, top_logprobs=top))
 
     def _finish(self, request: Request, index: int, reason: str) -> None:
         request.finish_reasons[index] = reason
@@ -280,28 +309,42 @@ class Scheduler:
         started = time.perf_counter()
         chunks = [(s, e) for s, e in zip(batch, ends, strict=True)
                   if s.prefilling and s.draft_seq is not None and s.draft_seq.cached < e]
-        last_only = [id(s) not in proposals for s in batch]
+        scored = [s.prefilling and s.request.prompt_logprobs and s.index == 0 for s in batch]
+        starts = [s.seq.cached for s in batch]
+        last_only = [id(s) not in proposals and not full for s, full in zip(batch, scored, strict=True)]
         logits = self.runner.forward([s.seq for s in batch], last_only=last_only, ends=ends)
         if chunks:  # the draft reads the same prompt chunks
             self.draft.runner.forward([s.draft_seq for s, _ in chunks], ends=[e for _, e in chunks])
         decoded = 0
-        for sample, end, rows in zip(batch, ends, logits, strict=True):
+        for sample, start, end, rows, full in zip(batch, starts, ends, logits, scored, strict=True):
+            request = sample.request
+            if full:
+                self._score_prompt(request, start, end, rows)
             if end < sample.prompt_len:
                 continue  # a chunk of a longer prompt: no token yet
             if end == sample.prompt_len and sample.index == 0:  # siblings and later requests reuse them
                 self.pool.register_full_blocks(sample.seq)
                 if sample.draft_seq is not None:
                     self.draft.pool.register_full_blocks(sample.draft_seq)
+            if end == sample.prompt_len and request.params.max_new_tokens == 0:  # only the prompt's scores
+                self._retire(sample, "length")
+                continue
             if id(sample) in proposals:
                 new = self._verify(sample, rows, *proposals[id(sample)])
+                rows = rows[: len(new)]
             else:
-                new = [next_token(rows[-1], sample.request.params, sample.generator)]
+                rows = rows[-1:]
+                generated = request.outputs[sample.index]
+                new = [next_token(adjust_logits(rows[0], request.params, generated), request.params,
+                                  sample.generator)]
                 for seq in (sample.seq, sample.draft_seq):
                     if seq is not None:
                         seq.tokens.append(new[0])
-            for token in new:
+            records = (token_logprobs(rows, new, request.logprobs) if request.logprobs is not None
+                       else [(None, None)] * len(new))
+            for token, (logprob, top) in zip(new, records, strict=True):
                 decoded += 1
-                if self._deliver(sample, token):
+                if self._deliver(sample, token, logprob, top):
                     break
         elapsed = time.perf_counter() - started
         self.stats.steps += 1
@@ -310,10 +353,19 @@ class Scheduler:
         self.stats.decode_tokens_per_s = 0.9 * self.stats.decode_tokens_per_s + 0.1 * rate
         return self.max_batch_tokens - budget
 
-    def _deliver(self, sample: _Sample, token: int) -> bool:
+    def _score_prompt(self, request: Request, start: int, end: int, rows: torch.Tensor) -> None:
+        """Logprobs of prompt tokens start+1 .. end-1 (and end, when inside the prompt) from this chunk's rows."""
+        targets = request.prompt[start + 1:min(end + 1, len(request.prompt))]
+        if request.prompt_scores is None:
+            request.prompt_scores = []
+        if targets:
+            request.prompt_scores += token_logprobs(rows[: len(targets)], targets, request.logprobs or 0)
+
+    def _deliver(self, sample: _Sample, token: int, logprob: float | None = None,
+                 top: list[tuple[int, float]] | None = None) -> bool:
         """Emit one token; retire the sample (True) on a stop token, max_tokens or the context limit."""
         request = sample.request
-        self._emit(request, sample.index, token)
+        self._emit(request, sample.index, token, logprob, top)
         generated = len(request.outputs[sample.index])
         reason = "stop" if token in request.params.stop_ids else "length" if (
             generated >= request.params.max_new_tokens or len(sample.seq.tokens) >= self.max_context) else None
@@ -330,7 +382,8 @@ class Scheduler:
         while active:
             logits = self.draft.runner.forward([s.draft_seq for s in active])
             for sample, rows in zip(active, logits, strict=True):
-                q = probabilities(rows[-1], sample.request.params)
+                generated = sample.request.outputs[sample.index] + proposals[id(sample)][0]
+                q = probabilities(adjust_logits(rows[-1], sample.request.params, generated), sample.request.params)
                 token = int(rows[-1].argmax()) if sample.request.params.temperature <= 0 else draw(
                     q, sample.generator)
                 proposals[id(sample)][0].append(token)
@@ -344,7 +397,9 @@ class Scheduler:
     def _verify(self, sample: _Sample, rows: torch.Tensor, tokens: list[int], qs: list[torch.Tensor]) -> list[int]:
         """The exact rejection rule over one sample's proposals; both caches rolled back to what stands."""
         params = sample.request.params
-        ps = [probabilities(row, params) for row in rows]  # len(tokens) + 1 target distributions
+        generated = sample.request.outputs[sample.index]
+        ps = [probabilities(adjust_logits(row, params, generated + tokens[:i]), params)
+              for i, row in enumerate(rows)]  # len(tokens) + 1 target distributions
         accepted, final = accept_draft(ps, qs, tokens, sample.generator)
         base = len(sample.seq.tokens) - len(tokens)
         for pool, seq in ((self.pool, sample.seq), (self.draft.pool, sample.draft_seq)):
@@ -365,9 +420,10 @@ class Scheduler:
         if request.finished == request.n:
             self._release(request)
             self.stats.finished_requests += 1
-            if self.response_cache_size and request.params.temperature <= 0 and not request.cancelled:
-                key = self._cache_key(request)
-                self.response_cache[key] = [(list(o), r) for o, r in zip(request.outputs, request.finish_reasons,
-                                                                          strict=True)]
-                while len(self.response_cache) > self.response_cache_size:
-                    self.response_cache.popitem(last=False)
+            if self.response_cache_size and request.cache_key is not None and not request.cancelled:
+                answer = ([(list(r), reason) for r, reason in zip(request.records, request.finish_reasons,
+                                                                   strict=True)], request.prompt_scores)
+                with self._lock:
+                    self.response_cache[request.cache_key] = answer
+                    while len(self.response_cache) > self.response_cache_size:
+                        self.response_cache.popitem(last=False)

@@ -1,14 +1,19 @@
 """`python -m runtime.serve`: an OpenAI-compatible server over the continuous-batching scheduler.
 
 Endpoints: /v1/completions, /v1/chat/completions (SSE streaming, n, stop, seed, temperature,
-top_p, top_k), /v1/models, /health, /metrics (Prometheus). With --draft, decoding is speculative. Bad requests get a 400 with an
-OpenAI-style error body, a full queue a 429; a client that goes away has its KV blocks freed.
+top_p, top_k, logprobs, echo, penalties, logit_bias, batched prompts), /v1/models, /health,
+/metrics (Prometheus). PyTorch artifacts run on the paged engine (with --draft, speculatively);
+ONNX exports on ONNX Runtime with batched decode steps. Bad requests get a 400 with an
+OpenAI-style error body that names the field, a full queue a 429; a client that goes away has its
+KV blocks freed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -25,7 +30,9 @@ from starlette.exceptions import HTTPException
 from runtime.config import field, parse_config
 from runtime.engine import Engine, SamplingParams
 from runtime.errors import UserError, run_main
-from runtime.loading import load_model, load_tokenizer
+from runtime.loading import is_onnx_export, load_model, load_tokenizer
+from runtime.onnx_backend import OnnxDecoder
+from runtime.onnx_batch import OnnxBatchRunner
 from runtime.openai_api import ChatRequest, CompletionRequest, TextStream, error_body, new_id, now
 from runtime.scheduler import Event, QueueFull, Request, Scheduler
 
@@ -46,7 +53,8 @@ class ServeConfig:
     max_model_len: int | None = field(None, help="context limit (default: the model's, bounded by the KV pool)")
     block_size: int = field(16, help="tokens per KV-cache block")
     num_blocks: int = field(2048, help="KV-cache blocks in the pool")
-    response_cache: int = field(256, help="greedy responses memoised (0 disables)")
+    response_cache: int = field(256, help="greedy responses memoised, keyed by every setting that shapes them "
+                                "(0 disables)")
     log_level: str = field("warning", help="uvicorn log level", choices=("critical", "error", "warning", "info"))
 
     def validate(self) -> None:
@@ -61,6 +69,15 @@ class ServeConfig:
             raise UserError("max_queue and response_cache must be >= 0")
 
 
+@dataclass
+class Job:
+    """One prompt of a request: what the scheduler runs, one text stream per sample, what echo returns."""
+
+    request: Request
+    streams: list[TextStream]
+    prompt_text: str
+
+
 class Server:
     """The scheduler, tokenizer and metrics behind the HTTP app."""
 
@@ -69,6 +86,8 @@ class Server:
 
         self.scheduler, self.tokenizer, self.model_name = scheduler, tokenizer, model_name
         self.stop_ids = tuple(t for t in {tokenizer.eos_token_id} if t is not None)
+        self.vocab = len(tokenizer)
+        self._token_text: dict[int, str] = {}
         self.registry = CollectorRegistry()
         self.registry.register(_SchedulerCollector(scheduler))
         buckets = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -79,73 +98,145 @@ class Server:
         self.responses = Counter("shrinkwrap_responses", "Responses by HTTP status", ["status"],
                                  registry=self.registry)
 
-    def prompt_ids(self, body: CompletionRequest | ChatRequest) -> list[int]:
+    def token_text(self, token: int) -> str:
+        """A token as text in logprobs (special tokens spelled out)."""
+        text = self._token_text.get(token)
+        if text is None:
+            text = self._token_text[token] = self.tokenizer.decode([token], skip_special_tokens=False)
+        return text
+
+    def _tokenize(self, what: str, text: str) -> list[int]:
+        try:
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        except Exception as exc:  # noqa: BLE001 - whatever the tokenizer refuses is the client's input
+            raise ValueError(f"{what}: cannot be tokenized ({type(exc).__name__})") from None
+
+    def prompts(self, body: CompletionRequest | ChatRequest) -> list[tuple[list[int], str]]:
+        """(token ids, text that echo returns) per prompt of the request."""
         if isinstance(body, ChatRequest):
-            ids = self.tokenizer.apply_chat_template([m.model_dump() for m in body.messages],
-                                                     add_generation_prompt=True)
-            return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        if isinstance(body.prompt, str):
-            return self.tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
-        vocab = len(self.tokenizer)
-        if any(not 0 <= t < vocab for t in body.prompt):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        return list(body.prompt)
+            messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                        for m in body.messages]
+            try:
+                ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            except Exception as exc:  # noqa: BLE001 - a template that rejects these messages
+                raise ValueError(f"messages: the chat template refused them ({type(exc).__name__})") from None
+            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+            return [(ids, "")]
+        out = []
+        for i, prompt in enumerate(body.prompts()):
+            where = "prompt" if len(body.prompts()) == 1 else f"prompt.{i}"
+            if isinstance(prompt, str):
+                out.append((self._tokenize(where, prompt), prompt))
+                continue
+            if any(not 0 <= t < self.vocab for t in prompt):
+                raise ValueError(f"{where}: token ids must be in [0, {self.vocab})")
+            out.append((list(prompt), self.tokenizer.decode(prompt, skip_special_tokens=False)))
+        return out
 
-    def make_request(self, body: CompletionRequest | ChatRequest) -> tuple[Request, list[TextStream]]:
+    def make_jobs(self, body: CompletionRequest | ChatRequest) -> list[Job]:
         if body.model != self.model_name:
-            raise ValueError(f"model {body.model!r} is not served here (this server has {self.model_name!r})")
-        prompt = self.prompt_ids(body)
-        if not prompt:
-            raise ValueError("prompt is empty")
-        room = self.scheduler.max_context - len(prompt)
-        if room < 1:
-            raise ValueError(f"prompt is {len(prompt)} tokens; the context is {self.scheduler.max_context}")
-        max_tokens = body.max_tokens if body.max_tokens is not None else room
-        if max_tokens > room:
-            raise ValueError(f"max_tokens {max_tokens} + prompt {len(prompt)} tokens exceeds the context "
-                             f"({self.scheduler.max_context})")
-        params = SamplingParams(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                                top_k=body.top_k, seed=body.seed, stop_ids=self.stop_ids)
-        streams = [TextStream(self.tokenizer, body.stop_strings()) for _ in range(body.n)]
-        return Request(prompt, params, n=body.n, priority=body.priority), streams
+            raise ValueError(f"model: {body.model!r} is not served here (this server has {self.model_name!r})")
+        check_unicode(body)
+        bias = tuple(sorted((int(t), float(b)) for t, b in (body.logit_bias or {}).items()))
+        if any(t >= self.vocab for t, _ in bias):
+            raise ValueError(f"logit_bias: token ids must be in [0, {self.vocab})")
+        top_n, echo = body.top_logprobs_count(), body.echo_prompt()
+        jobs = []
+        for i, (prompt, text) in enumerate(self.prompts(body)):
+            where = "prompt" if i == 0 else f"prompt.{i}"
+            if not prompt:
+                raise ValueError(f"{where}: empty")
+            room = self.scheduler.max_context - len(prompt)
+            if room < 1:
+                raise ValueError(f"{where}: {len(prompt)} tokens; the context is {self.scheduler.max_context}")
+            max_tokens = body.new_tokens() if body.new_tokens() is not None else room
+            if max_tokens > room:
+                raise ValueError(f"max_tokens: {max_tokens} + prompt {len(prompt)} tokens exceeds the context "
+                                 f"({self.scheduler.max_context})")
+            params = SamplingParams(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                                    top_k=body.top_k, seed=body.seed, stop_ids=self.stop_ids,
+                                    presence_penalty=body.presence_penalty,
+                                    frequency_penalty=body.frequency_penalty, logit_bias=bias)
+            stops = body.stop_strings()
+            # greedy output is a function of all of this; sampled output is not cached (see README)
+            key = ((self.model_name, tuple(prompt), max_tokens, body.top_p, body.top_k, body.presence_penalty,
+                    body.frequency_penalty, bias, tuple(stops), body.n, top_n, echo, self.stop_ids)
+                   if body.temperature <= 0 else None)
+            request = Request(prompt, params, n=body.n, priority=body.priority, logprobs=top_n,
+                              prompt_logprobs=echo and top_n is not None, cache_key=key)
+            jobs.append(Job(request, [TextStream(self.tokenizer, stops) for _ in range(body.n)], text))
+        return jobs
 
-    async def run(self, request: Request, streams: list[TextStream], disconnected) -> AsyncIterator[tuple]:
-        """Submit and yield (index, text delta, finish_reason) until every sample is done or stopped."""
+    async def run(self, jobs: list[Job], disconnected) -> AsyncIterator[tuple]:
+        """Submit every job; yield (choice index, text delta, finish_reason, logprob entries) until every
+        sample is done or stopped. Choice index = prompt index * n + sample index, as OpenAI numbers them."""
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
-        request.on_event = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+        events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         started = time.monotonic()
-        self.scheduler.submit(request)  # QueueFull / ValueError go to the caller
-        open_samples = set(range(request.n))
+        submitted = []
+        try:
+            for j, job in enumerate(jobs):
+                job.request.on_event = functools.partial(_forward_event, loop, events, j)
+                self.scheduler.submit(job.request)  # QueueFull / ValueError go to the caller
+                submitted.append(job.request)
+        except Exception:
+            for request in submitted:
+                self.scheduler.cancel(request)
+            raise
+        n = jobs[0].request.n
+        open_samples = {(j, i) for j in range(len(jobs)) for i in range(n)}
+        pending: dict[tuple[int, int], list] = {key: [] for key in open_samples}
         first = True
         try:
             while open_samples:
                 try:
-                    event = await asyncio.wait_for(events.get(), timeout=1.0)
+                    j, event = await asyncio.wait_for(events.get(), timeout=1.0)
                 except TimeoutError:
                     if await disconnected():
                         return
                     continue
-                if event.index not in open_samples:
+                key = (j, event.index)
+                if key not in open_samples:
                     continue
-                stream = streams[event.index]
+                stream, index = jobs[j].streams[event.index], j * n + event.index
                 if event.kind == "token":
                     if first:
                         self.ttft.observe(time.monotonic() - started)
                         first = False
+                    pending[key].append((event.token, event.logprob, event.top_logprobs))
                     delta = stream.push(event.token)
                     if stream.stopped:
-                        open_samples.discard(event.index)
-                        yield event.index, delta + stream.flush(), "stop"
+                        open_samples.discard(key)
+                        yield index, delta + stream.flush(), "stop", pending.pop(key)
                     elif delta:
-                        yield event.index, delta, None
+                        yield index, delta, None, pending[key]
+                        pending[key] = []
                 else:
-                    open_samples.discard(event.index)
-                    yield event.index, stream.flush(), event.finish_reason
+                    open_samples.discard(key)
+                    yield index, stream.flush(), event.finish_reason, pending.pop(key)
             self.latency.observe(time.monotonic() - started)
         finally:
-            if request.finished < request.n:
-                self.scheduler.cancel(request)  # client gone or stop string hit: free the blocks now
+            for job in jobs:
+                if job.request.finished < job.request.n:
+                    self.scheduler.cancel(job.request)  # client gone or stop string hit: free the blocks now
+
+
+def _forward_event(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, job: int, event: Event) -> None:
+    loop.call_soon_threadsafe(events.put_nowait, (job, event))  # called on the scheduler thread
+
+
+def check_unicode(body: CompletionRequest | ChatRequest) -> None:
+    """Strings must be encodable as UTF-8 (JSON admits lone surrogates such as \\udcff; tokenizers do not)."""
+    texts: list[tuple[str, str]] = [("stop", s) for s in body.stop_strings()]
+    if isinstance(body, ChatRequest):
+        texts += [(f"messages.{i}.content", m.text()) for i, m in enumerate(body.messages)]
+    else:
+        texts += [("prompt", p) for p in body.prompts() if isinstance(p, str)]
+    for where, text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{where}: not valid Unicode (a lone surrogate)") from None
 
 
 class _SchedulerCollector:
@@ -183,14 +274,20 @@ def create_app(server: Server) -> FastAPI:
     app = FastAPI(title="Shrinkwrap", version="0.1.0")
 
     def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+        named = re.match(r"([\w.]+): ", message) if status == 400 else None
         server.responses.labels(str(status)).inc()
-        return JSONResponse(error_body(message, kind, param), status_code=status)
+        return JSONResponse(error_body(message, kind, param or (named.group(1) if named else None)),
+                            status_code=status)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: HttpRequest, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        return error(400, f"{'.'.join(loc) or 'body'}: {first.get('msg')}", param=".".join(loc) or None)
+        loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or None
+        message = ("not supported by this server" if first.get("type") == "extra_forbidden" else
+                   str(first.get("msg", "invalid")).removeprefix("Value error, ")[:300])
+        if loc is None and re.match(r"[\w.]+: ", message):  # a check across fields names its field first
+            return error(400, message)
+        return error(400, f"{loc or 'body'}: {message}", param=loc)
 
     @app.exception_handler(HTTPException)
     async def http_error(_: HttpRequest, exc: HTTPException):
@@ -216,56 +313,95 @@ def create_app(server: Server) -> FastAPI:
 
     async def handle(body: CompletionRequest | ChatRequest, http: HttpRequest, chat: bool):
         try:
-            request, streams = server.make_request(body)
-            generator = server.run(request, streams, http.is_disconnected)
+            jobs = server.make_jobs(body)
+            generator = server.run(jobs, http.is_disconnected)
             first = await anext(generator, None)  # submits: a full queue or a bad request fails here
         except QueueFull as exc:
             return error(429, str(exc), "rate_limit_error")
         except ValueError as exc:
-            return error(400, str(exc))
-        rid, created = new_id("chatcmpl" if chat else "cmpl"), now()
+            return error(400, str(exc)[:500])
+        rid, created, n = new_id("chatcmpl" if chat else "cmpl"), now(), body.n
         kind = "chat.completion" if chat else "text_completion"
+        top_n = body.top_logprobs_count()
+        echo = not chat and body.echo_prompt()
+        choices_count = len(jobs) * n
+
+        def job_of(index: int) -> Job:
+            return jobs[index // n]
+
+        def logprobs(index: int, entries: list, with_prompt: bool, offset: int) -> dict[str, Any] | None:
+            if top_n is None:
+                return None
+            if chat:
+                return {"content": [chat_logprob(server, t, lp, top) for t, lp, top in entries], "refusal": None}
+            if with_prompt:
+                request = job_of(index).request
+                scores = request.prompt_scores or []
+                entries = ([(request.prompt[0], None, None)] +
+                           [(t, lp, top) for t, (lp, top) in zip(request.prompt[1:], scores, strict=True)] + entries)
+            return completion_logprobs(server, entries, offset)
+
+        def chunk(choice: dict[str, Any]) -> str:
+            payload = {"id": rid, "object": f"{kind}.chunk" if chat else kind, "created": created,
+                       "model": server.model_name, "choices": [choice]}
+            if include_usage:
+                payload["usage"] = None
+            return _sse(payload)
+
+        include_usage = body.stream and body.stream_options is not None and body.stream_options.include_usage
         if body.stream:
             async def events() -> AsyncIterator[str]:
                 try:
-                    if chat:
-                        for i in range(body.n):
-                            yield _sse({"id": rid, "object": f"{kind}.chunk", "created": created,
-                                        "model": server.model_name, "choices": [
-                                            {"index": i, "delta": {"role": "assistant", "content": ""},
-                                             "finish_reason": None}]})
+                    offsets = [0] * choices_count
+                    for index in range(choices_count):  # role first (chat) or the echoed prompt (completions)
+                        if chat:
+                            yield chunk({"index": index, "delta": {"role": "assistant", "content": ""},
+                                         "logprobs": None, "finish_reason": None})
+                        elif echo:
+                            text = job_of(index).prompt_text
+                            yield chunk({"index": index, "text": text, "finish_reason": None,
+                                         "logprobs": logprobs(index, [], True, 0)})
+                            offsets[index] = len(text)
                     item = first
                     while item is not None:
-                        index, text, reason = item
-                        choice = ({"index": index, "delta": {"content": text} if text else {},
-                                   "finish_reason": reason} if chat else
-                                  {"index": index, "text": text, "finish_reason": reason, "logprobs": None})
-                        yield _sse({"id": rid, "object": f"{kind}.chunk" if chat else kind, "created": created,
-                                    "model": server.model_name, "choices": [choice]})
+                        index, text, reason, entries = item
+                        lp = logprobs(index, entries, False, offsets[index])
+                        offsets[index] += len(text)
+                        yield chunk({"index": index, "delta": {"content": text} if text else {}, "logprobs": lp,
+                                     "finish_reason": reason} if chat else
+                                    {"index": index, "text": text, "logprobs": lp, "finish_reason": reason})
                         item = await anext(generator, None)
-                    if body.stream_options is not None and body.stream_options.include_usage:
+                    if include_usage:
                         yield _sse({"id": rid, "object": f"{kind}.chunk" if chat else kind, "created": created,
-                                    "model": server.model_name, "choices": [], "usage": usage(request, streams)})
+                                    "model": server.model_name, "choices": [], "usage": usage(jobs)})
                     yield "data: [DONE]\n\n"
                 finally:
                     await generator.aclose()
             server.responses.labels("200").inc()
             return StreamingResponse(events(), media_type="text/event-stream")
-        texts, reasons = [""] * body.n, [None] * body.n
+        texts, reasons = [""] * choices_count, [None] * choices_count
+        entries: list[list] = [[] for _ in range(choices_count)]
         item = first
         while item is not None:
-            index, text, reason = item
+            index, text, reason, new = item
             texts[index] += text
+            entries[index] += new
             reasons[index] = reason or reasons[index]
             item = await anext(generator, None)
         if any(r is None for r in reasons):  # the client went away before the end
             return error(499, "client closed the request")
-        choices = [({"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r} if chat else
-                    {"index": i, "text": t, "finish_reason": r, "logprobs": None})
-                   for i, (t, r) in enumerate(zip(texts, reasons, strict=True))]
+        choices = []
+        for i, (text, reason) in enumerate(zip(texts, reasons, strict=True)):
+            if chat:
+                choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                                "logprobs": logprobs(i, entries[i], False, 0), "finish_reason": reason})
+            else:
+                prefix = job_of(i).prompt_text if echo else ""
+                choices.append({"index": i, "text": prefix + text, "finish_reason": reason,
+                                "logprobs": logprobs(i, entries[i], echo, 0)})
         server.responses.labels("200").inc()
         return {"id": rid, "object": kind, "created": created, "model": server.model_name, "choices": choices,
-                "usage": usage(request, streams)}
+                "usage": usage(jobs)}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: HttpRequest):
@@ -278,10 +414,29 @@ def create_app(server: Server) -> FastAPI:
     return app
 
 
-def usage(request: Request, streams: list[TextStream]) -> dict[str, int]:
-    completion = sum(len(s.tokens) for s in streams)
-    return {"prompt_tokens": len(request.prompt), "completion_tokens": completion,
-            "total_tokens": len(request.prompt) + completion}
+def usage(jobs: list[Job]) -> dict[str, int]:
+    prompt = sum(len(job.request.prompt) for job in jobs)
+    completion = sum(len(s.tokens) for job in jobs for s in job.streams)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def completion_logprobs(server: Server, entries: list, offset: int) -> dict[str, Any]:
+    """The legacy completions `logprobs` object: tokens, their logprobs, top alternatives, text offsets."""
+    tokens = [server.token_text(t) for t, _, _ in entries]
+    offsets = []
+    for text in tokens:
+        offsets.append(offset)
+        offset += len(text)
+    top = [None if alts is None else {server.token_text(i): lp for i, lp in alts} for _, _, alts in entries]
+    return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries], "top_logprobs": top,
+            "text_offset": offsets}
+
+
+def chat_logprob(server: Server, token: int, logprob: float, top: list) -> dict[str, Any]:
+    text = server.token_text(token)
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8")),
+            "top_logprobs": [{"token": server.token_text(i), "logprob": lp,
+                              "bytes": list(server.token_text(i).encode("utf-8"))} for i, lp in top or []]}
 
 
 def _sse(payload: dict[str, Any]) -> str:
@@ -295,17 +450,24 @@ def build_server(cfg: ServeConfig) -> Server:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     tokenizer = load_tokenizer(cfg.artifact)
-    model = load_model(cfg.artifact, cfg.device)
-    if not isinstance(model, torch.nn.Module) or not hasattr(model, "model"):
-        raise UserError(f"{cfg.artifact}: the server runs Llama-family PyTorch artifacts")
-    engine = Engine(model, cfg.block_size, cfg.num_blocks)
     draft = None
-    if cfg.draft is not None:
-        if load_tokenizer(cfg.draft).get_vocab() != tokenizer.get_vocab():
-            raise UserError(f"draft: {cfg.draft} does not share the target's tokenizer")
-        draft = Engine(load_model(cfg.draft, cfg.device), cfg.block_size, cfg.num_blocks)
-    limit = getattr(model.config, "max_position_embeddings", None) or cfg.block_size * cfg.num_blocks
-    max_context = min(cfg.max_model_len or limit, limit, cfg.block_size * cfg.num_blocks)
+    if is_onnx_export(cfg.artifact, cfg.device):
+        if cfg.draft is not None:
+            raise UserError("draft: speculative serving runs on PyTorch artifacts, not on an ONNX export")
+        decoder = OnnxDecoder(cfg.artifact, cfg.threads)
+        max_context = min(cfg.max_model_len or decoder.context_length, decoder.context_length)
+        engine: Any = OnnxBatchRunner(decoder, cfg.max_running, max_context)
+    else:
+        model = load_model(cfg.artifact, cfg.device)
+        if not isinstance(model, torch.nn.Module) or not hasattr(model, "model"):
+            raise UserError(f"{cfg.artifact}: the server runs decoder-only PyTorch or ONNX artifacts")
+        engine = Engine(model, cfg.block_size, cfg.num_blocks)
+        if cfg.draft is not None:
+            if load_tokenizer(cfg.draft).get_vocab() != tokenizer.get_vocab():
+                raise UserError(f"draft: {cfg.draft} does not share the target's tokenizer")
+            draft = Engine(load_model(cfg.draft, cfg.device), cfg.block_size, cfg.num_blocks)
+        limit = getattr(model.config, "max_position_embeddings", None) or cfg.block_size * cfg.num_blocks
+        max_context = min(cfg.max_model_len or limit, limit, cfg.block_size * cfg.num_blocks)
     scheduler = Scheduler(engine, max_context, cfg.max_running, cfg.max_queue, cfg.max_batch_tokens,
                           cfg.response_cache, draft=draft, k=cfg.k)
     scheduler.start()

@@ -18,16 +18,28 @@ from train.data import heldout_windows, load_split_or_file, pack_blocks, tokeniz
 
 
 class _Windows:
-    """Validation windows one at a time (a plain iterable: Lightning would read a list as many loaders)."""
+    """This rank's validation windows, one at a time, each with a weight: 1 to count it, 0 for a
+    placeholder (a plain iterable: Lightning would read a list as many loaders).
 
-    def __init__(self, windows: torch.Tensor):
-        self.windows = windows
+    Every rank gets the same number of batches (Lightning refuses an empty loader on any rank, and
+    collective calls need every rank to take part): rank r takes windows r, r + world, ..., and a
+    rank left short repeats a window with weight 0, which the module runs but does not count.
+    """
+
+    def __init__(self, windows: torch.Tensor, rank: int = 0, world: int = 1):
+        self.mine = windows[rank::world]
+        self.length = -(-windows.shape[0] // world)  # ceil: the longest rank's share
+        self.filler = windows[:1]
 
     def __len__(self) -> int:
-        return self.windows.shape[0]
+        return self.length
 
     def __iter__(self):
-        return (w[None] for w in self.windows)
+        for i in range(self.length):
+            if i < self.mine.shape[0]:
+                yield self.mine[i:i + 1], torch.ones(())
+            else:
+                yield self.filler, torch.zeros(())
 
 
 class ShuffledBlocks:
@@ -144,4 +156,4 @@ class DistillDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> _Windows:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        return _Windows(self.val_blocks[rank::world])
+        return _Windows(self.val_blocks, rank, world)

@@ -112,7 +112,10 @@ class DistillationModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._val = {"nll": 0.0, "kl": 0.0, "count": 0.0}
 
-    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        batch, weight = batch
+        if float(weight) == 0:  # a placeholder on a rank with fewer windows than the others
+            return
         s_logits = self.student(batch, use_cache=False).logits[:, :-1].float()
         t_logits = self.teacher(batch, use_cache=False).logits[:, :-1].float()
         s_logp, t_logp = s_logits.log_softmax(-1), t_logits.log_softmax(-1)

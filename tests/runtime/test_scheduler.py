@@ -81,16 +81,69 @@ def test_queue_bound_priorities_and_admission_by_blocks(model):
         scheduler.submit(Request(list(range(3, 90)), SamplingParams(max_new_tokens=20)))
 
 
-def test_greedy_response_cache(model):
+def test_response_cache_serves_only_the_same_key(model):
     scheduler = Scheduler(Engine(model, block_size=8, num_blocks=64), max_context=256, response_cache_size=4)
-    first = Request([5, 6, 7, 8], SamplingParams(max_new_tokens=5))
+    first = Request([5, 6, 7, 8], SamplingParams(max_new_tokens=5), logprobs=2, cache_key=("a",))
     scheduler.submit(first)
     drain(scheduler, [first])
     steps = scheduler.stats.steps
-    second = Request([5, 6, 7, 8], SamplingParams(max_new_tokens=5))
+    second = Request([5, 6, 7, 8], SamplingParams(max_new_tokens=5), logprobs=2, cache_key=("a",))
     scheduler.submit(second)
-    assert second.finished == 1 and second.outputs == first.outputs
+    assert second.finished == 1 and second.outputs == first.outputs and second.records == first.records
     assert scheduler.stats.steps == steps and scheduler.stats.response_cache_hits == 1
+    for other in (Request([5, 6, 7, 8], SamplingParams(max_new_tokens=5), cache_key=("b",)),
+                  Request([5, 6, 7, 8], SamplingParams(max_new_tokens=5))):  # no key: never cached
+        scheduler.submit(other)
+        drain(scheduler, [other])
+    assert scheduler.stats.response_cache_hits == 1 and len(scheduler.response_cache) == 2
+
+
+def test_logprobs_and_prompt_scores_match_the_model(model):
+    scheduler = Scheduler(Engine(model, block_size=8, num_blocks=64), max_context=256, max_batch_tokens=8)
+    prompt = list(range(3, 23))  # 20 tokens over three prefill chunks
+    warm = Request(prompt, SamplingParams(max_new_tokens=1))  # puts the prompt's blocks in the prefix cache
+    scheduler.submit(warm)
+    drain(scheduler, [warm])
+    request = Request(prompt, SamplingParams(max_new_tokens=4), logprobs=3, prompt_logprobs=True)
+    scheduler.submit(request)
+    drain(scheduler, [request])
+    with torch.no_grad():
+        logp = model(torch.tensor([prompt + request.outputs[0]])).logits[0].log_softmax(-1)
+    expect_prompt = [float(logp[i, t]) for i, t in enumerate(prompt[1:])]
+    assert [lp for lp, _ in request.prompt_scores] == pytest.approx(expect_prompt, abs=1e-4)
+    for j, (token, lp, top) in enumerate(request.records[0]):
+        row = logp[len(prompt) - 1 + j]
+        assert lp == pytest.approx(float(row[token]), abs=1e-4)
+        assert [i for i, _ in top] == row.topk(3).indices.tolist() and top[0][1] >= lp
+    only_prompt = Request(prompt, SamplingParams(max_new_tokens=0), logprobs=0, prompt_logprobs=True)
+    scheduler.submit(only_prompt)
+    drain(scheduler, [only_prompt])
+    assert only_prompt.outputs == [[]] and only_prompt.finish_reasons == ["length"]
+    assert len(only_prompt.prompt_scores) == len(prompt) - 1 and scheduler.pool.used == 0
+
+
+def test_logit_bias_and_penalties_steer_greedy_decoding(model):
+    scheduler = Scheduler(Engine(model, block_size=8, num_blocks=64), max_context=256)
+    prompt = [5, 6, 7, 8]
+    forced = Request(prompt, SamplingParams(max_new_tokens=4, logit_bias=((42, 100.0),)))
+    banned = Request(prompt, SamplingParams(max_new_tokens=6, presence_penalty=2.0, frequency_penalty=2.0,
+                                            logit_bias=((9, -100.0),)))
+    for r in (forced, banned):
+        scheduler.submit(r)
+    drain(scheduler, [forced, banned])
+    assert forced.outputs[0] == [42, 42, 42, 42]
+    assert 9 not in banned.outputs[0]
+    # the penalty, replayed by hand on the model's logits, picks exactly these tokens
+    ids, expect = list(prompt), []
+    with torch.no_grad():
+        for _ in range(6):
+            logits = model(torch.tensor([ids])).logits[0, -1].clone()
+            logits[9] -= 100.0
+            for t in set(expect):
+                logits[t] -= 2.0 + 2.0 * expect.count(t)
+            expect.append(int(logits.argmax()))
+            ids.append(expect[-1])
+    assert banned.outputs[0] == expect
 
 
 def test_speculative_steps_in_the_batch_keep_greedy_output():
