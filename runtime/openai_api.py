@@ -1,9 +1,11 @@
-"""The OpenAI request schema we accept, the error body we return, and incremental detokenization."""
+"""The OpenAI request schema we accept, the response pieces and error body we return, and incremental
+detokenization."""
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -147,6 +149,39 @@ class ChatRequest(SamplingFields):
 
     def top_logprobs_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+
+def check_unicode(body: CompletionRequest | ChatRequest) -> None:
+    """Strings must be encodable as UTF-8 (JSON admits lone surrogates such as \\udcff; tokenizers do not)."""
+    texts: list[tuple[str, str]] = [("stop", s) for s in body.stop_strings()]
+    if isinstance(body, ChatRequest):
+        texts += [(f"messages.{i}.content", m.text()) for i, m in enumerate(body.messages)]
+    else:
+        texts += [("prompt", p) for p in body.prompts() if isinstance(p, str)]
+    for where, text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{where}: not valid Unicode (a lone surrogate)") from None
+
+
+def completion_logprobs(token_text: Callable[[int], str], entries: list, offset: int) -> dict[str, Any]:
+    """The legacy completions `logprobs` object: tokens, their logprobs, top alternatives, text offsets."""
+    tokens = [token_text(t) for t, _, _ in entries]
+    offsets = []
+    for text in tokens:
+        offsets.append(offset)
+        offset += len(text)
+    top = [None if alts is None else {token_text(i): lp for i, lp in alts} for _, _, alts in entries]
+    return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries], "top_logprobs": top,
+            "text_offset": offsets}
+
+
+def chat_logprob(token_text: Callable[[int], str], token: int, logprob: float, top: list) -> dict[str, Any]:
+    text = token_text(token)
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8")),
+            "top_logprobs": [{"token": token_text(i), "logprob": lp,
+                              "bytes": list(token_text(i).encode("utf-8"))} for i, lp in top or []]}
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,

@@ -31,9 +31,20 @@ from runtime.config import field, parse_config
 from runtime.engine import Engine, SamplingParams
 from runtime.errors import UserError, run_main
 from runtime.loading import is_onnx_export, load_model, load_tokenizer
+from runtime.metrics import SchedulerCollector
 from runtime.onnx_backend import OnnxDecoder
 from runtime.onnx_batch import OnnxBatchRunner
-from runtime.openai_api import ChatRequest, CompletionRequest, TextStream, error_body, new_id, now
+from runtime.openai_api import (
+    ChatRequest,
+    CompletionRequest,
+    TextStream,
+    chat_logprob,
+    check_unicode,
+    completion_logprobs,
+    error_body,
+    new_id,
+    now,
+)
 from runtime.scheduler import Event, QueueFull, Request, Scheduler
 
 
@@ -89,7 +100,7 @@ class Server:
         self.vocab = len(tokenizer)
         self._token_text: dict[int, str] = {}
         self.registry = CollectorRegistry()
-        self.registry.register(_SchedulerCollector(scheduler))
+        self.registry.register(SchedulerCollector(scheduler))
         buckets = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
         self.ttft = Histogram("shrinkwrap_time_to_first_token_seconds", "Time to first token", buckets=buckets,
                               registry=self.registry)
@@ -225,51 +236,6 @@ def _forward_event(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, job: 
     loop.call_soon_threadsafe(events.put_nowait, (job, event))  # called on the scheduler thread
 
 
-def check_unicode(body: CompletionRequest | ChatRequest) -> None:
-    """Strings must be encodable as UTF-8 (JSON admits lone surrogates such as \\udcff; tokenizers do not)."""
-    texts: list[tuple[str, str]] = [("stop", s) for s in body.stop_strings()]
-    if isinstance(body, ChatRequest):
-        texts += [(f"messages.{i}.content", m.text()) for i, m in enumerate(body.messages)]
-    else:
-        texts += [("prompt", p) for p in body.prompts() if isinstance(p, str)]
-    for where, text in texts:
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError(f"{where}: not valid Unicode (a lone surrogate)") from None
-
-
-class _SchedulerCollector:
-    def __init__(self, scheduler: Scheduler):
-        self.scheduler = scheduler
-
-    def collect(self):
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        s = self.scheduler
-        gauges = {"queue_depth": ("Requests waiting", s.queue_depth),
-                  "running_sequences": ("Sequences being prefilled or decoded", len(s.running)),
-                  "kv_blocks_used": ("KV-cache blocks held by sequences", s.pool.used),
-                  "kv_blocks_total": ("KV-cache blocks in the pool", s.pool.num_blocks),
-                  "decode_tokens_per_second": ("Tokens per second of recent steps", s.stats.decode_tokens_per_s)}
-        if s.draft is not None:
-            gauges["speculative_acceptance_rate"] = ("Draft tokens accepted / proposed", s.stats.acceptance_rate)
-            gauges["speculative_tokens_per_target_step"] = ("Tokens per target pass with a draft",
-                                                             s.stats.tokens_per_target_step)
-        for name, (doc, value) in gauges.items():
-            yield GaugeMetricFamily(f"shrinkwrap_{name}", doc, value=value)
-        counters = {"prefix_cache_hit_blocks": ("KV blocks reused from the prefix cache", s.pool.prefix_hits),
-                    "response_cache_hits": ("Greedy requests answered from the response cache",
-                                            s.stats.response_cache_hits),
-                    "generated_tokens": ("Tokens generated", s.stats.generated_tokens),
-                    "prompt_tokens": ("Prompt tokens admitted", s.stats.prompt_tokens),
-                    "finished_requests": ("Requests finished", s.stats.finished_requests),
-                    "cancelled_requests": ("Requests cancelled (client gone or stop string)",
-                                           s.stats.cancelled_requests)}
-        for name, (doc, value) in counters.items():
-            yield CounterMetricFamily(f"shrinkwrap_{name}", doc, value=value)
-
-
 def create_app(server: Server) -> FastAPI:
     app = FastAPI(title="Shrinkwrap", version="0.1.0")
 
@@ -333,13 +299,13 @@ def create_app(server: Server) -> FastAPI:
             if top_n is None:
                 return None
             if chat:
-                return {"content": [chat_logprob(server, t, lp, top) for t, lp, top in entries], "refusal": None}
+                return {"content": [chat_logprob(server.token_text, t, lp, top) for t, lp, top in entries], "refusal": None}
             if with_prompt:
                 request = job_of(index).request
                 scores = request.prompt_scores or []
                 entries = ([(request.prompt[0], None, None)] +
                            [(t, lp, top) for t, (lp, top) in zip(request.prompt[1:], scores, strict=True)] + entries)
-            return completion_logprobs(server, entries, offset)
+            return completion_logprobs(server.token_text, entries, offset)
 
         def chunk(choice: dict[str, Any]) -> str:
             payload = {"id": rid, "object": f"{kind}.chunk" if chat else kind, "created": created,
@@ -418,25 +384,6 @@ def usage(jobs: list[Job]) -> dict[str, int]:
     prompt = sum(len(job.request.prompt) for job in jobs)
     completion = sum(len(s.tokens) for job in jobs for s in job.streams)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def completion_logprobs(server: Server, entries: list, offset: int) -> dict[str, Any]:
-    """The legacy completions `logprobs` object: tokens, their logprobs, top alternatives, text offsets."""
-    tokens = [server.token_text(t) for t, _, _ in entries]
-    offsets = []
-    for text in tokens:
-        offsets.append(offset)
-        offset += len(text)
-    top = [None if alts is None else {server.token_text(i): lp for i, lp in alts} for _, _, alts in entries]
-    return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries], "top_logprobs": top,
-            "text_offset": offsets}
-
-
-def chat_logprob(server: Server, token: int, logprob: float, top: list) -> dict[str, Any]:
-    text = server.token_text(token)
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8")),
-            "top_logprobs": [{"token": server.token_text(i), "logprob": lp,
-                              "bytes": list(server.token_text(i).encode("utf-8"))} for i, lp in top or []]}
 
 
 def _sse(payload: dict[str, Any]) -> str:
