@@ -18,7 +18,7 @@ import shlex
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -156,22 +156,40 @@ def verify(artifact: Artifact) -> list[str]:
     return problems
 
 
-def lineage(artifact: Artifact) -> list[tuple[Artifact | None, dict[str, Any]]]:
+def find_parent(artifact: Artifact, search: Sequence[Path] = ()) -> Artifact:
+    """The parent by content hash: at the recorded path if it still holds that content, else an artifact
+    with that content beside the child, beside the recorded path, or in `search` (a copied or pulled
+    artifact keeps its lineage). UserError when none is found."""
+    link = artifact.manifest["parent"]
+    recorded = Path(link["path"])
+    candidates = [recorded]
+    for folder in (*search, artifact.path.resolve().parent, recorded.parent):
+        if folder.is_dir():
+            candidates += sorted(p for p in folder.iterdir() if p.is_dir() and (p / MANIFEST).is_file())
+    for path in candidates:
+        with contextlib.suppress(UserError, OSError):
+            found = open_artifact(path)
+            if found.content_hash == link["content_hash"] and found.path.resolve() != artifact.path.resolve():
+                return found
+    raise UserError(f"parent {link.get('name') or recorded.name} (content {link['content_hash'][:16]}…) "
+                    "not found on this machine")
+
+
+def lineage(artifact: Artifact, search: Sequence[Path] = ()) -> list[tuple[Artifact | None, dict[str, Any]]]:
     """The chain of parents, nearest first: (parent artifact or None if gone, the recorded link)."""
     chain = []
     current = artifact
-    seen = {artifact.path.resolve()}
+    seen = {artifact.content_hash}
     while (link := current.manifest.get("parent")) is not None:
-        parent_path = Path(link["path"])
         try:
-            parent = open_artifact(parent_path)
+            parent = find_parent(current, search)
         except UserError:
             chain.append((None, link))
             break
         chain.append((parent, link))
-        if parent_path.resolve() in seen:
+        if parent.content_hash in seen:
             break
-        seen.add(parent_path.resolve())
+        seen.add(parent.content_hash)
         current = parent
     return chain
 
@@ -189,10 +207,15 @@ def render_card(manifest: dict[str, Any], parent_metrics: dict[str, Any] | None 
               f"- command: `{manifest['step'].get('command', '')}`", f"- created: {manifest['created']}"]
     parent = manifest.get("parent")
     if parent:
-        lines.append(f"- parent: `{parent['path']}` ({parent['kind']}, content hash `{parent['content_hash'][:16]}…`)")
+        lines.append(f"- parent: {parent.get('name') or Path(parent['path']).name} ({parent['kind']}, content hash "
+                     f"`{parent['content_hash'][:16]}…`)")
     lines += ["", "Step configuration:", "", "```json", json.dumps(manifest["step"]["config"], indent=2), "```", ""]
     lines += ["## How to load it", "", manifest.get("load_instructions", _default_load(manifest)), ""]
     metrics = manifest.get("metrics", {})
+    if metrics and metrics.get("protocol"):
+        p = metrics["protocol"]
+        lines += [f"Accuracy protocol: {p.get('windows')} held-out windows x {p.get('seq_len')} tokens "
+                  f"({p.get('tokens_scored')} scored tokens{', full protocol' if p.get('full') else ', a subset'}).", ""]
     if metrics:
         lines += ["## Measured", ""]
         keys = [k for k in metrics.get("values", {}) if not isinstance(metrics["values"][k], dict)]
@@ -219,9 +242,67 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def load_snippet(manifest: dict[str, Any]) -> str:
+    """Python that loads this artifact and greedily answers one chat prompt; `PATH` is the artifact's folder.
+    Every kind's snippet is executed by tests/compress/test_artifact_cards.py."""
+    kind = manifest["kind"]
+    if kind == "onnx" and manifest.get("onnx", {}).get("kv_cache", "shared") != "concat":
+        return ("import onnxruntime_genai as og  # pip install onnxruntime-genai\n"
+                "model = og.Model(PATH)\ntokenizer = og.Tokenizer(model)\n"
+                "prompt = tokenizer.apply_chat_template('[{\"role\": \"user\", \"content\": \"Hi\"}]', "
+                "add_generation_prompt=True)\n"
+                "params = og.GeneratorParams(model)\nparams.set_search_options(max_length=64)\n"
+                "generator = og.Generator(model, params)\ngenerator.append_tokens(tokenizer.encode(prompt))\n"
+                "while not generator.is_done():\n    generator.generate_next_token()\n"
+                "print(tokenizer.decode(generator.get_sequence(0)))")
+    if kind in ("onnx", "quantized"):  # our loader: GPTQ (dequantized once), int8 dynamic, any ONNX export
+        return ("from runtime.engine import SamplingParams  # pip install 'lm-shrinkwrap[runtime]'\n"
+                "from runtime.loading import load_tokenizer, open_engine\n"
+                "tokenizer = load_tokenizer(PATH)\nengine = open_engine(PATH)\n"
+                "ids = tokenizer.apply_chat_template([{'role': 'user', 'content': 'Hi'}], add_generation_prompt=True,"
+                " return_dict=True)['input_ids']\n"
+                "(out,), _ = engine.generate([list(ids)], SamplingParams(max_new_tokens=32))\n"
+                "print(tokenizer.decode(out, skip_special_tokens=True))")
+    return ("from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            "model = AutoModelForCausalLM.from_pretrained(PATH)\ntokenizer = AutoTokenizer.from_pretrained(PATH)\n"
+            "ids = tokenizer.apply_chat_template([{'role': 'user', 'content': 'Hi'}], add_generation_prompt=True, "
+            "return_tensors='pt', return_dict=True)\n"
+            "out = model.generate(**ids, max_new_tokens=32, do_sample=False)\n"
+            "print(tokenizer.decode(out[0, ids['input_ids'].shape[1]:], skip_special_tokens=True))")
+
+
+_LOAD_NOTES = {
+    "quantized": "GPTQ checkpoints are standard Hugging Face GPTQ folders: vLLM, TGI and `transformers` + "
+                 "`optimum` + a GPTQ kernel package (GPTQModel) read them too; `shrinkwrap-int8-dynamic` ones only "
+                 "Shrinkwrap's loader reads.",
+    "onnx": "An onnxruntime-genai folder (`genai_config.json`); Shrinkwrap's runtime runs it too "
+            "(`python -m runtime.generate --artifact PATH`).",
+}
+
+
 def _default_load(manifest: dict[str, Any]) -> str:
-    return ("```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
-            "model = AutoModelForCausalLM.from_pretrained(PATH)\ntokenizer = AutoTokenizer.from_pretrained(PATH)\n```")
+    note = _LOAD_NOTES.get(manifest["kind"])
+    return "```python\n" + load_snippet(manifest) + "\n```" + (f"\n\n{note}" if note else "")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_readable(root: Path) -> None:
+    """Files 0666 and folders 0777 less the umask (0644/0755 under 0022), like any model folder: temp
+    files are created 0600 and would stay unreadable to other users of a shared disk."""
+    mask = _umask()
+    root.chmod(0o777 & ~mask)
+    for path in root.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """A step's resolved config, hashed: what the pipeline compares to skip a step already done."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -230,6 +311,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
 
 
@@ -258,9 +340,10 @@ def write_artifact(out: str | Path, kind: str, step: str, config: dict[str, Any]
             "name": out.name,
             "kind": kind,
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "parent": None if parent is None else {
-                "path": str(parent.path.resolve()), "kind": parent.kind, "content_hash": parent.content_hash},
-            "step": {"name": step, "config": config, "command": command_line(step)},
+            "parent": None if parent is None else {  # identity is the content hash; path and name are hints
+                "path": str(parent.path.resolve()), "name": parent.path.name, "kind": parent.kind,
+                "content_hash": parent.content_hash},
+            "step": {"name": step, "config": config, "config_hash": config_hash(config), "command": command_line(step)},
             "libraries": library_versions(),
             "machine": machine_description(),
             **(extra or {}),
@@ -271,6 +354,7 @@ def write_artifact(out: str | Path, kind: str, step: str, config: dict[str, Any]
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         parent_metrics = parent.metrics if parent is not None else None
         (tmp / CARD).write_text(render_card(manifest, parent_metrics), encoding="utf-8")
+        make_readable(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.rename(out, old)
@@ -283,19 +367,29 @@ def write_artifact(out: str | Path, kind: str, step: str, config: dict[str, Any]
         raise
 
 
-def record_metrics(artifact: Artifact, values: dict[str, Any], command: str) -> None:
-    """Store measured metrics in the manifest and regenerate the card (both replaced atomically)."""
+def record_metrics(artifact: Artifact, values: dict[str, Any], command: str,
+                   protocol: dict[str, Any] | None = None, report: str | None = None) -> bool:
+    """Add a measurement to the manifest's history and regenerate the card (both replaced atomically).
+
+    `metrics` (what the card shows) is the newest full-protocol measurement; a subset run
+    (`protocol["full"]` false) is kept in `metrics_history` but never replaces a full one.
+    Returns whether `metrics` changed.
+    """
     manifest = dict(artifact.manifest)
-    manifest["metrics"] = {
-        "values": values,
-        "command": command,
-        "machine": machine_description(),
-        "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-    }
+    entry = {"values": values, "command": command, "machine": machine_description(),
+             "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "protocol": protocol or {"full": True},
+             "report": report}
+    current = manifest.get("metrics") or {}
+    history = list(manifest.get("metrics_history") or ([current] if current else []))
+    manifest["metrics_history"] = history + [entry]
+    replace = entry["protocol"].get("full", True) or not current or not current.get("protocol", {}).get("full", True)
+    if replace:
+        manifest["metrics"] = entry
     parent_metrics = None
-    if artifact.parent_path is not None:
+    if artifact.manifest.get("parent"):
         with contextlib.suppress(UserError):
-            parent_metrics = open_artifact(artifact.parent_path).metrics
+            parent_metrics = find_parent(artifact).metrics
     _atomic_write_text(artifact.path / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     _atomic_write_text(artifact.path / CARD, render_card(manifest, parent_metrics))
     artifact.manifest = manifest
+    return replace

@@ -79,10 +79,9 @@ def run_speed(path: str, cfg: EvaluateConfig) -> dict[str, Any]:
            "--new-tokens", str(cfg.new_tokens)]
     if cfg.threads:
         cmd += ["--threads", str(cfg.threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # its progress lines show on stderr
     if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-        raise UserError(f"speed measurement failed for {path}: {tail}")
+        raise UserError(f"speed measurement failed for {path} (exit {proc.returncode}; its messages are above)")
     return json.loads(proc.stdout.strip().splitlines()[-1])["speed"]
 
 
@@ -103,8 +102,15 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
 
     rows = []
     command = command_line("compress.evaluate")
-    for path, artifact in tqdm(artifacts.items(), desc="speed (artifacts)", unit="artifact"):
+    protocol = {"split": "heldout articles 200-299", "seq_len": cfg.seq_len, "windows": int(windows.shape[0]),
+                "tokens_scored": acc["__reference__"]["tokens"], "corpus_sha256": heldout_corpus_hash(),
+                "full": cfg.max_eval_tokens is None, "reference_content_hash": ref_artifact.content_hash}
+    for i, (path, artifact) in enumerate(artifacts.items()):
+        if cfg.speed:
+            print(f"speed {i + 1}/{len(artifacts)}: {artifact.path.name} (a fresh process; about 1-3 min on 2 CPU "
+                  "cores) ...", file=sys.stderr, flush=True)
         row = {"name": artifact.path.name, "path": str(artifact.path), "kind": artifact.kind,
+               "content_hash": artifact.content_hash,
                "parameters": count_parameters(models[path]),
                "size_mb": artifact.model_size_bytes() / 1e6,
                "backend": "onnxruntime-cpu" if artifact.kind == "onnx" else f"pytorch-{cfg.device}", **acc[path]}
@@ -112,16 +118,25 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
             row.update(run_speed(path, cfg))
         rows.append(row)
         if cfg.record:
-            values = {k: v for k, v in row.items() if k not in ("name", "path", "kind")}
+            values = {k: v for k, v in row.items() if k not in ("name", "path", "kind", "content_hash")}
             values["reference_perplexity"] = acc["__reference__"]["perplexity"]
-            record_metrics(artifact, values, command)
+            if not record_metrics(artifact, values, command, protocol, str(Path(cfg.out).resolve())):
+                print(f"{artifact.path.name}: a subset run ({protocol['tokens_scored']} tokens) is kept in the history; "
+                      "the manifest's metrics stay the full-protocol ones", file=sys.stderr)
     rows.sort(key=lambda r: (r["path"] != str(ref_artifact.path), r["name"]))
     report = {"reference": str(ref_artifact.path), "reference_perplexity": acc["__reference__"]["perplexity"],
-              "protocol": {"split": "heldout articles 200-299", "seq_len": cfg.seq_len,
-                           "windows": int(windows.shape[0]), "tokens_scored": acc["__reference__"]["tokens"]},
+              "protocol": protocol,
               "command": command, "config": asdict(cfg), "machine": machine_description(), "results": rows}
     write_report(report, Path(cfg.out))
     return report
+
+
+def heldout_corpus_hash() -> str:
+    import hashlib
+
+    from train.data import load_corpus
+
+    return hashlib.sha256("\n\n".join(load_corpus("heldout")).encode()).hexdigest()
 
 
 def markdown_table(report: dict[str, Any]) -> str:
@@ -156,14 +171,16 @@ def pareto_plot(report: dict[str, Any], path: Path) -> None:
         if x is None:
             continue
         ax.scatter(x, r["perplexity"], s=40)
-        ax.annotate(r["name"], (x, r["perplexity"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.annotate(r["name"], (x, r["perplexity"]), textcoords="offset points", xytext=(5, 4), fontsize=8,
+                    annotation_clip=False)
+    ax.margins(x=0.3, y=0.15)  # room for the labels of the outermost points
     ax.axhline(report["reference_perplexity"], color="grey", linestyle=":", linewidth=1, label="reference ppl")
     ax.set_xlabel("decode tokens/s (batch 1)")
     ax.set_ylabel("held-out perplexity (lower is better)")
     ax.set_title("Accuracy against speed")
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight", pad_inches=0.2)
     plt.close(fig)
 
 

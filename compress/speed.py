@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import resource
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -89,6 +90,7 @@ def measure_onnx_speed(cfg: SpeedConfig) -> dict[str, Any]:
         engine.generate(chat, SamplingParams(max_new_tokens=n))
 
     run(2)
+    print(f"  decode at batch 1: {cfg.repeats} x {cfg.new_tokens} tokens ...", file=sys.stderr, flush=True)
     first = _best_time(lambda: run(1), cfg.repeats, torch.device("cpu"))
     full = _best_time(lambda: run(cfg.new_tokens), cfg.repeats, torch.device("cpu"))
     return {"prefill_tok_s": cfg.prefill_tokens / prefill_s, "device": "cpu", "backend": "onnxruntime",
@@ -115,11 +117,13 @@ def measure_speed(cfg: SpeedConfig) -> dict[str, Any]:
 
     prompt = heldout_windows(tokenizer, seq_len=cfg.prefill_tokens)[:1].to(device)
     model(prompt[:, :16], use_cache=True)  # warm-up
+    print(f"  prefill {cfg.prefill_tokens} tokens x {cfg.repeats} ...", file=sys.stderr, flush=True)
     prefill_s = _best_time(lambda: model(prompt, use_cache=True), cfg.repeats, device)
 
     result: dict[str, Any] = {"prefill_tok_s": cfg.prefill_tokens / prefill_s, "device": str(device),
                               "threads": torch.get_num_threads(), "new_tokens": cfg.new_tokens}
     for batch_size in (1, 8):
+        print(f"  decode at batch {batch_size}: {cfg.repeats} x {cfg.new_tokens} tokens ...", file=sys.stderr, flush=True)
         batch = tokenizer(chat_prompts(tokenizer, batch_size), return_tensors="pt", padding=True).to(device)
         run = _generate_timer(model, dict(batch), pad_id)
         run(2)  # warm-up

@@ -276,7 +276,7 @@ def _export_torch(source: Artifact, cfg: OnnxExportConfig, hf: dict[str, Any], g
                 shutil.copy(file, build / file.name)
         info = {"precision": cfg.precision, "weights": weights, "block_size": None, "accuracy_level": None,
                 "int8_method": "dynamic" if cfg.precision == "int8" else None, "lm_head": "float",
-                "builder": "torch.onnx.export (dynamo), concatenating KV cache"}
+                "builder": "torch.onnx.export (dynamo), concatenating KV cache", "kv_cache": "concat"}
         return _write_onnx_artifact(build, source, cfg, hf, info, started)
 
 

@@ -241,6 +241,8 @@ class OnnxCausalLM(torch.nn.Module):
                 init.name.endswith(s) for s in ("_scale", "_scales", "_zero_point", "_zero_points", "_perm"))
             if not skip:
                 total += int(np.prod(init.dims))
+        if getattr(self.config, "tie_word_embeddings", False):  # the builder unties embedding and head:
+            total -= self.config.vocab_size * self.config.hidden_size  # count the tied matrix once
         return total
 
 

@@ -69,4 +69,16 @@ def test_real_model_greedy_equals_hf(reference_artifact, dtype):
     expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
                               pad_token_id=0)[0, len(prompt):].tolist()
     static = StaticLlama(model, max_batch=1, max_len=len(prompt) + 24, dtype=dtype)
-    assert static.generate([prompt], len(expected), use_graph=False)[0] == expected
+    got = static.generate([prompt], len(expected), use_graph=False)[0]
+    if dtype == torch.float32:
+        assert got == expected
+        return
+    # bf16: two kernel schedules round near-ties differently (here the 2nd token: fp32 top-2 margin 0.002,
+    # an exact tie in HF's bf16 logits). Every token the static decoder picks must be the fp32 model's
+    # argmax on the static decoder's own prefix, or within bf16's spacing near logit 16-32 (0.125) of it.
+    fp32 = load_model(reference_artifact.path, "cpu", dtype=torch.float32)
+    with torch.no_grad():
+        logits = fp32(torch.tensor([prompt + got])).logits[0, len(prompt) - 1:-1]
+    margin = logits.max(-1).values - logits.gather(1, torch.tensor(got)[:, None])[:, 0]
+    assert (margin <= 0.25).all(), margin
+    assert (margin == 0).float().mean() >= 0.75  # ties are the exception
