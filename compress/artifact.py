@@ -73,7 +73,11 @@ def machine_description() -> dict[str, Any]:
 def command_line(module: str) -> str:
     """How this process was invoked, as a user would type it."""
     if sys.argv and sys.argv[0].endswith(".py"):
-        return "python -m " + shlex.join([module, *sys.argv[1:]])
+        running = ".".join(Path(sys.argv[0]).with_suffix("").parts[-2:])  # package.module
+        if running != module and running.split(".")[-1] == module.split(".")[-1]:
+            running = module  # a launcher of the same name (e.g. a console script)
+        cmd = "python -m " + shlex.join([running, *sys.argv[1:]])
+        return cmd if running == module else f"{cmd} (its {module} step)"
     return shlex.join(sys.argv)
 
 
@@ -301,8 +305,10 @@ def make_readable(root: Path) -> None:
 
 
 def config_hash(config: dict[str, Any]) -> str:
-    """A step's resolved config, hashed: what the pipeline compares to skip a step already done."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+    """A step's resolved config, hashed: what the pipeline compares to skip a step already done (flags
+    that only say what to do with an existing output are left out)."""
+    kept = {k: v for k, v in config.items() if k not in ("overwrite", "if_missing")}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

@@ -49,7 +49,7 @@ def _metric_lines(artifact: Artifact) -> list[str]:
     if not values:
         return ["No measurements recorded (run `python -m compress.evaluate` on it first)."]
     names = {"perplexity": "held-out perplexity", "reference_perplexity": "reference perplexity (same tokens)",
-             "kl": "KL(reference || this) per token", "top1_agreement": "top-1 agreement with the reference",
+             "kl": "KL(reference ‖ this) per token", "top1_agreement": "top-1 agreement with the reference",
              "size_mb": "size on disk (MB)", "parameters": "parameters", "prefill_tok_s": "prefill tokens/s",
              "decode_tok_s_b1": "decode tokens/s, batch 1", "decode_tok_s_b8": "decode tokens/s, batch 8",
              "ttft_ms": "time to first token (ms)", "peak_rss_mb": "peak RSS (MB)", "backend": "backend measured"}
@@ -169,7 +169,7 @@ def bundle(cfg: BundleConfig) -> Path:
                 members[f"eval/{name}"] = report / name
     members["DEPLOY.md"] = deploy_markdown(artifact).encode()
     members["BUNDLE.json"] = (json.dumps({"artifact": artifact.path.name, "content_hash": artifact.content_hash,
-                                          "config_hash": config_hash(asdict(cfg) | {"overwrite": False}),
+                                          "config_hash": config_hash(asdict(cfg)),
                                           "report": str(report) if report else None}, indent=2) + "\n").encode()
     sums = []
     for name, data in members.items():
@@ -180,7 +180,7 @@ def bundle(cfg: BundleConfig) -> Path:
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        with tarfile.open(tmp, "w:gz") as tar:
+        with tarfile.open(tmp, "w:gz", compresslevel=1) as tar:  # weights barely compress: be quick
             for name, data in members.items():
                 if isinstance(data, Path):
                     tar.add(data, arcname=f"{root}/{name}", recursive=False)

@@ -237,7 +237,8 @@ class OnnxCausalLM(torch.nn.Module):
         packed = {name for node in graph.node if node.op_type == "MatMulNBits" for name in node.input[1:]}
         total = sum(_attr(node, "K") * _attr(node, "N") for node in graph.node if node.op_type == "MatMulNBits")
         for init in graph.initializer:
-            skip = init.name in packed or init.name in ("cos_cache", "sin_cache") or any(
+            skip = init.name in packed or init.name in ("cos_cache", "sin_cache") or init.name.startswith(
+                "logits_to_keep") or any(
                 init.name.endswith(s) for s in ("_scale", "_scales", "_zero_point", "_zero_points", "_perm"))
             if not skip:
                 total += int(np.prod(init.dims))
