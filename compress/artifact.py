@@ -250,6 +250,11 @@ def load_snippet(manifest: dict[str, Any]) -> str:
     """Python that loads this artifact and greedily answers one chat prompt; `PATH` is the artifact's folder.
     Every kind's snippet is executed by tests/compress/test_artifact_cards.py."""
     kind = manifest["kind"]
+    if kind == "tensorrt-llm":  # the engine is built on the target GPU; here: what the checkpoint is
+        return ("import json, pathlib\n"
+                "config = json.loads((pathlib.Path(PATH) / 'config.json').read_text())\n"
+                "print(config['architecture'], config['dtype'], config['quantization']['quant_algo'], "
+                "'tp', config['mapping']['tp_size'])")
     if kind == "onnx" and manifest.get("onnx", {}).get("kv_cache", "shared") != "concat":
         return ("import onnxruntime_genai as og  # pip install onnxruntime-genai\n"
                 "model = og.Model(PATH)\ntokenizer = og.Tokenizer(model)\n"
@@ -279,6 +284,9 @@ _LOAD_NOTES = {
     "quantized": "GPTQ checkpoints are standard Hugging Face GPTQ folders: vLLM, TGI and `transformers` + "
                  "`optimum` + a GPTQ kernel package (GPTQModel) read them too; `shrinkwrap-int8-dynamic` ones only "
                  "Shrinkwrap's loader reads.",
+    "tensorrt-llm": "A TensorRT-LLM 1.2.x checkpoint: `bash PATH/build.sh ENGINE_DIR` on a GPU machine with "
+                    "`tensorrt-llm==1.2.1` builds the engine (GPTQ checkpoints run `convert.py` first); "
+                    "`python -m runtime.generate --artifact ENGINE_DIR` runs it.",
     "onnx": "An onnxruntime-genai folder (`genai_config.json`); Shrinkwrap's runtime runs it too "
             "(`python -m runtime.generate --artifact PATH`).",
 }

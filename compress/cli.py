@@ -20,6 +20,7 @@ COMMANDS = {
     "speed": ("compress.speed", "speed of one artifact (what evaluate runs per artifact)"),
     "pipeline": ("compress.pipeline", "run a recipe of steps (configs/pipeline/*.yaml)"),
     "onnx": ("export.onnx", "export a KV-cached ONNX decoder"),
+    "tensorrt-llm": ("export.tensorrt_llm", "export a TensorRT-LLM checkpoint (+ build.sh)"),
     "bundle": ("export.bundle", "the hand-off tarball for a deployment team"),
     "registry": ("export.registry", "push / pull / list artifacts in an MLflow registry"),
     "generate": ("runtime.generate", "generate text from an artifact"),

@@ -87,6 +87,12 @@ def static_generate(cfg: GenerateConfig, ids: list[int], stop: tuple[int, ...]) 
 
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_config(GenerateConfig, argv, "python -m runtime.generate", __doc__.splitlines()[0])
+    from runtime.trtllm_backend import import_trtllm, is_trtllm_engine
+
+    if is_trtllm_engine(cfg.artifact):
+        import_trtllm()  # says what to install before anything else is loaded
+        if cfg.draft is not None or cfg.static or cfg.prompt_lookup:
+            raise UserError("a TensorRT-LLM engine runs plain decoding here (no --draft/--static/--prompt-lookup)")
     tokenizer = load_tokenizer(cfg.artifact)
     if cfg.draft is not None:
         draft_tok = load_tokenizer(cfg.draft)

@@ -70,11 +70,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
 
 
 def open_engine(path: str | Path, device: str = "cpu", block_size: int = 16, num_blocks: int = 512) -> Any:
-    """The engine for an artifact: ONNX Runtime for an `onnx` export, else the paged PyTorch engine."""
+    """The engine for an artifact: ONNX Runtime for an `onnx` export, TensorRT-LLM's runner for a built engine
+    directory, else the paged PyTorch engine."""
     from runtime.engine import Engine
 
     if is_onnx_export(path, device):
         from runtime.onnx_backend import OnnxEngine
 
         return OnnxEngine(path)
+    from runtime.trtllm_backend import TrtllmEngine, is_trtllm_engine
+
+    if is_trtllm_engine(path):
+        return TrtllmEngine(path)
     return Engine(load_model(path, device), block_size, num_blocks)

@@ -396,6 +396,12 @@ def build_server(cfg: ServeConfig) -> Server:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    from runtime.trtllm_backend import import_trtllm, is_trtllm_engine
+
+    if is_trtllm_engine(cfg.artifact):
+        import_trtllm()
+        raise UserError(f"{cfg.artifact}: a TensorRT-LLM engine: serve it with TensorRT-LLM's own OpenAI server "
+                        "(trtllm-serve); runtime.serve does not drive engines yet (runtime.generate does)")
     tokenizer = load_tokenizer(cfg.artifact)
     draft = None
     if is_onnx_export(cfg.artifact, cfg.device):
