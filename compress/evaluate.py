@@ -178,7 +178,7 @@ def pareto_plot(report: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("decode tokens/s (batch 1)")
     ax.set_ylabel("held-out perplexity (lower is better)")
     ax.set_title("Accuracy against speed")
-    ax.legend(loc="best", fontsize=8)
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight", pad_inches=0.2)
     plt.close(fig)

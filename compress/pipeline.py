@@ -65,6 +65,12 @@ def run_registry(cfg: RegistryStep) -> list[str]:
     return lines
 
 
+def _registry_uri(cfg: RegistryStep) -> str:
+    from export.registry import default_tracking_uri
+
+    return default_tracking_uri(cfg.tracking_uri)
+
+
 def _fingerprint(config: dict[str, Any]) -> str:
     return config_hash(json.loads(json.dumps(config, default=str)))
 
@@ -196,9 +202,10 @@ def run_pipeline(cfg: PipelineConfig, source: str = "pipeline") -> list[dict[str
     for i, (name, step_cfg) in enumerate(steps, start=1):
         label = f"[{i}/{len(steps)}] {name}" + (f" -> {step_cfg.out}" if hasattr(step_cfg, "out") else "")
         run, is_done = STEPS[name][1], STEPS[name][2]
+        where = getattr(step_cfg, "out", None) or (_registry_uri(step_cfg) if name == "registry" else None)
         if is_done(step_cfg):
             print(f"{label}: skipped (output intact, same config)", flush=True)
-            done.append({"step": name, "skipped": True})
+            done.append({"step": name, "skipped": True, "output": where})
             continue
         if hasattr(step_cfg, "overwrite") and Path(getattr(step_cfg, "out", "") or "").exists():
             print(f"{label}: output exists with another config or damaged: redoing it", flush=True)
@@ -208,7 +215,7 @@ def run_pipeline(cfg: PipelineConfig, source: str = "pipeline") -> list[dict[str
         run(step_cfg)
         seconds = time.perf_counter() - started
         print(f"{label}: done in {seconds:.0f} s", flush=True)
-        done.append({"step": name, "skipped": False, "seconds": seconds})
+        done.append({"step": name, "skipped": False, "seconds": seconds, "output": where})
     return done
 
 
@@ -218,7 +225,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     done = run_pipeline(cfg, "pipeline config")
     ran = sum(not d["skipped"] for d in done)
     print(f"pipeline finished in {time.perf_counter() - started:.0f} s: {ran} step(s) run, "
-          f"{len(done) - ran} skipped; outputs under {cfg.out_dir}")
+          f"{len(done) - ran} skipped. Where everything is:")
+    for d in done:
+        print(f"  {d['step']:<12} {d['output']}")
 
 
 if __name__ == "__main__":

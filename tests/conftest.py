@@ -58,6 +58,17 @@ def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
     return ids[0, len(prompt):].tolist()
 
 
+def save_reference(path: Path, model, tokenizer):
+    """`model` and `tokenizer` written as a `reference` artifact at `path` (opened)."""
+    from compress.artifact import open_artifact, write_artifact
+    from compress.models import describe_model
+
+    with write_artifact(path, "reference", "tests", {}, extra={"model": describe_model(model)}) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return open_artifact(path)
+
+
 def make_ragged_artifact(path: Path, tokenizer, heads: int, kv_heads: int):
     """hidden 96, intermediate 160: group size 64 leaves a partial last group in every projection."""
     from compress.artifact import open_artifact, write_artifact

@@ -12,28 +12,18 @@ import pytest
 from compress.artifact import find_parent, lineage, load_snippet, open_artifact, record_metrics
 from compress.evaluate import EvaluateConfig, evaluate
 from compress.models import count_parameters, load_artifact_model
-from compress.quantize import QuantizeConfig, quantize
 from export.onnx import OnnxExportConfig, export_onnx
 
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     """A tiny reference, its GPTQ child and the child's ONNX export."""
-    from compress.artifact import write_artifact
-    from compress.models import describe_model
-    from tests.conftest import make_tiny_llama, make_tiny_tokenizer
+    from tests.export.test_registry import reference_and_gptq_child
 
     old = os.umask(0o022)
     try:
         root = tmp_path_factory.mktemp("cards")
-        tokenizer = make_tiny_tokenizer()
-        model = make_tiny_llama(vocab_size=len(tokenizer))
-        with write_artifact(root / "ref", "reference", "tests", {}, extra={"model": describe_model(model)}) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-        ref = open_artifact(root / "ref")
-        gptq = quantize(ref, QuantizeConfig(artifact=str(ref.path), out=str(root / "gptq"), method="gptq",
-                                            group_size=32, n_samples=4, seq_len=32))
+        ref, gptq = reference_and_gptq_child(root)
         onnx = export_onnx(gptq, OnnxExportConfig(artifact=str(gptq.path), out=str(root / "onnx"), precision="int4"))
         evaluate(EvaluateConfig(reference=str(ref.path), artifacts=[str(ref.path), str(gptq.path), str(onnx.path)],
                                 out=str(root / "eval"), speed=False, seq_len=128))

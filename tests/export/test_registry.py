@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from compress.artifact import open_artifact, sha256_file
+from compress.artifact import sha256_file
 from compress.quantize import QuantizeConfig, quantize
 from export.registry import ListConfig, PullConfig, PushConfig, list_versions, pull, push
 from runtime.bench import free_port
@@ -43,23 +43,20 @@ def mlflow_server(root: Path, port: int | None = None):
         proc.wait(30)
 
 
-@pytest.fixture(scope="module")
-def lineage_pair(tmp_path_factory):
-    """A tiny reference and its RTN-quantized child."""
-    from compress.artifact import write_artifact
-    from compress.models import describe_model
-    from tests.conftest import make_tiny_llama, make_tiny_tokenizer
+def reference_and_gptq_child(root: Path):
+    """A tiny reference and its GPTQ child (group 32) under `root`."""
+    from tests.conftest import make_tiny_llama, make_tiny_tokenizer, save_reference
 
-    root = tmp_path_factory.mktemp("registry")
     tokenizer = make_tiny_tokenizer()
-    model = make_tiny_llama(vocab_size=len(tokenizer))
-    with write_artifact(root / "tiny-ref", "reference", "tests", {}, extra={"model": describe_model(model)}) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    ref = open_artifact(root / "tiny-ref")
-    child = quantize(ref, QuantizeConfig(artifact=str(ref.path), out=str(root / "tiny-rtn"), method="rtn",
+    ref = save_reference(root / "tiny-ref", make_tiny_llama(vocab_size=len(tokenizer)), tokenizer)
+    child = quantize(ref, QuantizeConfig(artifact=str(ref.path), out=str(root / "tiny-gptq"), method="gptq",
                                          group_size=32, n_samples=4, seq_len=32))
     return ref, child
+
+
+@pytest.fixture(scope="module")
+def lineage_pair(tmp_path_factory):
+    return reference_and_gptq_child(tmp_path_factory.mktemp("registry"))
 
 
 def files_of(artifact_path: Path) -> dict[str, str]:
@@ -73,22 +70,22 @@ def test_push_pull_list_with_lineage_on_a_tracking_server(lineage_pair, tmp_path
         assert first.created and first.version == "1"
         again = push(PushConfig(artifact=str(ref.path), name="tiny", tracking_uri=url))
         assert not again.created and again.version == "1"  # same content: no second version
-        q = push(PushConfig(artifact=str(child.path), name="tiny-rtn", tracking_uri=url, tag=["owner=tests"]))
+        q = push(PushConfig(artifact=str(child.path), name="tiny-gptq", tracking_uri=url, tag=["owner=tests"]))
         from mlflow import MlflowClient
 
         client = MlflowClient(tracking_uri=url, registry_uri=url)
-        version = client.get_model_version("tiny-rtn", q.version)
+        version = client.get_model_version("tiny-gptq", q.version)
         assert version.tags["parent_model"] == "tiny" and version.tags["parent_version"] == "1"
         assert version.tags["kind"] == "quantized" and version.tags["content_hash"] == child.content_hash
         assert version.tags["owner"] == "tests" and version.source.startswith("runs:/")
         run = client.get_run(version.run_id)
-        assert run.data.params["method"] == "rtn" and run.data.params["group_size"] == "32"
+        assert run.data.params["method"] == "gptq" and run.data.params["group_size"] == "32"
         assert run.data.tags["shrinkwrap.parent_content_hash"] == ref.content_hash
         assert len(client.search_model_versions("name='tiny'")) == 1
         # the alias resolves, and the pull is byte-identical and verified
         pulled = pull(PullConfig(model_uri="models:/tiny@champion", out=str(tmp_path / "pulled"), tracking_uri=url))
         assert pulled.content_hash == ref.content_hash and files_of(pulled.path) == files_of(ref.path)
-        pulled_child = pull(PullConfig(model_uri=f"models:/tiny-rtn/{q.version}", out=str(tmp_path / "pc"),
+        pulled_child = pull(PullConfig(model_uri=f"models:/tiny-gptq/{q.version}", out=str(tmp_path / "pc"),
                                        tracking_uri=url))
         # lineage by content hash survives the copy: the pulled child finds the pulled parent beside it
         from compress.artifact import find_parent
@@ -96,7 +93,7 @@ def test_push_pull_list_with_lineage_on_a_tracking_server(lineage_pair, tmp_path
         assert find_parent(pulled_child).path.resolve() in {pulled.path.resolve(), ref.path.resolve()}
         rows = list_versions(ListConfig(tracking_uri=url))
         assert [(r["name"], r["version"], r["aliases"], r["parent"]) for r in rows] == [
-            ("tiny", "1", ["champion"], "–"), ("tiny-rtn", q.version, [], "tiny/1")]
+            ("tiny", "1", ["champion"], "–"), ("tiny-gptq", q.version, [], "tiny/1")]
         # a changed byte in the store: refused, naming the file, and nothing left at --out
         stored = next((tmp_path / "server" / "store").rglob("model.safetensors"))
         data = bytearray(stored.read_bytes())
@@ -115,7 +112,7 @@ def test_a_registry_that_is_down_fails_in_one_line_and_registers_nothing(lineage
     with mlflow_server(tmp_path / "server", port) as (url, _):
         push(PushConfig(artifact=str(ref.path), name="tiny", tracking_uri=url))
     proc = subprocess.run([sys.executable, "-m", "export.registry", "push", "--artifact", str(child.path),
-                           "--name", "tiny-rtn", "--tracking-uri", url], capture_output=True, text=True, timeout=120)
+                           "--name", "tiny-gptq", "--tracking-uri", url], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "not reachable" in proc.stderr
     with mlflow_server(tmp_path / "server", port) as (url, _):  # the same store, back up
@@ -129,13 +126,13 @@ def test_embedded_sqlite_registry_is_the_default(lineage_pair, tmp_path, monkeyp
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run = [sys.executable, "-m", "export.registry"]
     cwd = {"cwd": tmp_path, "capture_output": True, "text": True}
-    for art, name in ((ref, "tiny"), (child, "tiny-rtn")):
+    for art, name in ((ref, "tiny"), (child, "tiny-gptq")):
         proc = subprocess.run([*run, "push", "--artifact", str(art.path), "--name", name, "--alias", "champion"], **cwd)
         assert proc.returncode == 0 and "version 1" in proc.stdout, proc.stderr
     assert (tmp_path / "artifacts" / "registry" / "mlflow.db").is_file()
     listed = subprocess.run([*run, "list"], **cwd).stdout
-    assert "| tiny-rtn | 1 | champion | quantized |" in listed and "tiny/1" in listed
-    proc = subprocess.run([*run, "pull", "--model-uri", "models:/tiny-rtn@champion", "--out", "got"], **cwd)
+    assert "| tiny-gptq | 1 | champion | quantized |" in listed and "tiny/1" in listed
+    proc = subprocess.run([*run, "pull", "--model-uri", "models:/tiny-gptq@champion", "--out", "got"], **cwd)
     assert proc.returncode == 0 and files_of(tmp_path / "got") == files_of(child.path)
     shutil.rmtree(tmp_path / "got")
     with pytest.raises(UserError, match="model_uri"):

@@ -9,12 +9,10 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from compress.artifact import open_artifact, write_artifact
-from compress.models import describe_model
 from compress.quantize import QuantizeConfig, quantize
 from export.tensorrt_llm import TrtllmExportConfig, export_trtllm
 from runtime.errors import UserError
-from tests.conftest import make_tiny_llama
+from tests.conftest import make_tiny_llama, save_reference
 from tests.export.trtllm_reader import Reader
 
 IDS = [5, 17, 300, 42, 9, 77, 123, 8, 256, 31, 64, 2]
@@ -22,10 +20,7 @@ IDS = [5, 17, 300, 42, 9, 77, 123, 8, 256, 31, 64, 2]
 
 def make(tmp_path, tokenizer, name="ref", **kw):
     model = make_tiny_llama(vocab_size=len(tokenizer), **kw)
-    with write_artifact(tmp_path / name, "reference", "tests", {}, extra={"model": describe_model(model)}) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    return open_artifact(tmp_path / name), model
+    return save_reference(tmp_path / name, model, tokenizer), model
 
 
 def export(artifact, tmp_path, name="trt", **kw):

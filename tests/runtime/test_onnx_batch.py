@@ -7,8 +7,6 @@ import httpx
 import pytest
 import torch
 
-from compress.artifact import open_artifact, write_artifact
-from compress.models import describe_model
 from export.onnx import OnnxExportConfig, export_onnx
 from runtime.engine import SamplingParams
 from runtime.errors import UserError
@@ -16,8 +14,9 @@ from runtime.onnx_backend import OnnxDecoder
 from runtime.onnx_batch import OnnxBatchRunner
 from runtime.scheduler import Request, Scheduler
 from runtime.serve import ServeConfig, build_server
-from tests.conftest import greedy_reference, make_tiny_llama, make_tiny_tokenizer
+from tests.conftest import greedy_reference, make_tiny_llama, make_tiny_tokenizer, save_reference
 from tests.runtime.server_helpers import running_server
+from tests.runtime.test_scheduler import drain, run_greedy
 
 
 @pytest.fixture(scope="module")
@@ -26,19 +25,9 @@ def exported(tmp_path_factory):
     tokenizer = make_tiny_tokenizer()
     model = make_tiny_llama(vocab_size=len(tokenizer), tie=False)
     root = tmp_path_factory.mktemp("onnx-serve")
-    with write_artifact(root / "ref", "reference", "tests", {}, extra={"model": describe_model(model)}) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    onnx = export_onnx(open_artifact(root / "ref"), OnnxExportConfig(artifact=str(root / "ref"), out=str(root / "onnx")))
+    ref = save_reference(root / "ref", model, tokenizer)
+    onnx = export_onnx(ref, OnnxExportConfig(artifact=str(ref.path), out=str(root / "onnx")))
     return model, onnx, tokenizer
-
-
-def drain(scheduler: Scheduler, requests: list[Request]) -> None:
-    for _ in range(2000):
-        if all(r.finished == r.n for r in requests):
-            return
-        scheduler.step()
-    raise AssertionError("requests did not finish")
 
 
 def test_batched_decode_with_chunked_prefill_equals_greedy(exported):
@@ -114,19 +103,9 @@ def test_onnx_server_refuses_a_draft(exported):
 def test_concat_cache_exports_serve_too(exported, tmp_path):
     pytest.importorskip("onnxscript")
     model, _, tokenizer = exported
-    src = tmp_path / "ref"
-    with write_artifact(src, "reference", "tests", {}, extra={"model": describe_model(model)}) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    onnx = export_onnx(open_artifact(src), OnnxExportConfig(artifact=str(src), out=str(tmp_path / "onnx"),
-                                                            exporter="torch"))
+    src = save_reference(tmp_path / "ref", model, tokenizer)
+    onnx = export_onnx(src, OnnxExportConfig(artifact=str(src.path), out=str(tmp_path / "onnx"), exporter="torch"))
     runner = OnnxBatchRunner(OnnxDecoder(onnx.path), slots=2, context=128)
     assert not runner.shared
     scheduler = Scheduler(runner, max_context=128, max_running=2, max_batch_tokens=8)
-    prompts = [list(range(3, 15)), [7, 8, 9]]
-    requests = [Request(p, SamplingParams(max_new_tokens=6)) for p in prompts]
-    for r in requests:
-        scheduler.submit(r)
-    drain(scheduler, requests)
-    for r, p in zip(requests, prompts, strict=True):
-        assert r.outputs[0] == greedy_reference(model, p, 6)
+    run_greedy(scheduler, model, [list(range(3, 15)), [7, 8, 9]], 6)

@@ -21,6 +21,17 @@ def drain(scheduler: Scheduler, requests: list[Request], limit: int = 500) -> in
     return steps
 
 
+def run_greedy(scheduler: Scheduler, model, prompts: list[list[int]], n: int) -> list[Request]:
+    """Submit every prompt, run to the end; each answer must equal plain greedy decoding of `model`."""
+    requests = [Request(p, SamplingParams(max_new_tokens=n)) for p in prompts]
+    for r in requests:
+        scheduler.submit(r)
+    drain(scheduler, requests)
+    for r, p in zip(requests, prompts, strict=True):
+        assert r.outputs[0] == greedy_reference(model, p, n)
+    return requests
+
+
 def test_mixed_lengths_with_chunked_prefill_match_greedy_reference(model):
     scheduler = Scheduler(Engine(model, block_size=8, num_blocks=128), max_context=512, max_batch_tokens=16)
     gen = torch.Generator().manual_seed(0)
@@ -156,12 +167,7 @@ def test_speculative_steps_in_the_batch_keep_greedy_output():
                          (Engine(draft_model, block_size=8, num_blocks=128), False)):
         scheduler = Scheduler(Engine(model, block_size=8, num_blocks=128), max_context=256, max_batch_tokens=16,
                               draft=draft, k=3)
-        requests = [Request(p, SamplingParams(max_new_tokens=11)) for p in prompts]
-        for r in requests:
-            scheduler.submit(r)
-        drain(scheduler, requests)
-        for r, p in zip(requests, prompts, strict=True):
-            assert r.outputs[0] == greedy_reference(model, p, 11)
+        run_greedy(scheduler, model, prompts, 11)
         stats = scheduler.stats
         assert stats.draft_proposed > 0
         if exact:  # the target as its own draft: every proposal accepted, k + 1 tokens per target step
