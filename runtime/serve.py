@@ -398,10 +398,18 @@ def build_server(cfg: ServeConfig) -> Server:
         torch.set_num_threads(cfg.threads)
     from runtime.trtllm_backend import import_trtllm, is_trtllm_engine
 
-    if is_trtllm_engine(cfg.artifact):
+    if is_trtllm_engine(cfg.artifact):  # TensorRT-LLM's executor batches in flight behind the same API
         import_trtllm()
-        raise UserError(f"{cfg.artifact}: a TensorRT-LLM engine: serve it with TensorRT-LLM's own OpenAI server "
-                        "(trtllm-serve); runtime.serve does not drive engines yet (runtime.generate does)")
+        if cfg.draft is not None:
+            raise UserError("draft: speculative serving of TensorRT-LLM engines is not wired here")
+        from runtime.trtllm_backend import TrtllmScheduler  # pragma: no cover - needs TensorRT-LLM
+
+        build = json.loads((Path(cfg.artifact) / "config.json").read_text())["build_config"]  # pragma: no cover
+        limit = min(cfg.max_model_len or build.get("max_seq_len", 2048), build.get("max_seq_len", 2048))
+        scheduler = TrtllmScheduler(cfg.artifact, limit, cfg.max_queue)  # pragma: no cover
+        scheduler.start()  # pragma: no cover
+        return Server(scheduler, load_tokenizer(cfg.artifact),  # pragma: no cover
+                      cfg.model_name or Path(cfg.artifact).resolve().name)
     tokenizer = load_tokenizer(cfg.artifact)
     draft = None
     if is_onnx_export(cfg.artifact, cfg.device):

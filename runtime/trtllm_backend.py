@@ -80,3 +80,108 @@ class TrtllmEngine:
         stats.decode_s = time.perf_counter() - start  # prefill and decode together: the runner does both
         stats.new_tokens = sum(map(len, outputs))
         return outputs, stats
+
+
+class TrtllmScheduler:  # pragma: no cover - needs TensorRT-LLM and a GPU
+    """The scheduler interface the server uses (submit, cancel, start, stop, stats), over TensorRT-LLM's
+    Executor: in-flight batching, the paged KV cache and streaming happen inside it. Logprobs, echo and
+    logit_bias are refused per request (the executor does not hand back what they need here)."""
+
+    def __init__(self, engine_dir: str | Path, max_context: int, max_queue: int = 64):
+        import tensorrt_llm.bindings.executor as trtllm
+
+        from runtime.scheduler import SchedulerStats
+
+        self.trtllm = trtllm
+        self.executor = trtllm.Executor(Path(engine_dir), trtllm.ModelType.DECODER_ONLY, trtllm.ExecutorConfig(1))
+        self.max_context, self.max_queue = max_context, max_queue
+        self.stats, self.draft, self.running, self.waiting = SchedulerStats(), None, [], []
+        self.pool = _ExecutorPool()
+        self.live: dict[int, tuple[Any, int]] = {}  # executor request id -> (our Request, sample index)
+        self._stop = False
+        self._thread = None
+
+    @property
+    def queue_depth(self) -> int:
+        return 0
+
+    def submit(self, request: Any) -> None:
+        from runtime.scheduler import QueueFull
+
+        p = request.params
+        if request.logprobs is not None or request.prompt_logprobs or p.logit_bias:
+            raise ValueError("logprobs: logprobs, echo and logit_bias are not served from a TensorRT-LLM engine")
+        if len(request.prompt) + p.max_new_tokens > self.max_context:
+            raise ValueError(f"max_tokens: prompt + max_tokens exceeds the context ({self.max_context})")
+        if len(self.live) + request.n > self.max_queue:
+            raise QueueFull(f"queue full ({self.max_queue} in flight)")
+        request.outputs, request.finish_reasons = [[] for _ in range(request.n)], [None] * request.n
+        request.records = [[] for _ in range(request.n)]
+        end_id = p.stop_ids[0] if p.stop_ids else -1
+        for index in range(request.n):
+            sampling = self.trtllm.SamplingConfig(
+                beam_width=1, top_k=1 if p.temperature <= 0 else (p.top_k or None),
+                top_p=None if p.temperature <= 0 else p.top_p,
+                temperature=None if p.temperature <= 0 else p.temperature,
+                seed=None if p.seed is None else (p.seed + index) % 2**63,
+                presence_penalty=p.presence_penalty or None, frequency_penalty=p.frequency_penalty or None)
+            rid = self.executor.enqueue_request(self.trtllm.Request(
+                input_token_ids=list(request.prompt), max_tokens=p.max_new_tokens, streaming=True,
+                sampling_config=sampling, end_id=end_id, pad_id=max(end_id, 0)))
+            self.live[rid] = (request, index)
+        self.stats.prompt_tokens += len(request.prompt)
+
+    def cancel(self, request: Any) -> None:
+        for rid, (live, _) in list(self.live.items()):
+            if live is request:
+                self.executor.cancel_request(rid)
+
+    def start(self) -> None:
+        import threading
+
+        self._thread = threading.Thread(target=self._loop, name="trtllm-executor", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+        if self._thread is not None:
+            self._thread.join()
+        self.executor.shutdown()
+
+    def _loop(self) -> None:
+        import datetime
+
+        from runtime.scheduler import Event
+
+        while not self._stop:
+            for response in self.executor.await_responses(datetime.timedelta(milliseconds=50)):
+                found = self.live.get(response.request_id)
+                if found is None:
+                    continue
+                request, index = found
+                if response.has_error():
+                    reason, tokens = "error", []
+                else:
+                    result = response.result
+                    tokens = list(result.output_token_ids[0])
+                    reason = None
+                    if result.is_final:
+                        last = request.outputs[index][-1:] + tokens[-1:]
+                        reason = "stop" if last and last[-1] in request.params.stop_ids else "length"
+                for token in tokens:
+                    request.outputs[index].append(token)
+                    request.records[index].append((token, None, None))
+                    request.on_event(Event("token", index, token=token))
+                self.stats.generated_tokens += len(tokens)
+                if reason is not None:
+                    del self.live[response.request_id]
+                    request.finish_reasons[index] = reason
+                    request.finished += 1
+                    request.on_event(Event("done", index, finish_reason=reason))
+                    self.stats.finished_requests += request.finished == request.n
+
+
+class _ExecutorPool:
+    """What /metrics reads of a KV pool; the executor keeps its own."""
+
+    used, num_blocks, prefix_hits = 0, 0, 0
