@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from compress.artifact import Artifact, lineage, open_artifact, verify
-from runtime.errors import run_main
+from runtime.errors import UserError, run_main
 
 
 def describe(artifact: Artifact) -> str:
@@ -34,7 +34,13 @@ def inspect_artifact(path: str) -> tuple[str, list[str]]:
     out = [describe(artifact), "", "lineage:", f"  {artifact.kind:<12} {artifact.path}"]
     for parent, link in lineage(artifact):
         if parent is None:
-            out.append(f"  {link['kind']:<12} {link['path']}  (not found on this machine)")
+            try:  # the recorded path may hold another artifact now
+                other = open_artifact(link["path"])
+                state = "a different artifact now: content hash changed since the child was made"
+                out.append(f"  {link['kind']:<12} {link['path']}  ({state}; {other.content_hash[:12]} is not "
+                           f"{link['content_hash'][:12]})")
+            except UserError:
+                out.append(f"  {link['kind']:<12} {link['path']}  (not found on this machine, by path or content hash)")
             continue
         if parent.content_hash != link["content_hash"]:
             state = "a different artifact now: content hash changed since the child was made"

@@ -74,7 +74,7 @@ def test_lineage_follows_content_hashes_after_a_copy(family, tmp_path):
         shutil.copytree(artifact.path, tmp_path / artifact.path.name)
     moved = open_artifact(tmp_path / "onnx")
     assert find_parent(moved).path.resolve() == gptq.path.resolve()  # the recorded path still holds it
-    shutil.move(str(tmp_path / "gptq"), str(tmp_path / "gptq-renamed"))
+    shutil.move(str(tmp_path / gptq.path.name), str(tmp_path / "renamed"))
     chain = lineage(open_artifact(tmp_path / "onnx"), search=[tmp_path])
     assert [(p.content_hash if p else None) for p, _ in chain] == [gptq.content_hash, ref.content_hash]
 

@@ -95,7 +95,8 @@ def test_push_pull_list_with_lineage_on_a_tracking_server(lineage_pair, tmp_path
         assert [(r["name"], r["version"], r["aliases"], r["parent"]) for r in rows] == [
             ("tiny", "1", ["champion"], "–"), ("tiny-gptq", q.version, [], "tiny/1")]
         # a changed byte in the store: refused, naming the file, and nothing left at --out
-        stored = next((tmp_path / "server" / "store").rglob("model.safetensors"))
+        run_id = client.get_model_version("tiny", "1").run_id
+        stored = next(p for p in (tmp_path / "server" / "store").rglob("model.safetensors") if run_id in str(p))
         data = bytearray(stored.read_bytes())
         data[-1] ^= 0xFF
         stored.write_bytes(bytes(data))
