@@ -89,10 +89,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_config(GenerateConfig, argv, "python -m runtime.generate", __doc__.splitlines()[0])
     from runtime.trtllm_backend import import_trtllm, is_trtllm_engine
 
-    if is_trtllm_engine(cfg.artifact):
+    engine = is_trtllm_engine(cfg.artifact)
+    if engine:
         import_trtllm()  # says what to install before anything else is loaded
-        if cfg.draft is not None or cfg.static or cfg.prompt_lookup:
-            raise UserError("a TensorRT-LLM engine runs plain decoding here (no --draft/--static/--prompt-lookup)")
+        if cfg.static or cfg.prompt_lookup or (cfg.draft is not None and not is_trtllm_engine(cfg.draft)):
+            raise UserError("a TensorRT-LLM engine runs plain decoding, or draft-target with --draft another "
+                            "engine (no --static/--prompt-lookup)")
     tokenizer = load_tokenizer(cfg.artifact)
     if cfg.draft is not None:
         draft_tok = load_tokenizer(cfg.draft)
@@ -108,6 +110,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     with torch.inference_mode():
         if cfg.static:
             out, stats = static_generate(cfg, ids, stop)
+        elif engine and cfg.draft is not None:  # pragma: no cover - needs TensorRT-LLM
+            from runtime.trtllm_backend import TrtllmEngine
+
+            target = TrtllmEngine(cfg.artifact, speculative=True)
+            out, stats = target.speculative(TrtllmEngine(cfg.draft, speculative=True), ids, params, cfg.k)
         else:
             target = open_engine(cfg.artifact, cfg.device, cfg.block_size, cfg.num_blocks)
             speculative = cfg.draft is not None or cfg.prompt_lookup > 0

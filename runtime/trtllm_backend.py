@@ -46,15 +46,58 @@ def import_trtllm() -> Any:
 class TrtllmEngine:
     """Generation on a built engine; same signature and stats as `Engine.generate` (greedy or sampled)."""
 
-    def __init__(self, path: str | Path, max_batch_size: int | None = None):
+    def __init__(self, path: str | Path, max_batch_size: int | None = None, speculative: bool = False):
         import_trtllm()
         from tensorrt_llm.runtime import ModelRunnerCpp  # pragma: no cover - needs TensorRT-LLM
 
         self.path = Path(path)  # pragma: no cover
         build = json.loads((self.path / "config.json").read_text())["build_config"]  # pragma: no cover
         self.max_batch_size = max_batch_size or build.get("max_batch_size", 8)  # pragma: no cover
+        # draft-target decoding re-sends the growing prefix each cycle: reused KV blocks make that cheap
+        extra = {"kv_cache_enable_block_reuse": True, "is_orchestrator_mode": True} if speculative else {}
         self.runner = ModelRunnerCpp.from_dir(engine_dir=str(self.path), rank=0,  # pragma: no cover
-                                              max_batch_size=self.max_batch_size)
+                                              max_batch_size=self.max_batch_size, **extra)
+
+    def speculative(self, draft: TrtllmEngine, prompt: list[int], params: SamplingParams, k: int = 4
+                    ) -> tuple[list[int], GenerationStats]:  # pragma: no cover - needs TensorRT-LLM
+        """Greedy draft-target decoding between two engines (the target built with --max-draft-len >= k):
+        the draft proposes k tokens, the target checks them in one pass (`draft_tokens_list`) and returns
+        the accepted ones plus its own next token; the prefix grows and both runners reuse its KV blocks."""
+        import torch
+
+        if params.temperature > 0:
+            raise UserError("draft: engine draft-target decoding here is greedy (temperature 0)")
+        end_id = params.stop_ids[0] if params.stop_ids else -1
+        common = {"end_id": end_id, "pad_id": max(end_id, 0), "top_k": 1, "return_dict": True,
+                  "output_sequence_lengths": True}
+        stats = GenerationStats(prompt_tokens=len(prompt))
+        prefix, out = list(prompt), []
+        start = time.perf_counter()
+        while len(out) < params.max_new_tokens:
+            room = params.max_new_tokens - len(out)
+            d = draft.runner.generate(batch_input_ids=[torch.tensor(prefix, dtype=torch.int32)],
+                                      max_new_tokens=min(k, room), **common)
+            proposed = d["output_ids"][0, 0, len(prefix):int(d["sequence_lengths"][0, 0])].tolist() or [end_id]
+            t = self.runner.generate(batch_input_ids=[torch.tensor(prefix, dtype=torch.int32)],
+                                     max_new_tokens=min(len(proposed) + 1, room), draft_tokens_list=[proposed],
+                                     **common)
+            new = t["output_ids"][0, 0, len(prefix):int(t["sequence_lengths"][0, 0])].tolist()
+            if not new:
+                break
+            accepted = next((i for i, (a, b) in enumerate(zip(proposed, new, strict=False)) if a != b),
+                            min(len(proposed), len(new)))
+            stats.target_steps += 1
+            stats.proposed += len(proposed)
+            stats.accepted += accepted
+            out += new
+            prefix += new
+            if any(tok in params.stop_ids for tok in new):
+                out = out[: next(i for i, tok in enumerate(out) if tok in params.stop_ids) + 1]
+                break
+        stats.decode_s = time.perf_counter() - start
+        out = out[: params.max_new_tokens]
+        stats.new_tokens = len(out)
+        return out, stats
 
     def generate(self, prompts: list[list[int]], params: SamplingParams
                  ) -> tuple[list[list[int]], GenerationStats]:  # pragma: no cover - needs TensorRT-LLM
