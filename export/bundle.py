@@ -73,7 +73,8 @@ def deploy_markdown(artifact: Artifact) -> str:
     """DEPLOY.md for this artifact's kind. The runtime commands are executed by tests; the external
     engines' commands are stated with their known limits and are not run here (no GPU, no vLLM)."""
     m = artifact.manifest
-    quant = _quantization(artifact)
+    config = _hf_config(artifact)
+    quant = config.get("quantization_config")
     kind = artifact.kind
     lines = [f"# Deploying {m.get('name', artifact.path.name)}", "",
              f"A Shrinkwrap **{kind}** artifact (content hash `{artifact.content_hash}`), made by "
@@ -108,7 +109,6 @@ def deploy_markdown(artifact: Artifact) -> str:
                   "ghcr.io/huggingface/text-generation-inference --model-id /data/model"
                   + (" --quantize gptq" if gptq else ""), "```", ""]
         if gptq:
-            config = json.loads((artifact.path / "config.json").read_text())
             sizes = sorted({config.get("hidden_size"), config.get("intermediate_size")} - {None})
             odd = [k for k in sizes if k % 128]
             lines += [f"GPTQ {quant.get('bits')}-bit, group {quant.get('group_size')}, act-order "
@@ -121,14 +121,15 @@ def deploy_markdown(artifact: Artifact) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _quantization(artifact: Artifact) -> dict[str, Any] | None:
+def _hf_config(artifact: Artifact) -> dict[str, Any]:
+    """The artifact's config.json ({} when it has none or it is unreadable)."""
     config = artifact.path / "config.json"
     if not config.is_file():
-        return None
+        return {}
     try:
-        return json.loads(config.read_text()).get("quantization_config")
+        return json.loads(config.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
+        return {}
 
 
 def find_report(artifact: Artifact, explicit: str | None) -> Path | None:

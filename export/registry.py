@@ -156,12 +156,17 @@ def find_by_content(client: Any, content_hash: str, name: str | None = None) -> 
     return None
 
 
+def mlflow_key(name: str) -> str:
+    """MLflow param/metric names allow letters, digits, '_', '-', '.', ' ' and '/': anything else becomes '_'."""
+    return re.sub(r"[^\w.\- /]", "_", name)
+
+
 def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
     if isinstance(value, dict):
         for k, v in value.items():
             _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
     else:
-        out[re.sub(r"[^\w.\- /]", "_", prefix)[:250]] = str(value)[:6000]
+        out[mlflow_key(prefix)[:250]] = str(value)[:6000]
 
 
 def run_contents(artifact: Artifact) -> tuple[dict[str, str], dict[str, float], dict[str, str]]:
@@ -170,7 +175,7 @@ def run_contents(artifact: Artifact) -> tuple[dict[str, str], dict[str, float], 
     params: dict[str, str] = {}
     _flatten("", manifest["step"].get("config", {}), params)
     params["step"] = manifest["step"]["name"]
-    metrics = {re.sub(r"[^\w.\- /]", "_", k): float(v) for k, v in manifest.get("metrics", {}).get("values", {}).items()
+    metrics = {mlflow_key(k): float(v) for k, v in manifest.get("metrics", {}).get("values", {}).items()
                if isinstance(v, int | float) and not isinstance(v, bool)}
     tags = {"kind": artifact.kind, "content_hash": artifact.content_hash, "shrinkwrap_version": _version(),
             "command": manifest["step"].get("command", "")[:5000]}

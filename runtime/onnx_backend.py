@@ -111,8 +111,14 @@ class OnnxDecoder:
             raise ValueError(f"cache holds {cache.batch} sequences, got {batch}")
         if past_len + new > cache.length:
             raise UserError(f"sequence of {past_len + new} tokens exceeds the cache ({cache.length})")
+        return self.bind_inputs(binding, input_ids, cache.mask[:, : past_len + new], last_only)
+
+    def bind_inputs(self, binding, input_ids: np.ndarray, mask: np.ndarray, last_only: bool) -> np.ndarray:
+        """Bind `input_ids`, the attention mask (row b: that sequence's positions), `logits_to_keep` and the
+        logits output; returns the logits array ORT fills when the binding runs."""
+        batch, new = input_ids.shape
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
-        binding.bind_cpu_input("attention_mask", cache.mask[:, : past_len + new])
+        binding.bind_cpu_input("attention_mask", mask)
         if self.keeps_logits:
             binding.bind_ortvalue_input("logits_to_keep", self.keep[last_only])
         rows = 1 if last_only and self.keeps_logits else new  # an older export returns every row

@@ -110,21 +110,12 @@ class OnnxBatchRunner:
 
     def _run(self, lo: int, hi: int, ids: np.ndarray, lengths: list[int], last_only: bool) -> np.ndarray:
         """One graph run over slots lo..hi-1; row b attends to its first lengths[b] positions."""
-        dec = self.decoder
-        binding = dec.session.io_binding()
+        binding = self.decoder.session.io_binding()
         self._bind_slots(binding, lo, hi)
-        mask = np.zeros((hi - lo, max(lengths)), dtype=np.int64)
-        for row, length in enumerate(lengths):
-            mask[row, :length] = 1
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
-        binding.bind_cpu_input("attention_mask", mask)
-        if dec.keeps_logits:
-            binding.bind_ortvalue_input("logits_to_keep", dec.keep[last_only])
-        rows = 1 if last_only and dec.keeps_logits else ids.shape[1]
-        out = np.empty((hi - lo, rows, dec.vocab_size), dtype=np.float32)
-        binding.bind_output("logits", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
-        dec.session.run_with_iobinding(binding)
-        return out[:, -1:] if last_only else out
+        mask = (np.arange(max(lengths))[None, :] < np.asarray(lengths)[:, None]).astype(np.int64)
+        out = self.decoder.bind_inputs(binding, ids, mask, last_only)
+        self.decoder.session.run_with_iobinding(binding)
+        return out
 
     def _decode(self, seqs: list[Sequence]) -> list[np.ndarray]:
         slot_of = {s.block_table[0]: s for s in seqs}
@@ -142,11 +133,10 @@ class OnnxBatchRunner:
 
     def _chunk(self, seq: Sequence, end: int, last_only: bool) -> np.ndarray:
         ids = np.asarray([seq.tokens[seq.cached:end]], dtype=np.int64)
+        slot = seq.block_table[0]
         if self.shared:
-            slot = seq.block_table[0]
             return self._run(slot, slot + 1, ids, [end], last_only)[0]
-        slot = seq.block_table[0]  # a new sequence in a slot starts from cached == 0: a fresh cache
-        cache = self.concat.get(slot)
+        cache = self.concat.get(slot)  # a new sequence in a slot starts from cached == 0: a fresh cache
         if cache is None or seq.cached == 0 or cache.filled != seq.cached:
             cache = self.concat[slot] = self.decoder.new_cache(1, self.pool.block_size)
             ids = np.asarray([seq.tokens[:end]], dtype=np.int64)  # (rolled back: concat caches cannot truncate)

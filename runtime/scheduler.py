@@ -384,8 +384,7 @@ class Scheduler:
             for sample, rows in zip(active, logits, strict=True):
                 generated = sample.request.outputs[sample.index] + proposals[id(sample)][0]
                 q = probabilities(adjust_logits(rows[-1], sample.request.params, generated), sample.request.params)
-                token = int(rows[-1].argmax()) if sample.request.params.temperature <= 0 else draw(
-                    q, sample.generator)
+                token = int(q.argmax()) if sample.request.params.temperature <= 0 else draw(q, sample.generator)
                 proposals[id(sample)][0].append(token)
                 proposals[id(sample)][1].append(q)
                 sample.draft_seq.tokens.append(token)

@@ -134,8 +134,9 @@ class Server:
             ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
             return [(ids, "")]
         out = []
-        for i, prompt in enumerate(body.prompts()):
-            where = "prompt" if len(body.prompts()) == 1 else f"prompt.{i}"
+        prompts = body.prompts()
+        for i, prompt in enumerate(prompts):
+            where = prompt_name(i, len(prompts))
             if isinstance(prompt, str):
                 out.append((self._tokenize(where, prompt), prompt))
                 continue
@@ -153,8 +154,9 @@ class Server:
             raise ValueError(f"logit_bias: token ids must be in [0, {self.vocab})")
         top_n, echo = body.top_logprobs_count(), body.echo_prompt()
         jobs = []
-        for i, (prompt, text) in enumerate(self.prompts(body)):
-            where = "prompt" if i == 0 else f"prompt.{i}"
+        prompts = self.prompts(body)
+        for i, (prompt, text) in enumerate(prompts):
+            where = prompt_name(i, len(prompts))
             if not prompt:
                 raise ValueError(f"{where}: empty")
             room = self.scheduler.max_context - len(prompt)
@@ -232,6 +234,14 @@ class Server:
                     self.scheduler.cancel(job.request)  # client gone or stop string hit: free the blocks now
 
 
+def prompt_name(index: int, count: int) -> str:
+    """How errors name one prompt of a request: `prompt`, or `prompt.i` in a batch."""
+    return "prompt" if count == 1 else f"prompt.{index}"
+
+
+NAMED_FIELD = re.compile(r"([\w.]+): ")  # our 400 messages start with the field they are about
+
+
 def _forward_event(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, job: int, event: Event) -> None:
     loop.call_soon_threadsafe(events.put_nowait, (job, event))  # called on the scheduler thread
 
@@ -240,7 +250,7 @@ def create_app(server: Server) -> FastAPI:
     app = FastAPI(title="Shrinkwrap", version="0.1.0")
 
     def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
-        named = re.match(r"([\w.]+): ", message) if status == 400 else None
+        named = NAMED_FIELD.match(message) if status == 400 else None
         server.responses.labels(str(status)).inc()
         return JSONResponse(error_body(message, kind, param or (named.group(1) if named else None)),
                             status_code=status)
@@ -251,7 +261,7 @@ def create_app(server: Server) -> FastAPI:
         loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or None
         message = ("not supported by this server" if first.get("type") == "extra_forbidden" else
                    str(first.get("msg", "invalid")).removeprefix("Value error, ")[:300])
-        if loc is None and re.match(r"[\w.]+: ", message):  # a check across fields names its field first
+        if loc is None and NAMED_FIELD.match(message):  # a check across fields names its field first
             return error(400, message)
         return error(400, f"{loc or 'body'}: {message}", param=loc)
 
@@ -405,7 +415,8 @@ def build_server(cfg: ServeConfig) -> Server:
         from runtime.trtllm_backend import TrtllmScheduler  # pragma: no cover - needs TensorRT-LLM
 
         build = json.loads((Path(cfg.artifact) / "config.json").read_text())["build_config"]  # pragma: no cover
-        limit = min(cfg.max_model_len or build.get("max_seq_len", 2048), build.get("max_seq_len", 2048))
+        engine_len = build.get("max_seq_len", 2048)
+        limit = min(cfg.max_model_len or engine_len, engine_len)
         scheduler = TrtllmScheduler(cfg.artifact, limit, cfg.max_queue)  # pragma: no cover
         scheduler.start()  # pragma: no cover
         return Server(scheduler, load_tokenizer(cfg.artifact),  # pragma: no cover
