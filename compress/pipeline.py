@@ -84,7 +84,16 @@ def artifact_done(cfg: Any) -> bool:
     except UserError:
         return False
     stored = artifact.manifest.get("step", {}).get("config")
-    return stored is not None and _fingerprint(stored) == _fingerprint(dataclasses.asdict(cfg)) and not verify(artifact)
+    if stored is None or _fingerprint(stored) != _fingerprint(dataclasses.asdict(cfg)) or verify(artifact):
+        return False
+    source = getattr(cfg, "artifact", None) or getattr(cfg, "teacher", None)  # the step's input, if any
+    parent = artifact.manifest.get("parent")
+    if source is None or parent is None:
+        return True
+    try:  # made from the input as it is now, not from an input that was redone since
+        return open_artifact(source).content_hash == parent["content_hash"]
+    except UserError:
+        return False
 
 
 def report_done(cfg: Any) -> bool:

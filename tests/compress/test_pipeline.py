@@ -67,7 +67,7 @@ def test_killed_pipeline_resumes_after_the_finished_steps(recipe, tmp_path):
     assert open_artifact(out / "onnx").manifest["parent"]["content_hash"] == open_artifact(out / "rtn").content_hash
 
 
-def test_a_changed_step_config_redoes_that_step(recipe, tmp_path):
+def test_a_changed_step_config_redoes_that_step(recipe, tmp_path, tiny_tokenizer):
     cfg = PipelineConfig(**yaml.safe_load(recipe.read_text()))
     cfg.steps = cfg.steps[:2]
     first = run_pipeline(cfg)
@@ -76,6 +76,14 @@ def test_a_changed_step_config_redoes_that_step(recipe, tmp_path):
     cfg.steps[1]["group_size"] = 64
     assert [d["skipped"] for d in run_pipeline(cfg)] == [True, False]
     assert open_artifact(tmp_path / "out" / "rtn").manifest["step"]["config"]["group_size"] == 64
+    # a redone input (another source model) redoes the step after it, though that step's config is the same
+    other = tmp_path / "hf-other"
+    make_tiny_llama(vocab_size=len(tiny_tokenizer), seed=1).save_pretrained(other)
+    tiny_tokenizer.save_pretrained(other)
+    cfg.steps[0]["model"] = str(other)
+    assert [d["skipped"] for d in run_pipeline(cfg)] == [False, False]
+    rtn = open_artifact(tmp_path / "out" / "rtn")
+    assert rtn.manifest["parent"]["content_hash"] == open_artifact(tmp_path / "out" / "ref").content_hash
 
 
 def test_recipe_errors_name_the_step(recipe, tmp_path):
