@@ -114,11 +114,6 @@ class Artifact:
         return self.manifest["content_hash"]
 
     @property
-    def parent_path(self) -> Path | None:
-        parent = self.manifest.get("parent")
-        return Path(parent["path"]) if parent else None
-
-    @property
     def metrics(self) -> dict[str, Any]:
         return self.manifest.get("metrics", {})
 
