@@ -79,6 +79,26 @@ class Request:
     cache_key: tuple | None = None  # response-cache key; None: never served from or stored in the cache
     records: list[list[tuple[int, float | None, list | None]]] = field(default_factory=list)
 
+    def start(self) -> None:
+        """Fresh per-sample outputs, before the request runs (or is replayed from the cache)."""
+        self.outputs = [[] for _ in range(self.n)]
+        self.finish_reasons = [None] * self.n
+        self.records = [[] for _ in range(self.n)]
+
+    def emit(self, index: int, token: int, logprob: float | None = None,
+             top: list[tuple[int, float]] | None = None) -> None:
+        """Record sample `index`'s next token and tell the caller (on the thread that produced it)."""
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        self.outputs[index].append(token)
+        self.records[index].append((token, logprob, top))
+        self.on_event(Event("token", index, token=token, logprob=logprob, top_logprobs=top))
+
+    def finish(self, index: int, reason: str) -> None:
+        self.finish_reasons[index] = reason
+        self.finished += 1
+        self.on_event(Event("done", index, finish_reason=reason))
+
 
 @dataclass
 class _Sample:
@@ -149,9 +169,7 @@ class Scheduler:
             raise ValueError("request needs more KV blocks than the pool has")
         if request.params.max_new_tokens < 1 and not request.prompt_logprobs:
             raise ValueError("max_tokens must be positive (0 only to score the prompt)")
-        request.outputs = [[] for _ in range(request.n)]
-        request.finish_reasons = [None] * request.n
-        request.records = [[] for _ in range(request.n)]
+        request.start()
         with self._lock:
             cached = self._cached_response(request)
             if cached is None and len(self.waiting) >= self.max_queue:
@@ -163,8 +181,8 @@ class Scheduler:
             samples, request.prompt_scores = cached
             for i, (records, reason) in enumerate(samples):
                 for token, logprob, top in records:
-                    self._emit(request, i, token, logprob, top)
-                self._finish(request, i, reason)
+                    request.emit(i, token, logprob, top)
+                request.finish(i, reason)
 
     def _cached_response(self, request: Request) -> tuple | None:
         """The stored answer for this request's key (caller holds the lock)."""
@@ -271,19 +289,6 @@ class Scheduler:
         self.reserved_blocks -= request.reserved_blocks
         request.reserved_blocks = 0
 
-    def _emit(self, request: Request, index: int, token: int, logprob: float | None = None,
-              top: list[tuple[int, float]] | None = None) -> None:
-        if request.first_token_at is None:
-            request.first_token_at = time.monotonic()
-        request.outputs[index].append(token)
-        request.records[index].append((token, logprob, top))
-        request.on_event(Event("token", index, token=token, logprob=logprob, top_logprobs=top))
-
-    def _finish(self, request: Request, index: int, reason: str) -> None:
-        request.finish_reasons[index] = reason
-        request.finished += 1
-        request.on_event(Event("done", index, finish_reason=reason))
-
     @torch.inference_mode()
     def step(self) -> int:
         """One scheduling step; returns the number of tokens the target's forward pass ran."""
@@ -365,7 +370,7 @@ class Scheduler:
                  top: list[tuple[int, float]] | None = None) -> bool:
         """Emit one token; retire the sample (True) on a stop token, max_tokens or the context limit."""
         request = sample.request
-        self._emit(request, sample.index, token, logprob, top)
+        request.emit(sample.index, token, logprob, top)
         generated = len(request.outputs[sample.index])
         reason = "stop" if token in request.params.stop_ids else "length" if (
             generated >= request.params.max_new_tokens or len(sample.seq.tokens) >= self.max_context) else None
@@ -415,7 +420,7 @@ class Scheduler:
         request = sample.request
         self._free(sample, register=True)
         self.running.remove(sample)
-        self._finish(request, sample.index, reason)
+        request.finish(sample.index, reason)
         if request.finished == request.n:
             self._release(request)
             self.stats.finished_requests += 1

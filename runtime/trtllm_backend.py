@@ -158,8 +158,7 @@ class TrtllmScheduler:  # pragma: no cover - needs TensorRT-LLM and a GPU
             raise ValueError(f"max_tokens: prompt + max_tokens exceeds the context ({self.max_context})")
         if len(self.live) + request.n > self.max_queue:
             raise QueueFull(f"queue full ({self.max_queue} in flight)")
-        request.outputs, request.finish_reasons = [[] for _ in range(request.n)], [None] * request.n
-        request.records = [[] for _ in range(request.n)]
+        request.start()
         end_id = p.stop_ids[0] if p.stop_ids else -1
         for index in range(request.n):
             sampling = self.trtllm.SamplingConfig(
@@ -194,8 +193,6 @@ class TrtllmScheduler:  # pragma: no cover - needs TensorRT-LLM and a GPU
     def _loop(self) -> None:
         import datetime
 
-        from runtime.scheduler import Event
-
         while not self._stop:
             for response in self.executor.await_responses(datetime.timedelta(milliseconds=50)):
                 found = self.live.get(response.request_id)
@@ -212,15 +209,11 @@ class TrtllmScheduler:  # pragma: no cover - needs TensorRT-LLM and a GPU
                         last = request.outputs[index][-1:] + tokens[-1:]
                         reason = "stop" if last and last[-1] in request.params.stop_ids else "length"
                 for token in tokens:
-                    request.outputs[index].append(token)
-                    request.records[index].append((token, None, None))
-                    request.on_event(Event("token", index, token=token))
+                    request.emit(index, token)
                 self.stats.generated_tokens += len(tokens)
                 if reason is not None:
                     del self.live[response.request_id]
-                    request.finish_reasons[index] = reason
-                    request.finished += 1
-                    request.on_event(Event("done", index, finish_reason=reason))
+                    request.finish(index, reason)
                     self.stats.finished_requests += request.finished == request.n
 
 
