@@ -22,9 +22,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core.data import load_corpus  # noqa: E402
 from runtime.loading import load_model, load_tokenizer  # noqa: E402
 from runtime.static_decode import StaticLlama  # noqa: E402
-from train.data import load_corpus  # noqa: E402
 
 INSTRUCTIONS = ("Summarize this news story in one sentence:", "What is the main point of this article?",
                 "Write a headline for this story:", "Who are the people or groups in this story, and what happened?",

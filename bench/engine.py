@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
+from core.data import chat_prompts, heldout_windows
 from runtime.engine import Engine, PromptLookupDraft, SamplingParams
 from runtime.loading import load_model, load_tokenizer
-from train.data import chat_prompts, heldout_windows
 
 
 @torch.inference_mode()

@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from compress.models import default_model_path, load_artifact_model, load_tokenizer  # noqa: E402
+from core.data import chat_prompts  # noqa: E402
 from runtime.onnx_backend import OnnxDecoder  # noqa: E402
-from train.data import chat_prompts  # noqa: E402
 
 EXPORTS = {  # name -> (source, flags)
     "fp32": ("reference", ["--precision", "fp32"]),

@@ -23,11 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core.data import chat_prompts  # noqa: E402
 from runtime import triton_decode  # noqa: E402
 from runtime.loading import load_model, load_tokenizer  # noqa: E402
 from runtime.static_decode import StaticLlama  # noqa: E402
 from runtime.static_speculative import StaticSpeculator  # noqa: E402
-from train.data import chat_prompts  # noqa: E402
 
 
 def mean(values: list[float]) -> float:

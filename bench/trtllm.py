@@ -21,11 +21,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core.data import chat_prompts  # noqa: E402
 from runtime.engine import SamplingParams  # noqa: E402
 from runtime.loading import load_model, load_tokenizer  # noqa: E402
 from runtime.static_decode import StaticLlama  # noqa: E402
 from runtime.trtllm_backend import TrtllmEngine  # noqa: E402
-from train.data import chat_prompts  # noqa: E402
 
 
 def main() -> None:

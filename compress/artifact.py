@@ -24,7 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import UserError
+from core.errors import UserError
 
 MANIFEST = "shrinkwrap.json"
 CARD = "README.md"
@@ -119,6 +119,17 @@ class Artifact:
 
     def model_size_bytes(self) -> int:
         return sum(f["size"] for f in self.manifest["files"])
+
+    @property
+    def hf_config(self) -> dict[str, Any]:
+        """The model's config.json (what the family checks read before any work)."""
+        path = self.path / "config.json"
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UserError(f"{path}: missing (not a model artifact)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"{path}: not valid JSON ({exc})") from None
 
 
 def open_artifact(path: str | Path) -> Artifact:

@@ -1,25 +1,29 @@
 """Layer-by-layer calibration: feed calibration windows through a decoder one layer at a time.
 
-Shared by GPTQ (and later SparseGPT / Wanda): capture the inputs of the first decoder layer once,
-then for each layer collect statistics of its Linear inputs, change the layer, and run it to get
-the inputs of the next one, so later layers see the already-compressed outputs of earlier ones.
+`calibrate` is the one walk GPTQ/RTN, SmoothQuant, Wanda/SparseGPT, magnitude pruning and the
+importance scores of structured pruning share: capture the inputs of the first decoder layer
+once, then for each layer collect statistics of its Linear inputs, change the layer, and run it
+to get the inputs of the next one, so later layers see the already-compressed outputs of earlier
+ones. The layer groups come from the model's family (`core.family`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
-from runtime.config import field
-from runtime.errors import UserError
-from train.data import load_split_or_file, sample_windows, texts_hash, tokenize_joined
+from core.config import field
+from core.data import load_split_or_file, sample_windows, texts_hash, tokenize_joined
+from core.errors import UserError
+from core.family import Family, decoder_layers
 
 
 @dataclass
@@ -61,36 +65,63 @@ class _Stop(Exception):
 @dataclass
 class LayerBatch:
     hidden: torch.Tensor
-    kwargs: dict[str, Any]
+    kwargs: dict[str, dict[str, Any]]  # per layer type ("" when all layers share their arguments)
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"{type(model).__name__}: no decoder layers at model.model.layers")
-    return layers
+OnGroup = Callable[[int, nn.Module, tuple[str, ...], dict[str, dict[str, torch.Tensor]]], None]
+OnLayer = Callable[[int, list[LayerBatch], list[LayerBatch]], None]
+
+
+def _layer_type(model: nn.Module, index: int) -> str:
+    types = getattr(model.config, "layer_types", None)
+    return types[index] if types else ""
+
+
+def _to(value: Any, device: torch.device | str) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=torch.float32 if value.is_floating_point() else value.dtype)
+    if isinstance(value, tuple | list):
+        return type(value)(_to(v, device) for v in value)
+    return value
 
 
 @torch.no_grad()
-def capture_layer_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int) -> list[LayerBatch]:
-    """The hidden states and keyword arguments the first decoder layer receives, per batch."""
+def capture_layer_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int, device: str = "cpu"
+                         ) -> list[LayerBatch]:
+    """The hidden states the first decoder layer receives, and the keyword arguments (masks, rotary
+    tables) the first layer of each layer type receives, per batch, in fp32 on `device`.
+
+    The model's forward runs where the model lies, only up to the first layer of the last type.
+    """
+    layers = decoder_layers(model)
+    firsts: dict[str, int] = {}
+    for i in range(len(layers)):
+        firsts.setdefault(_layer_type(model, i), i)
+    last = max(firsts.values())
     captured: list[LayerBatch] = []
 
-    def grab(_module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        rest = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value")}
-        rest["use_cache"] = False
-        captured.append(LayerBatch(hidden.detach(), rest))
-        raise _Stop
+    def grab_for(index: int):
+        def grab(_module, args, kwargs):
+            if index == 0:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                captured.append(LayerBatch(_to(hidden.detach(), device), {}))
+            rest = {k: _to(v, device) for k, v in kwargs.items()
+                    if k not in ("hidden_states", "past_key_values", "past_key_value", "cache")}
+            rest["use_cache"] = False
+            captured[-1].kwargs[_layer_type(model, index)] = rest
+            if index == last:
+                raise _Stop
+        return grab
 
-    handle = decoder_layers(model)[0].register_forward_pre_hook(grab, with_kwargs=True)
+    handles = [layers[i].register_forward_pre_hook(grab_for(i), with_kwargs=True) for i in sorted(set(firsts.values()))]
+    home = next(model.parameters()).device
     try:
         for start in range(0, windows.shape[0], batch_size):
             with contextlib.suppress(_Stop):
-                model(windows[start:start + batch_size], use_cache=False)
+                model(windows[start:start + batch_size].to(home), use_cache=False)
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     return captured
 
 
@@ -99,13 +130,13 @@ def _layer_output(out: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def run_layer(layer: nn.Module, batches: list[LayerBatch]) -> list[LayerBatch]:
-    return [LayerBatch(_layer_output(layer(b.hidden, **b.kwargs)), b.kwargs) for b in batches]
+def run_layer(layer: nn.Module, batches: list[LayerBatch], layer_type: str = "") -> list[LayerBatch]:
+    return [LayerBatch(_layer_output(layer(b.hidden, **b.kwargs[layer_type])), b.kwargs) for b in batches]
 
 
 @torch.no_grad()
 def collect_input_stats(layer: nn.Module, batches: list[LayerBatch], names: Iterable[str],
-                        want_hessian: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+                        want_hessian: bool = True, layer_type: str = "") -> dict[str, dict[str, torch.Tensor]]:
     """For each named Linear: H = 2/n X^T X (if asked), sum of squares per input channel, absmax, count.
 
     The forward stops right after the last named module, so early groups cost a fraction of a layer.
@@ -136,7 +167,7 @@ def collect_input_stats(layer: nn.Module, batches: list[LayerBatch], names: Iter
     try:
         for b in batches:
             with contextlib.suppress(_Stop):
-                layer(b.hidden, **b.kwargs)
+                layer(b.hidden, **b.kwargs[layer_type])
     finally:
         for h in handles:
             h.remove()
@@ -146,20 +177,46 @@ def collect_input_stats(layer: nn.Module, batches: list[LayerBatch], names: Iter
     return stats
 
 
-SEQUENTIAL_GROUPS = (
-    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ("self_attn.o_proj",),
-    ("mlp.gate_proj", "mlp.up_proj"),
-    ("mlp.down_proj",),
-)
+@contextlib.contextmanager
+def on_device(layer: nn.Module, device: str | torch.device) -> Iterator[nn.Module]:
+    """The layer in fp32 on the working device for the duration; back where and as it was after."""
+    param = next(layer.parameters())
+    home, dtype = param.device, param.dtype
+    layer.to(device=device, dtype=torch.float32)
+    try:
+        yield layer
+    finally:
+        layer.to(device=home, dtype=dtype)
 
 
-def sequential_groups(layer: nn.Module, true_sequential: bool = True) -> list[tuple[str, ...]]:
-    """Groups of Linears that share inputs, in forward order (only those present in this layer)."""
-    present = {name for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
-    groups = [tuple(n for n in g if n in present) for g in SEQUENTIAL_GROUPS]
-    groups = [g for g in groups if g]
-    known = {n for g in groups for n in g}
-    if present - known:
-        raise ValueError(f"unrecognised Linear layers in decoder layer: {sorted(present - known)}")
-    return groups if true_sequential else [tuple(n for g in groups for n in g)]
+def calibrate(model: nn.Module, windows: torch.Tensor | None, family: Family, on_group: OnGroup, *,
+              batch_size: int = 8, device: str | torch.device = "cpu", stats: str | None = "hessian",
+              groups: Sequence[tuple[str, ...]] | None = None, true_sequential: bool = True,
+              on_layer: OnLayer | None = None, desc: str = "calibration") -> None:
+    """The one sequential walk over decoder layers that every calibrated step uses.
+
+    Each layer in turn is brought to `device` in fp32 (the rest of the model stays where it is:
+    memory is the model at rest plus one working layer and its activations). For each group of
+    Linears (the family's forward order, or `groups`), the inputs' statistics are collected on the
+    current layer (`stats`: "hessian", "sq" for sums of squares and absmax only, or None) and
+    `on_group(layer_index, layer, names, stats)` may change the layer; then the layer runs to give
+    the next layer its inputs, so later layers see the already-changed earlier ones. `on_layer`
+    sees each layer's inputs and outputs. Without windows (RTN, magnitude) only `on_group` runs.
+    """
+    layers = decoder_layers(model)
+    todo = list(groups if groups is not None else family.linear_groups)
+    if not true_sequential:
+        todo = [tuple(n for g in todo for n in g)]
+    batches = capture_layer_inputs(model, windows, batch_size, device) if windows is not None else None
+    for i, layer in enumerate(tqdm(layers, desc=desc, unit="layer")):
+        kind = _layer_type(model, i)
+        with on_device(layer, device):
+            for group in todo:
+                found = {} if batches is None or stats is None else collect_input_stats(
+                    layer, batches, group, want_hessian=stats == "hessian", layer_type=kind)
+                on_group(i, layer, group, found)
+            if batches is not None and (on_layer is not None or i + 1 < len(layers)):
+                out = run_layer(layer, batches, kind)
+                if on_layer is not None:
+                    on_layer(i, batches, out)
+                batches = out

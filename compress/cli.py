@@ -8,7 +8,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from runtime.errors import run_main
+from core.errors import run_main
 
 COMMANDS = {
     "reference": ("compress.reference", "build the reference artifact (SmolLM2 by default)"),

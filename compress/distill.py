@@ -21,9 +21,9 @@ from compress.artifact import Artifact, open_artifact, record_metrics, verify, w
 from compress.evaluate import accuracy_metrics
 from compress.models import count_parameters, describe_model, load_artifact_model, load_tokenizer
 from compress.surgery import keep_layers
-from runtime.config import field, parse_config
-from runtime.errors import UserError, run_main
-from train.data import heldout_windows
+from core.config import field, parse_config
+from core.data import heldout_windows
+from core.errors import UserError, run_main
 
 INITS = ("layer-drop", "config", "artifact")
 
@@ -194,7 +194,7 @@ def distill(cfg: DistillConfig, kind: str = "distilled", param_masks: dict[str, 
 
     seq_kd_sequences = None
     if cfg.seq_kd:
-        from train.data import load_split_or_file
+        from core.data import load_split_or_file
 
         device = "cuda" if torch.cuda.is_available() and cfg.accelerator != "cpu" else "cpu"
         generator = teacher.to(device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)

@@ -22,9 +22,9 @@ from tqdm import tqdm
 
 from compress.artifact import command_line, machine_description, open_artifact, record_metrics, verify
 from compress.models import count_parameters, load_artifact_model, load_tokenizer
-from runtime.config import field, parse_config
-from runtime.errors import UserError, run_main
-from train.data import heldout_windows
+from core.config import field, parse_config
+from core.data import heldout_windows
+from core.errors import UserError, run_main
 
 
 @dataclass
@@ -134,7 +134,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
 def heldout_corpus_hash() -> str:
     import hashlib
 
-    from train.data import load_corpus
+    from core.data import load_corpus
 
     return hashlib.sha256("\n\n".join(load_corpus("heldout")).encode()).hexdigest()
 

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from compress.artifact import Artifact, lineage, open_artifact, verify
-from runtime.errors import UserError, run_main
+from core.errors import UserError, run_main
 
 
 def describe(artifact: Artifact) -> str:

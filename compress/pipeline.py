@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from compress.artifact import config_hash, open_artifact, verify
-from runtime.config import build_config, field, parse_config
-from runtime.errors import UserError, run_main
+from core.config import build_config, field, parse_config
+from core.errors import UserError, run_main
 
 PATH_KEYS = ("artifact", "teacher", "reference", "out", "report")
 

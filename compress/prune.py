@@ -15,24 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from compress.artifact import Artifact, open_artifact, verify, write_artifact
-from compress.calibration import (
-    CalibrationFlags,
-    LayerBatch,
-    calibration_windows,
-    capture_layer_inputs,
-    collect_input_stats,
-    decoder_layers,
-    run_layer,
-    sequential_groups,
-)
+from compress.calibration import CalibrationFlags, LayerBatch, calibrate, calibration_windows
 from compress.models import count_parameters, describe_model, load_artifact_model, load_tokenizer
 from compress.sparsity import magnitude_mask, sparsegpt, wanda_mask
 from compress.surgery import keep_kv_groups, keep_layers, keep_mlp_channels
-from runtime.config import field, parse_config
-from runtime.errors import UserError, run_main
+from core.config import field, parse_config
+from core.errors import UserError, run_main
+from core.family import Family, head_dim, kv_heads, layer_prefix, require
 
 STRUCTURED = ("layers", "heads", "mlp")
 UNSTRUCTURED = ("magnitude", "wanda", "sparsegpt")
@@ -97,82 +88,77 @@ def _target(total: int, sparsity: float | None, absolute: int | None, what: str)
 
 
 @torch.no_grad()
-def block_importance(model: torch.nn.Module, windows: torch.Tensor, batch_size: int) -> list[float]:
+def block_importance(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, family: Family) -> list[float]:
     """1 - mean cosine(input, output) per decoder layer: how much each block changes its stream."""
-    batches = capture_layer_inputs(model, windows, batch_size)
-    scores = []
-    for layer in tqdm(decoder_layers(model), desc="block importance", unit="layer"):
-        out = run_layer(layer, batches)
+    scores: list[float] = []
+
+    def on_layer(_index: int, inputs: list[LayerBatch], outputs: list[LayerBatch]) -> None:
         cos = torch.cat([torch.nn.functional.cosine_similarity(a.hidden, b.hidden, dim=-1).flatten()
-                         for a, b in zip(batches, out, strict=True)])
+                         for a, b in zip(inputs, outputs, strict=True)])
         scores.append(float(1 - cos.mean()))
-        batches = out
+
+    calibrate(model, windows, family, lambda *_: None, batch_size=batch_size, stats=None, groups=[],
+              on_layer=on_layer, desc="block importance")
     return scores
 
 
 @torch.no_grad()
-def channel_stats(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, names: tuple[str, ...]
-                  ) -> list[dict[str, dict[str, torch.Tensor]]]:
-    """Per layer, input statistics of the named Linears on the unpruned model."""
-    batches: list[LayerBatch] = capture_layer_inputs(model, windows, batch_size)
-    stats = []
-    for layer in tqdm(decoder_layers(model), desc="activation statistics", unit="layer"):
-        stats.append(collect_input_stats(layer, batches, names, want_hessian=False))
-        batches = run_layer(layer, batches)
+def channel_stats(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, name: str, family: Family
+                  ) -> list[torch.Tensor]:
+    """Per layer, the sum of squares of each input channel of Linear `name` on the unpruned model."""
+    stats: list[torch.Tensor] = []
+    calibrate(model, windows, family, lambda _i, _layer, _names, found: stats.append(found[name]["sq"].cpu()),
+              batch_size=batch_size, stats="sq", groups=[(name,)], desc="activation statistics")
     return stats
 
 
-def prune_structured(model: torch.nn.Module, cfg: PruneConfig, windows: torch.Tensor) -> tuple[torch.nn.Module, dict]:
+def prune_structured(model: torch.nn.Module, cfg: PruneConfig, windows: torch.Tensor, family: Family
+                     ) -> tuple[torch.nn.Module, dict]:
     c = model.config
     if cfg.method == "layers":
         keep_n = _target(c.num_hidden_layers, cfg.sparsity, cfg.target_layers, "layers")
-        scores = block_importance(model, windows, cfg.batch_size)
+        scores = block_importance(model, windows, cfg.batch_size, family)
         keep = sorted(sorted(range(len(scores)), key=lambda i: -scores[i])[:keep_n])
         return keep_layers(model, keep), {"block_importance": scores, "kept_layers": keep}
     if cfg.method == "mlp":
         keep_n = _target(c.intermediate_size, cfg.sparsity, cfg.target_intermediate, "MLP channels")
-        stats = channel_stats(model, windows, cfg.batch_size, ("mlp.down_proj",))
-        keep = [s["mlp.down_proj"]["sq"].topk(keep_n).indices for s in stats]
-        return keep_mlp_channels(model, keep), {"intermediate_size": keep_n}
-    keep_n = _target(c.num_key_value_heads, cfg.sparsity, cfg.target_kv_heads, "KV heads")
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    per_group = c.num_attention_heads // c.num_key_value_heads
-    stats = channel_stats(model, windows, cfg.batch_size, ("self_attn.o_proj",))
+        stats = channel_stats(model, windows, cfg.batch_size, family.down_proj, family)
+        keep = [s.topk(keep_n).indices for s in stats]
+        return keep_mlp_channels(model, keep, family), {"intermediate_size": keep_n}
+    keep_n = _target(kv_heads(c), cfg.sparsity, cfg.target_kv_heads, "KV heads")
+    per_group = c.num_attention_heads // kv_heads(c)
+    stats = channel_stats(model, windows, cfg.batch_size, family.out_proj, family)
     keep, scores = [], []
     for s in stats:
-        per_head = s["self_attn.o_proj"]["sq"].view(c.num_attention_heads, head_dim).sum(1)
-        per_group_score = per_head.view(c.num_key_value_heads, per_group).sum(1)
+        per_head = s.view(c.num_attention_heads, head_dim(c)).sum(1)
+        per_group_score = per_head.view(kv_heads(c), per_group).sum(1)
         scores.append(per_group_score.tolist())
         keep.append(per_group_score.topk(keep_n).indices.tolist())
-    return keep_kv_groups(model, keep), {"kv_group_importance": scores, "kept_kv_heads": keep}
+    return keep_kv_groups(model, keep, family), {"kv_group_importance": scores, "kept_kv_heads": keep}
 
 
 @torch.no_grad()
-def prune_unstructured(model: torch.nn.Module, cfg: PruneConfig, windows: torch.Tensor | None
+def prune_unstructured(model: torch.nn.Module, cfg: PruneConfig, windows: torch.Tensor | None, family: Family
                        ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Zero weights in place; returns the keep-masks and the achieved sparsity per Linear."""
     masks: dict[str, torch.Tensor] = {}
-    layers = decoder_layers(model)
-    batches = capture_layer_inputs(model, windows, cfg.batch_size) if cfg.method != "magnitude" else None
-    for i, layer in enumerate(tqdm(layers, desc=f"{cfg.method} (layers)", unit="layer")):
-        for group in sequential_groups(layer):
-            stats = (collect_input_stats(layer, batches, group, want_hessian=cfg.method == "sparsegpt")
-                     if batches is not None else {})
-            for name in group:
-                module = layer.get_submodule(name)
-                w = module.weight
-                if cfg.method == "magnitude":
-                    keep = magnitude_mask(w, cfg.sparsity or 0.0, cfg.nm)
-                    new_w = w * keep
-                elif cfg.method == "wanda":
-                    keep = wanda_mask(w, stats[name]["sq"], cfg.sparsity or 0.0, cfg.nm)
-                    new_w = w * keep
-                else:
-                    new_w, keep = sparsegpt(w, stats[name]["hessian"], cfg.sparsity or 0.0, cfg.nm, cfg.damp)
-                module.weight.copy_(new_w.to(w.dtype))
-                masks[f"model.layers.{i}.{name}.weight"] = keep.cpu()
-        if batches is not None:
-            batches = run_layer(layer, batches)
+
+    def on_group(index: int, layer: torch.nn.Module, names: tuple[str, ...], stats: dict) -> None:
+        for name in names:
+            w = layer.get_submodule(name).weight
+            if cfg.method == "magnitude":
+                keep = magnitude_mask(w, cfg.sparsity or 0.0, cfg.nm)
+                new_w = w * keep
+            elif cfg.method == "wanda":
+                keep = wanda_mask(w, stats[name]["sq"], cfg.sparsity or 0.0, cfg.nm)
+                new_w = w * keep
+            else:
+                new_w, keep = sparsegpt(w, stats[name]["hessian"], cfg.sparsity or 0.0, cfg.nm, cfg.damp)
+            w.copy_(new_w.to(w.dtype))
+            masks[f"{layer_prefix(index)}{name}.weight"] = keep.cpu()
+
+    calibrate(model, windows if cfg.method != "magnitude" else None, family, on_group, batch_size=cfg.batch_size,
+              stats="hessian" if cfg.method == "sparsegpt" else "sq", desc=f"{cfg.method} (layers)")
     achieved = {k[: -len(".weight")]: round(1 - m.float().mean().item(), 4) for k, m in masks.items()}
     return masks, achieved
 
@@ -183,19 +169,20 @@ def prune(parent: Artifact, cfg: PruneConfig) -> Artifact:
         raise UserError(f"refusing to prune a damaged artifact: {problems[0]}")
     if Path(cfg.out).exists() and not cfg.overwrite:
         raise UserError(f"output already exists: {cfg.out} (pass --overwrite to replace it)")
+    if parent.hf_config.get("quantization_config"):
+        raise UserError(f"{parent.path}: prune the unquantized model, then quantize")
+    family = require(parent.hf_config, f"prune.{cfg.method}")
     tokenizer = load_tokenizer(parent.path)
     model = load_artifact_model(parent.path)
-    if model.config.to_dict().get("quantization_config"):
-        raise UserError(f"{parent.path}: prune the unquantized model, then quantize")
     windows, calibration = (None, None) if cfg.method == "magnitude" else calibration_windows(cfg, tokenizer)
     info: dict[str, Any] = {"method": cfg.method, "calibration": calibration,
                             "parameters_before": count_parameters(model)}
     masks = None
     if cfg.method in STRUCTURED:
-        model, details = prune_structured(model, cfg, windows)
+        model, details = prune_structured(model, cfg, windows, family)
         info.update(details)
     else:
-        masks, achieved = prune_unstructured(model, cfg, windows)
+        masks, achieved = prune_unstructured(model, cfg, windows, family)
         info["sparsity_per_layer"] = achieved
         info["sparsity_overall"] = round(sum(1 - m.float().mean().item() for m in masks.values()) / len(masks), 4)
     info["parameters_after"] = count_parameters(model)
@@ -216,7 +203,7 @@ def prune(parent: Artifact, cfg: PruneConfig) -> Artifact:
 def _recover(parent: Artifact, cfg: PruneConfig, pruned: Artifact, masks: dict[str, torch.Tensor] | None,
              info: dict[str, Any]) -> Artifact:
     from compress.distill import DistillConfig, distill
-    from runtime.config import build_config, read_yaml
+    from core.config import build_config, read_yaml
 
     values = read_yaml(cfg.recover_config) if cfg.recover_config else {}
     values.update(teacher=cfg.teacher or str(parent.path), out=cfg.out, init="artifact", student=str(pruned.path),

@@ -16,23 +16,15 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 from compress.artifact import Artifact, open_artifact, verify, write_artifact
-from compress.calibration import (
-    CalibrationFlags,
-    calibration_windows,
-    capture_layer_inputs,
-    collect_input_stats,
-    decoder_layers,
-    run_layer,
-    sequential_groups,
-)
+from compress.calibration import CalibrationFlags, calibrate, calibration_windows
 from compress.gptq import QuantResult, QuantSpec, quantize_gptq, quantize_rtn
 from compress.models import describe_model, load_artifact_model, load_tokenizer
-from compress.smoothing import SMOOTHED_INPUTS, smooth_layer
-from runtime.config import field, parse_config
-from runtime.errors import UserError, run_main
+from compress.smoothing import smooth_inputs, smoothed_inputs
+from core.config import field, parse_config
+from core.errors import UserError, run_main
+from core.family import Family, layer_prefix, require
 from runtime.quantized import SUPPORTED_BITS, pack_gptq, quantize_int8_weight, quantized_module_names
 
 METHODS = ("gptq", "rtn", "dynamic-int8", "fp16", "bf16")
@@ -88,50 +80,41 @@ def _check_shapes(model: torch.nn.Module, names: list[str], bits: int) -> None:
 
 
 @torch.no_grad()
-def quantize_weights(model: torch.nn.Module, cfg: QuantizeConfig, windows: torch.Tensor | None
+def quantize_weights(model: torch.nn.Module, cfg: QuantizeConfig, windows: torch.Tensor | None, family: Family
                      ) -> tuple[dict[str, QuantResult], dict[str, dict[str, float]]]:
     """GPTQ (true-sequential over layers) or RTN; the model's weights become their dequantized values."""
     spec = cfg.spec
     results: dict[str, QuantResult] = {}
     errors: dict[str, dict[str, float]] = {}
 
-    def apply(full_name: str, module: torch.nn.Linear, result: QuantResult) -> None:
-        original = module.weight.detach().float()
-        result = QuantResult(result.q.cpu(), result.scales.cpu(), result.zeros.cpu(), result.g_idx.cpu(), result.loss)
-        dq = result.dequantized().to(original.device)
-        errors[full_name] = {"weight_rel_err": float((dq - original).norm() / original.norm()),
-                             "gptq_loss": result.loss}
-        module.weight.copy_(dq.to(module.weight.dtype))
-        results[full_name] = result
+    def on_group(index: int, layer: torch.nn.Module, names: tuple[str, ...], stats: dict) -> None:
+        for name in names:
+            module = layer.get_submodule(name)
+            result = (quantize_rtn(module.weight, spec) if cfg.method == "rtn"
+                      else quantize_gptq(module.weight, stats[name]["hessian"], spec))
+            original = module.weight.detach().float()
+            result = QuantResult(result.q.cpu(), result.scales.cpu(), result.zeros.cpu(), result.g_idx.cpu(),
+                                 result.loss)
+            dq = result.dequantized().to(original.device)
+            full_name = layer_prefix(index) + name
+            errors[full_name] = {"weight_rel_err": float((dq - original).norm() / original.norm()),
+                                 "gptq_loss": result.loss}
+            module.weight.copy_(dq.to(module.weight.dtype))
+            results[full_name] = result
 
-    layers = decoder_layers(model)
-    if cfg.method == "rtn":
-        for i, layer in enumerate(tqdm(layers, desc="rtn (layers)", unit="layer")):
-            for group in sequential_groups(layer):
-                for name in group:
-                    module = layer.get_submodule(name)
-                    apply(f"model.layers.{i}.{name}", module, quantize_rtn(module.weight, spec))
-        return results, errors
-
-    batches = capture_layer_inputs(model, windows, cfg.batch_size)
-    for i, layer in enumerate(tqdm(layers, desc="gptq (layers)", unit="layer")):
-        for group in sequential_groups(layer, cfg.true_sequential):
-            stats = collect_input_stats(layer, batches, group)
-            for name in group:
-                module = layer.get_submodule(name)
-                apply(f"model.layers.{i}.{name}", module, quantize_gptq(module.weight, stats[name]["hessian"], spec))
-        batches = run_layer(layer, batches)
+    calibrate(model, windows if cfg.method == "gptq" else None, family, on_group, batch_size=cfg.batch_size,
+              device=cfg.device, true_sequential=cfg.true_sequential, desc=f"{cfg.method} (layers)")
     return results, errors
 
 
 @torch.no_grad()
-def smooth(model: torch.nn.Module, windows: torch.Tensor, cfg: QuantizeConfig) -> None:
+def smooth(model: torch.nn.Module, windows: torch.Tensor, cfg: QuantizeConfig, family: Family) -> None:
     """SmoothQuant each decoder layer from its input absmax on the calibration windows."""
-    batches = capture_layer_inputs(model, windows, cfg.batch_size)
-    for layer in tqdm(decoder_layers(model), desc="smoothing (layers)", unit="layer"):
-        stats = collect_input_stats(layer, batches, SMOOTHED_INPUTS, want_hessian=False)
-        smooth_layer(layer, {k: v["absmax"] for k, v in stats.items()}, cfg.smooth_alpha)
-        batches = run_layer(layer, batches)
+    def on_group(_index: int, layer: torch.nn.Module, names: tuple[str, ...], stats: dict) -> None:
+        smooth_inputs(layer, family, names[0], stats[names[0]]["absmax"], cfg.smooth_alpha)
+
+    calibrate(model, windows, family, on_group, batch_size=cfg.batch_size, device=cfg.device, stats="sq",
+              groups=[(name,) for name in smoothed_inputs(family)], desc="smoothing (layers)")
 
 
 def _gptq_state_dict(model: torch.nn.Module, results: dict[str, QuantResult], bits: int,
@@ -168,14 +151,14 @@ def quantize(parent: Artifact, cfg: QuantizeConfig) -> Artifact:
     problems = verify(parent)
     if problems:
         raise UserError(f"refusing to quantize a damaged artifact: {problems[0]}")
+    if parent.hf_config.get("quantization_config"):
+        raise UserError(f"{parent.path}: already quantized; quantize the unquantized parent instead")
+    family = require(parent.hf_config, f"quantize.{cfg.method}")
     tokenizer = load_tokenizer(parent.path)
     needs_data = cfg.method == "gptq" or (cfg.method == "dynamic-int8" and cfg.smooth_alpha > 0)
     windows, calibration = calibration_windows(cfg, tokenizer) if needs_data else (None, None)
-    model = load_artifact_model(parent.path, device=cfg.device)
-    if windows is not None:
-        windows = windows.to(cfg.device)
-    if model.config.to_dict().get("quantization_config"):
-        raise UserError(f"{parent.path}: already quantized; quantize the unquantized parent instead")
+    # the model stays on the CPU in its stored dtype; `calibrate` brings one layer at a time to cfg.device
+    model = load_artifact_model(parent.path)
     names = quantized_module_names(model, {})
     start = time.perf_counter()
     info: dict[str, Any] = {"method": cfg.method}
@@ -185,9 +168,9 @@ def quantize(parent: Artifact, cfg: QuantizeConfig) -> Artifact:
         _check_shapes(model, names, cfg.bits)
         if calibration is not None:
             info["calibration"] = calibration
-        results, errors = quantize_weights(model, cfg, windows)
+        results, errors = quantize_weights(model, cfg, windows, family)
         dtype = getattr(torch, cfg.save_dtype)
-        state = _gptq_state_dict(model.cpu(), results, cfg.bits, dtype)
+        state = _gptq_state_dict(model, results, cfg.bits, dtype)
         config_dict["dtype"] = cfg.save_dtype
         config_dict["quantization_config"] = {
             "quant_method": "gptq", "bits": cfg.bits, "group_size": cfg.group_size, "desc_act": cfg.desc_act,
@@ -197,10 +180,10 @@ def quantize(parent: Artifact, cfg: QuantizeConfig) -> Artifact:
                                                             "method": cfg.method}}
     elif cfg.method == "dynamic-int8":
         if windows is not None:
-            smooth(model, windows, cfg)
+            smooth(model, windows, cfg, family)
             info["calibration"] = calibration
             info["smoothing"] = {"alpha": cfg.smooth_alpha, "method": "SmoothQuant, folded into norms / up_proj"}
-        state, errors = _int8_state_dict(model.cpu(), names)
+        state, errors = _int8_state_dict(model, names)
         config_dict["quantization_config"] = {"quant_method": "shrinkwrap-int8-dynamic", "weights": "int8 per-channel",
                                               "activations": "int8 per-token dynamic", "symmetric": True,
                                               "modules_to_not_convert": ["lm_head"]}

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from compress.artifact import Artifact, open_artifact, verify, write_artifact
 from compress.models import describe_model, load_source_model
-from runtime.config import field, parse_config
-from runtime.errors import UserError, run_main
+from core.config import field, parse_config
+from core.errors import UserError, run_main
 
 
 @dataclass

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from compress.models import load_artifact_model, load_tokenizer
-from runtime.config import field, parse_config
-from runtime.errors import UserError, run_main
-from train.data import chat_prompts, heldout_windows
+from core.config import field, parse_config
+from core.data import chat_prompts, heldout_windows
+from core.errors import UserError, run_main
 
 
 @dataclass

@@ -27,10 +27,11 @@ from typing import Any
 import numpy as np
 
 from compress.artifact import Artifact, open_artifact, verify, write_artifact
+from core.config import field, parse_config
+from core.errors import UserError, run_main
+from core.family import require, sliding_window
 from export.onnx_gptq import float_copy, gptq_lm_head, inject_gptq
 from export.onnx_torch import builder_architectures, export_with_torch
-from runtime.config import field, parse_config
-from runtime.errors import UserError, run_main
 from runtime.quantized import load_quantized_model
 
 PRECISIONS = ("fp32", "int8", "int4")
@@ -80,6 +81,21 @@ def gptq_config(artifact: Artifact, config: dict[str, Any]) -> dict[str, Any] | 
     return quant
 
 
+def with_layer_types(source: Path, hf: dict[str, Any], work: Path) -> Path:
+    """The builder reads sliding windows from `layer_types` only; Mistral's config has none (every layer
+    slides), which the builder would export as full attention without a word. A linked copy states it."""
+    if hf.get("layer_types") or sliding_window(hf, 0) is None:
+        return source
+    work.mkdir()
+    for file in source.iterdir():
+        if file.name != "config.json":
+            (work / file.name).symlink_to(file.resolve())
+    config = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    config["layer_types"] = ["sliding_attention"] * config["num_hidden_layers"]
+    (work / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return work
+
+
 def run_builder(source: Path, out: Path, precision: str, options: dict[str, Any], log: Path) -> None:
     """onnxruntime-genai's builder, its chatter sent to `log`; a failure is one line with its reason."""
     try:
@@ -126,10 +142,12 @@ def export_onnx(source: Artifact, cfg: OnnxExportConfig) -> Artifact:
     problems = verify(source)
     if problems:
         raise UserError(f"refusing to export a damaged artifact: {problems[0]}")
-    hf = json.loads((source.path / "config.json").read_text(encoding="utf-8"))
+    hf = source.hf_config
+    family = require(hf, "export.onnx")
     gptq = gptq_config(source, hf)
     architecture = (hf.get("architectures") or ["(none)"])[0]
-    if cfg.exporter == "torch" or (cfg.exporter == "auto" and architecture not in builder_architectures()):
+    builder_reads_it = family is not None and family.onnx_builder and architecture in builder_architectures()
+    if cfg.exporter == "torch" or (cfg.exporter == "auto" and not builder_reads_it):
         return _export_torch(source, cfg, hf, gptq, architecture)
     head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
     if head_dim % 16:
@@ -166,6 +184,7 @@ def export_onnx(source: Artifact, cfg: OnnxExportConfig) -> Artifact:
             options.pop("nodes_to_exclude", None)  # the builder writes an int4 head, then it gets GPTQ's
         gptq_model = load_quantized_model(source.path) if gptq else None
         builder_source = float_copy(source, gptq_model, work / "float") if gptq else source.path
+        builder_source = with_layer_types(builder_source, hf, work / "source")
         print(f"building the {cfg.precision} graph with onnxruntime-genai's builder ...", flush=True)
         run_builder(builder_source, build, builder_precision, options, work / "builder.log")
         weights = "float"

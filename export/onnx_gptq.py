@@ -18,12 +18,17 @@ import numpy as np
 import torch
 
 from compress.artifact import Artifact
-from runtime.errors import UserError
+from core.errors import UserError
+from core.family import Family, decoder_layers, family_of
 from runtime.quantized import GPTQLinear, unpack_cols, unpack_rows
 
-FUSED_INPUTS = {"attn/qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                "attn/o_proj": ("self_attn.o_proj",), "mlp/gate_proj": ("mlp.gate_proj",),
-                "mlp/up_proj": ("mlp.up_proj",), "mlp/down_proj": ("mlp.down_proj",)}
+
+def builder_inputs(family: Family) -> dict[str, tuple[str, ...]]:
+    """The builder's MatMulNBits (by node-name key) -> the HF Linears whose outputs it concatenates."""
+    if family.fused_gate_up or family.fused_qkv:
+        raise UserError(f"{family.name}: fused projections do not go through the builder's int4 graph")
+    return {"attn/qkv_proj": family.q_k_v, "attn/o_proj": (family.out_proj,), "mlp/gate_proj": family.gate_up[:1],
+            "mlp/up_proj": family.gate_up[1:], "mlp/down_proj": (family.down_proj,)}
 
 
 def float_copy(artifact: Artifact, gptq_model: torch.nn.Module, into: Path) -> Path:
@@ -109,13 +114,14 @@ def inject_gptq(onnx_dir: Path, gptq_model: torch.nn.Module, block: int, head: G
     path = onnx_dir / "model.onnx"
     model = onnx.load(str(path))
     inits = {t.name: t for t in model.graph.initializer}
-    layers = gptq_model.model.layers
+    layers = decoder_layers(gptq_model)
+    fused_inputs = builder_inputs(family_of(gptq_model.config))
     new_nodes, replaced, head_done = [], 0, False
     for node in model.graph.node:
         if node.op_type == "MatMulNBits" and node.name.startswith("/model/layers."):
             index = int(node.name.split("/")[2].split(".")[1])
             key = "/".join(node.name.split("/")[3:5])
-            modules = [layers[index].get_submodule(name) for name in FUSED_INPUTS[key]]
+            modules = [layers[index].get_submodule(name) for name in fused_inputs[key]]
             packed = gptq_to_matmulnbits(modules, block)
             _replace_weights(node, inits, packed)
             if packed["perm"] is not None:

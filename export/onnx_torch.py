@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from runtime.errors import UserError
+from core.errors import UserError
 
 KV_NAMES = {"inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
                        "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from compress.artifact import Artifact, open_artifact, verify
-from runtime.config import field, parse_config
-from runtime.errors import UserError, run_main
+from core.config import field, parse_config
+from core.errors import UserError, run_main
 
 DEFAULT_DIR = Path("artifacts/registry")
 EXPERIMENT = "shrinkwrap"

@@ -36,8 +36,8 @@ from typing import Any
 import torch
 
 from compress.artifact import Artifact, open_artifact, verify, write_artifact
-from runtime.config import field, parse_config
-from runtime.errors import UserError, run_main
+from core.config import field, parse_config
+from core.errors import UserError, run_main
 
 TRTLLM_VERSION = "1.2.1"  # the last stable release with the TensorRT engine path (trtllm-build)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from runtime.config import field, parse_config
-from runtime.errors import UserError, run_main
+from core.config import field, parse_config
+from core.errors import UserError, run_main
 
 
 @dataclass
@@ -51,7 +51,7 @@ class BenchConfig:
 
 
 def make_prompts(tokenizer: Any, cfg: BenchConfig) -> list[list[int]]:
-    from train.data import load_corpus
+    from core.data import load_corpus
 
     ids = tokenizer("\n\n".join(load_corpus("heldout")), add_special_tokens=False)["input_ids"]
     rng = np.random.default_rng(cfg.seed)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from runtime.kv_cache import Sequence
-from runtime.paged_llama import PagedLlama
+from runtime.paged_decoder import PagedDecoder
 
 
 @dataclass
@@ -132,7 +132,7 @@ def accept_draft(ps: list[torch.Tensor], qs: list[torch.Tensor | None], tokens: 
 
 class Engine:
     def __init__(self, model: torch.nn.Module, block_size: int = 16, num_blocks: int = 1024):
-        self.runner = PagedLlama(model, block_size, num_blocks)
+        self.runner = PagedDecoder(model, block_size, num_blocks)
         self.pool = self.runner.pool
 
     def _start(self, prompts: list[list[int]]) -> list[Sequence]:

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.config import field, parse_config
+from core.config import field, parse_config
+from core.errors import UserError, run_main
 from runtime.engine import Engine, GenerationStats, PromptLookupDraft, SamplingParams
-from runtime.errors import UserError, run_main
 from runtime.loading import load_model, load_tokenizer, open_engine
 
 

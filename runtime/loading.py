@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from runtime.errors import UserError
+from core.errors import UserError
 
 
 def model_dir(path: str | Path) -> Path:

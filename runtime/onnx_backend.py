@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.errors import UserError
 from runtime.engine import GenerationStats, SamplingParams, next_token
-from runtime.errors import UserError
 
 GENAI_CONFIG = "genai_config.json"
 

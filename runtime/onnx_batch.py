@@ -64,7 +64,7 @@ class SlotPool:
 
 
 class OnnxBatchRunner:
-    """`forward(seqs, last_only, ends)` as `PagedLlama` has it, over an `OnnxDecoder`."""
+    """`forward(seqs, last_only, ends)` as `PagedDecoder` has it, over an `OnnxDecoder`."""
 
     def __init__(self, decoder: OnnxDecoder, slots: int, context: int | None = None):
         self.decoder = decoder

@@ -17,8 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from core.errors import UserError
+from core.family import decoder_layers, family_of, layer_prefix, model_type_of
+
 SUPPORTED_BITS = (4, 8)
-GPTQ_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
@@ -150,10 +152,14 @@ def _replace(model: nn.Module, names: list[str], make) -> None:
 
 
 def quantized_module_names(model: nn.Module, config: dict[str, Any]) -> list[str]:
-    """Linear layers the quantization_config covers (decoder projections; never lm_head)."""
+    """Linear layers the quantization_config covers: the decoder projections its family names; never lm_head."""
+    family = family_of(model.config)
+    if family is None:
+        raise UserError(f"model_type {model_type_of(model.config)!r}: no decoder-family adapter, so its quantized "
+                        "Linears are unknown")
     skip = set(config.get("modules_to_not_convert") or [])
-    return [name for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in GPTQ_TARGETS and name not in skip]
+    names = [layer_prefix(i) + n for i in range(len(decoder_layers(model))) for n in family.linear_names]
+    return [n for n in names if n not in skip]
 
 
 def build_quantized_model(config_dict: dict[str, Any]) -> nn.Module:

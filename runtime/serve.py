@@ -27,9 +27,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
-from runtime.config import field, parse_config
+from core.config import field, parse_config
+from core.errors import UserError, run_main
 from runtime.engine import Engine, SamplingParams
-from runtime.errors import UserError, run_main
 from runtime.loading import is_onnx_export, load_model, load_tokenizer
 from runtime.metrics import SchedulerCollector
 from runtime.onnx_backend import OnnxDecoder

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from core.errors import UserError
 from runtime.engine import GenerationStats, SamplingParams
-from runtime.errors import UserError
 
 INSTALL = ("TensorRT-LLM engines need tensorrt_llm: pip install tensorrt-llm==1.2.1 on a machine with an NVIDIA GPU "
            "(1.2.x is the last release that builds and runs TensorRT engines)")

@@ -23,7 +23,7 @@ def make_tiny_tokenizer(vocab_size: int = 512):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from train.data import load_corpus
+    from core.data import load_corpus
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -47,6 +47,43 @@ def make_tiny_llama(vocab_size: int = 512, hidden: int = 64, layers: int = 2, he
                          max_position_embeddings=1024, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
                          pad_token_id=2)
     return LlamaForCausalLM(config).eval()
+
+
+FAMILY_EXTRAS = {  # what each family's tiny test model sets beyond the shared shape
+    "llama": {},
+    "mistral": {"sliding_window": 6},
+    "qwen2": {},
+    "qwen3": {"head_dim": 16},
+    "gemma2": {"head_dim": 16, "sliding_window": 6, "query_pre_attn_scalar": 16,
+               "attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0},
+    "gemma3_text": {"head_dim": 16, "sliding_window": 6, "query_pre_attn_scalar": 16,
+                    "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]},
+    "phi3": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
+}
+
+
+def make_tiny_family(model_type: str, vocab_size: int = 512, layers: int = 3, seed: int = 0, tie: bool = False):
+    """A random-init model of `model_type` (hidden 64, 4 query heads over 2 KV heads), small windows so
+    the tests' sequences cross them; weights scaled up so greedy choices are not near-ties."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=1024, tie_word_embeddings=tie, bos_token_id=1,
+                                  eos_token_id=2, pad_token_id=2, **FAMILY_EXTRAS[model_type])
+    if model_type == "qwen2":
+        config.attention_bias = True
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") and model_type.startswith("gemma"):
+                p.normal_(0, 0.3)  # (1 + w): random w tests the offset
+            elif name.endswith("norm.weight"):
+                p.normal_(1, 0.3)
+            elif name.endswith(".bias"):
+                p.normal_(0, 0.5)
+    return model
 
 
 def greedy_reference(model, prompt: list[int], n: int) -> list[int]:

@@ -1,4 +1,4 @@
-"""LightningDataModule over train/data.py: packed training blocks, held-out validation windows.
+"""LightningDataModule over core/data.py: packed training blocks, held-out validation windows.
 
 Optional sequence-level KD adds teacher-generated continuations of training prompts, cached to
 disk as a plain tensor (loaded with weights_only=True) keyed by the teacher and settings.
@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from tqdm import tqdm
 
-from train.data import heldout_windows, load_split_or_file, pack_blocks, tokenize_joined
+from core.data import heldout_windows, load_split_or_file, pack_blocks, tokenize_joined
 
 
 class _Windows:

@@ -7,7 +7,7 @@ import pytest
 
 from compress.artifact import MANIFEST, open_artifact, record_metrics, verify, write_artifact
 from compress.inspect import inspect_artifact
-from runtime.errors import UserError
+from core.errors import UserError
 
 
 def _write(path, parent=None, payload=b"weights"):

@@ -9,8 +9,8 @@ import torch
 from compress.distill import DistillConfig, distill, evenly_spaced_layers
 from compress.models import load_artifact_model
 from compress.surgery import keep_layers
-from runtime.config import build_config
-from runtime.errors import UserError
+from core.config import build_config
+from core.errors import UserError
 from tests.conftest import make_tiny_llama
 
 

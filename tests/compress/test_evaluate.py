@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from compress.evaluate import EvaluateConfig, accuracy_metrics, evaluate
-from runtime.config import build_config
-from runtime.errors import UserError
+from core.config import build_config
+from core.errors import UserError
 from tests.conftest import make_tiny_llama
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from compress.models import count_parameters, load_artifact_model, load_source_model
-from runtime.errors import UserError
+from core.errors import UserError
 
 
 def test_missing_model_is_one_line_error(tmp_path):

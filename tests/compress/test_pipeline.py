@@ -11,7 +11,7 @@ import yaml
 
 from compress.artifact import open_artifact, verify
 from compress.pipeline import PipelineConfig, resolve_steps, run_pipeline
-from runtime.errors import UserError
+from core.errors import UserError
 from tests.conftest import make_tiny_llama
 
 

@@ -9,8 +9,9 @@ from compress.models import count_parameters, load_artifact_model
 from compress.prune import PruneConfig, prune
 from compress.sparsity import magnitude_mask, sparsegpt, wanda_mask
 from compress.surgery import keep_kv_groups, keep_layers, keep_mlp_channels
-from runtime.config import build_config
-from runtime.errors import UserError
+from core.config import build_config
+from core.errors import UserError
+from core.family import FAMILIES
 from tests.conftest import make_tiny_llama
 
 IDS = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(0))
@@ -24,7 +25,7 @@ def test_mlp_surgery_is_exact_when_removed_channels_are_zero():
         drop = torch.ones(128, dtype=torch.bool)
         drop[k] = False
         model.model.layers[i].mlp.down_proj.weight[:, drop] = 0
-    small = keep_mlp_channels(model, keep)
+    small = keep_mlp_channels(model, keep, FAMILIES["llama"])
     assert small.config.intermediate_size == 64 and small.model.layers[0].mlp.up_proj.weight.shape == (64, 64)
     torch.testing.assert_close(small(IDS).logits, model(IDS).logits, rtol=1e-5, atol=1e-5)
 
@@ -37,11 +38,11 @@ def test_kv_group_surgery_is_exact_when_removed_heads_are_zero():
         for g in {0, 1} - set(groups):
             cols = slice(g * 32, (g + 1) * 32)  # the 2 query heads of KV group g
             model.model.layers[i].self_attn.o_proj.weight[:, cols] = 0
-    small = keep_kv_groups(model, keep)
+    small = keep_kv_groups(model, keep, FAMILIES["llama"])
     assert (small.config.num_key_value_heads, small.config.num_attention_heads) == (1, 2)
     torch.testing.assert_close(small(IDS).logits, model(IDS).logits, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="non-zero number of KV heads"):
-        keep_kv_groups(model, [[], []])
+        keep_kv_groups(model, [[], []], FAMILIES["llama"])
 
 
 @torch.no_grad()

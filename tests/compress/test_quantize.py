@@ -121,8 +121,8 @@ def test_invalid_settings_fail_before_work(tiny_artifact, tmp_path):
 def test_smoothing_is_exact_in_full_precision_and_helps_int8(tiny_artifact, tmp_path):
     import copy
 
-    from compress.calibration import capture_layer_inputs, collect_input_stats, decoder_layers, run_layer
-    from compress.smoothing import SMOOTHED_INPUTS, smooth_layer
+    from compress.quantize import QuantizeConfig, smooth
+    from core.family import FAMILIES
 
     model = load_artifact_model(tiny_artifact.path)
     with torch.no_grad():  # give one input channel a large outlier, as real LLM activations have
@@ -130,11 +130,8 @@ def test_smoothing_is_exact_in_full_precision_and_helps_int8(tiny_artifact, tmp_
     ids = torch.randint(0, 500, (4, 32), generator=torch.Generator().manual_seed(0))
     ref = model(ids).logits
     smoothed = copy.deepcopy(model)
-    batches = capture_layer_inputs(smoothed, ids, 2)
-    for layer in decoder_layers(smoothed):
-        stats = collect_input_stats(layer, batches, SMOOTHED_INPUTS, want_hessian=False)
-        smooth_layer(layer, {k: v["absmax"] for k, v in stats.items()}, 0.5)
-        batches = run_layer(layer, batches)
+    smooth(smoothed, ids, QuantizeConfig(out="unused", batch_size=2, smooth_alpha=0.5), FAMILIES["llama"])
+    assert not torch.equal(smoothed.model.layers[0].input_layernorm.weight, model.model.layers[0].input_layernorm.weight)
     torch.testing.assert_close(smoothed(ids).logits, ref, rtol=1e-4, atol=1e-4)
 
 

@@ -10,7 +10,7 @@ import torch
 
 from compress.evaluate import accuracy_metrics
 from compress.models import load_artifact_model, load_tokenizer
-from train.data import heldout_windows
+from core.data import heldout_windows
 
 pytestmark = pytest.mark.slow
 

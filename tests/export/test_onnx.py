@@ -10,9 +10,9 @@ from onnx import numpy_helper
 from compress.artifact import verify
 from compress.models import load_artifact_model
 from compress.quantize import QuantizeConfig, quantize
+from core.errors import UserError
 from export.onnx import OnnxExportConfig, export_onnx
 from runtime.engine import SamplingParams
-from runtime.errors import UserError
 from runtime.onnx_backend import OnnxDecoder, OnnxEngine
 from tests.conftest import greedy_reference, make_ragged_artifact
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from compress.models import load_artifact_model, load_tokenizer
+from core.data import chat_prompts
 from export.onnx import OnnxExportConfig, export_onnx
 from runtime.engine import SamplingParams
 from runtime.onnx_backend import OnnxEngine
-from train.data import chat_prompts
 
 pytestmark = pytest.mark.slow
 

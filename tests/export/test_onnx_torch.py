@@ -7,10 +7,10 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from compress.artifact import open_artifact, write_artifact
+from core.errors import UserError
 from export.onnx import OnnxExportConfig, export_onnx
 from export.onnx_torch import builder_architectures
 from runtime.engine import SamplingParams
-from runtime.errors import UserError
 from runtime.onnx_backend import OnnxDecoder, OnnxEngine
 from tests.conftest import greedy_reference
 

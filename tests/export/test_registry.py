@@ -12,9 +12,9 @@ import pytest
 
 from compress.artifact import sha256_file
 from compress.quantize import QuantizeConfig, quantize
+from core.errors import UserError
 from export.registry import ListConfig, PullConfig, PushConfig, list_versions, pull, push
 from runtime.bench import free_port
-from runtime.errors import UserError
 
 pytest.importorskip("mlflow")
 

@@ -10,8 +10,8 @@ import torch
 from safetensors.numpy import load_file
 
 from compress.quantize import QuantizeConfig, quantize
+from core.errors import UserError
 from export.tensorrt_llm import TrtllmExportConfig, export_trtllm
-from runtime.errors import UserError
 from tests.conftest import make_tiny_llama, save_reference
 from tests.export.trtllm_reader import Reader
 

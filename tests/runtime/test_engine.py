@@ -3,7 +3,7 @@ import torch
 
 from runtime.engine import Engine, PromptLookupDraft, SamplingParams, lookup_continuation, probabilities
 from runtime.kv_cache import BlockPool, OutOfBlocks, Sequence
-from runtime.paged_llama import PagedLlama
+from runtime.paged_decoder import PagedDecoder
 from tests.conftest import make_tiny_llama
 
 GEN = torch.Generator().manual_seed(0)
@@ -19,7 +19,7 @@ def hf_greedy(model, prompt, n):
 @torch.no_grad()
 def test_paged_logits_match_transformers():
     model = make_tiny_llama(layers=2, heads=4, kv_heads=2)
-    runner = PagedLlama(model, block_size=4, num_blocks=64)
+    runner = PagedDecoder(model, block_size=4, num_blocks=64)
     seq = Sequence(PROMPTS[3][:20])
     ours = runner.forward([seq], last_only=False)[0]
     ref = model(torch.tensor([seq.tokens])).logits[0]

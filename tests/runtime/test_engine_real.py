@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from core.data import chat_prompts
 from runtime.engine import Engine, SamplingParams
 from runtime.loading import load_model
-from train.data import chat_prompts
 
 pytestmark = pytest.mark.slow
 

@@ -7,9 +7,9 @@ import httpx
 import pytest
 import torch
 
+from core.errors import UserError
 from export.onnx import OnnxExportConfig, export_onnx
 from runtime.engine import SamplingParams
-from runtime.errors import UserError
 from runtime.onnx_backend import OnnxDecoder
 from runtime.onnx_batch import OnnxBatchRunner
 from runtime.scheduler import Request, Scheduler

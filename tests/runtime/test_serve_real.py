@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from compress.models import load_artifact_model, load_tokenizer
+from core.data import load_corpus
 from tests.runtime.server_helpers import running_server
-from train.data import load_corpus
 
 pytestmark = pytest.mark.slow
 

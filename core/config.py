@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from runtime.errors import UserError
+from core.errors import UserError
 
 C = TypeVar("C")
 

@@ -2,8 +2,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from runtime.config import field, parse_config
-from runtime.errors import UserError
+from core.config import field, parse_config
+from core.errors import UserError
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from runtime.errors import UserError
+from core.errors import UserError
 
 CORPUS_FILE = "lee_background.cor"
 TRAIN_ARTICLES = range(0, 200)

@@ -3,8 +3,7 @@ import json
 import pytest
 import torch
 
-from runtime.errors import UserError
-from train.data import (
+from core.data import (
     DataWarning,
     chat_prompts,
     heldout_windows,
@@ -15,6 +14,7 @@ from train.data import (
     sample_windows,
     texts_hash,
 )
+from core.errors import UserError
 
 
 def test_corpus_split_is_fixed_and_disjoint():
