@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.data import load_corpus  # noqa: E402
 from runtime.loading import load_model, load_tokenizer  # noqa: E402
-from runtime.static_decode import StaticLlama  # noqa: E402
+from runtime.static_decode import StaticDecoder  # noqa: E402
 
 INSTRUCTIONS = ("Summarize this news story in one sentence:", "What is the main point of this article?",
                 "Write a headline for this story:", "Who are the people or groups in this story, and what happened?",
@@ -58,7 +58,7 @@ def main() -> None:
     prompts = prompts[: args.limit]
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     # the static decoder: batched greedy with fused kernels and CUDA graphs on the GPU (~100x HF generate)
-    static = StaticLlama(model, max_batch=64, max_len=max(map(len, ids)) + args.max_new_tokens)
+    static = StaticDecoder(model, max_batch=64, max_len=max(map(len, ids)) + args.max_new_tokens)
     if cuda:
         static.use_fused_kernels()
     out = Path(args.out)

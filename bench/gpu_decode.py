@@ -3,7 +3,7 @@
     python bench/gpu_decode.py [--model artifacts/reference | --random-init] [--new-tokens 256]
 
 bf16 on CUDA, greedy, 256 new tokens after a short prompt, at batch 1 and 32, interleaved per
-repeat: HF `generate` (dynamic cache), HF `generate` with its static cache, our StaticLlama eager,
+repeat: HF `generate` (dynamic cache), HF `generate` with its static cache, our StaticDecoder eager,
 replayed from CUDA graphs, with the step compiled by Inductor inside the graphs, and with the fused
 Triton step (runtime/triton_decode.py) inside the graphs. `--sweep` first tries the Triton tile
 sizes and keeps the fastest. With real weights, checks our tokens against HF's greedy ones. Then
@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runtime.static_decode import StaticLlama  # noqa: E402
+from runtime.static_decode import StaticDecoder  # noqa: E402
 
 
 def smollm2_shaped(device: str) -> torch.nn.Module:
@@ -70,10 +70,10 @@ def main() -> None:
     else:
         model, prompt = smollm2_shaped(device), list(range(100, 130))
     n = args.new_tokens
-    static = StaticLlama(model, max_batch=max(args.batches), max_len=len(prompt) + n + 8, dtype=torch.bfloat16)
-    compiled = StaticLlama(model, max_batch=max(args.batches), max_len=len(prompt) + n + 8, dtype=torch.bfloat16)
+    static = StaticDecoder(model, max_batch=max(args.batches), max_len=len(prompt) + n + 8, dtype=torch.bfloat16)
+    compiled = StaticDecoder(model, max_batch=max(args.batches), max_len=len(prompt) + n + 8, dtype=torch.bfloat16)
     compiled.compile()
-    fused = StaticLlama(model, max_batch=max(args.batches), max_len=len(prompt) + n + 8, dtype=torch.bfloat16)
+    fused = StaticDecoder(model, max_batch=max(args.batches), max_len=len(prompt) + n + 8, dtype=torch.bfloat16)
     fused.use_fused_kernels()
     sweep = tile_sweep(fused, prompt, args.batches) if args.sweep else []
     start = time.perf_counter()
@@ -150,7 +150,7 @@ def first_difference(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
 
 
-def profile_step(engine: StaticLlama, prompt: list[int], rows: list[dict], name: str, batch: int
+def profile_step(engine: StaticDecoder, prompt: list[int], rows: list[dict], name: str, batch: int
                  ) -> tuple[dict, str]:
     """Where the time goes: ten single steps outside the graph under the profiler, against the graph's step."""
     from torch.profiler import ProfilerActivity, profile
@@ -170,7 +170,7 @@ def profile_step(engine: StaticLlama, prompt: list[int], rows: list[dict], name:
     return summary, prof.key_averages().table(sort_by="cuda_time_total", row_limit=8)
 
 
-def tile_sweep(fused: StaticLlama, prompt: list[int], batches: list[int], tokens: int = 128) -> list[dict]:
+def tile_sweep(fused: StaticDecoder, prompt: list[int], batches: list[int], tokens: int = 128) -> list[dict]:
     """Coordinate search over the Triton tile sizes (GEMV and attention at batch 1, GEMM at the largest batch)."""
     from runtime import triton_decode
 

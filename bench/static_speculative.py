@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core.data import chat_prompts  # noqa: E402
 from runtime import triton_decode  # noqa: E402
 from runtime.loading import load_model, load_tokenizer  # noqa: E402
-from runtime.static_decode import StaticLlama  # noqa: E402
+from runtime.static_decode import StaticDecoder  # noqa: E402
 from runtime.static_speculative import StaticSpeculator  # noqa: E402
 
 
@@ -66,7 +66,7 @@ def main() -> None:
     max_len = max(map(len, prompts)) + args.new_tokens + max(args.k) + 1
     decoders = []
     for name in (args.target, args.draft):
-        decoder = StaticLlama(load_model(name, args.device, dtype=torch.bfloat16 if cuda else torch.float32),
+        decoder = StaticDecoder(load_model(name, args.device, dtype=torch.bfloat16 if cuda else torch.float32),
                               max_batch=1, max_len=max_len)
         if cuda:
             decoder.use_fused_kernels()

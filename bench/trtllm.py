@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core.data import chat_prompts  # noqa: E402
 from runtime.engine import SamplingParams  # noqa: E402
 from runtime.loading import load_model, load_tokenizer  # noqa: E402
-from runtime.static_decode import StaticLlama  # noqa: E402
+from runtime.static_decode import StaticDecoder  # noqa: E402
 from runtime.trtllm_backend import TrtllmEngine  # noqa: E402
 
 
@@ -42,7 +42,7 @@ def main() -> None:
     texts = chat_prompts(tokenizer, max(args.prompts, 32))
     prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     engine = TrtllmEngine(args.engine, max_batch_size=32)
-    static = StaticLlama(load_model(args.artifact, "cuda", dtype=torch.bfloat16), max_batch=32,
+    static = StaticDecoder(load_model(args.artifact, "cuda", dtype=torch.bfloat16), max_batch=32,
                          max_len=max(map(len, prompts)) + args.new_tokens + 8)
     static.use_fused_kernels()
     greedy = SamplingParams(max_new_tokens=args.new_tokens)

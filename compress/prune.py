@@ -124,7 +124,8 @@ def prune_structured(model: torch.nn.Module, cfg: PruneConfig, windows: torch.Te
         keep_n = _target(c.intermediate_size, cfg.sparsity, cfg.target_intermediate, "MLP channels")
         stats = channel_stats(model, windows, cfg.batch_size, family.down_proj, family)
         keep = [s.topk(keep_n).indices for s in stats]
-        return keep_mlp_channels(model, keep, family), {"intermediate_size": keep_n}
+        return keep_mlp_channels(model, keep, family), {"intermediate_size": keep_n,
+                                                        "kept_mlp_channels": [k.sort().values.tolist() for k in keep]}
     keep_n = _target(kv_heads(c), cfg.sparsity, cfg.target_kv_heads, "KV heads")
     per_group = c.num_attention_heads // kv_heads(c)
     stats = channel_stats(model, windows, cfg.batch_size, family.out_proj, family)

@@ -121,8 +121,8 @@ def _gptq_state_dict(model: torch.nn.Module, results: dict[str, QuantResult], bi
                      dtype: torch.dtype) -> dict[str, torch.Tensor]:
     state = {}
     for key, tensor in model.state_dict().items():
-        module_name = key.rsplit(".", 1)[0]
-        if module_name in results or (key == "lm_head.weight" and model.config.tie_word_embeddings):
+        if key.endswith(".weight") and key[:-len(".weight")] in results or (
+                key == "lm_head.weight" and model.config.tie_word_embeddings):  # biases stay, as GPTQ has them
             continue
         state[key] = tensor.detach().to(dtype).contiguous()
     for name, r in results.items():
@@ -135,7 +135,8 @@ def _int8_state_dict(model: torch.nn.Module, names: list[str]) -> tuple[dict[str
     state, errors = {}, {}
     skip = set(names)
     for key, tensor in model.state_dict().items():
-        if key.rsplit(".", 1)[0] in skip or (key == "lm_head.weight" and model.config.tie_word_embeddings):
+        if key.endswith(".weight") and key[:-len(".weight")] in skip or (
+                key == "lm_head.weight" and model.config.tie_word_embeddings):
             continue
         state[key] = tensor.detach().contiguous()
     for name in names:

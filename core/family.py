@@ -92,8 +92,7 @@ STEP_SUPPORT: dict[str, dict[str, str]] = {  # family -> step -> reason it is re
     "mistral": {"export.tensorrt_llm": _TRT},
     "qwen2": {"export.tensorrt_llm": _TRT},
     "qwen3": {"export.tensorrt_llm": _TRT},
-    "gemma2": {"export.tensorrt_llm": _TRT,
-               "generate.static": "the static decoder has no soft-capped attention (Gemma 2); use the paged engine"},
+    "gemma2": {"export.tensorrt_llm": _TRT},
     "gemma3_text": {"export.tensorrt_llm": _TRT},
     "phi3": {"export.tensorrt_llm": _TRT},
 }
@@ -139,18 +138,18 @@ def layer_prefix(index: int) -> str:
     return f"model.layers.{index}."
 
 
-# --- shapes and attention features read from the config ---------------------------------------------
-
-def head_dim(config: Any) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def kv_heads(config: Any) -> int:
-    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-
+# --- shapes and attention features read from the config (an object or its dict) ------------------------
 
 def _get(config: Any, key: str, default: Any = None) -> Any:
     return config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
+
+
+def head_dim(config: Any) -> int:
+    return _get(config, "head_dim") or _get(config, "hidden_size") // _get(config, "num_attention_heads")
+
+
+def kv_heads(config: Any) -> int:
+    return _get(config, "num_key_value_heads") or _get(config, "num_attention_heads")
 
 
 def sliding_window(config: Any, layer: int) -> int | None:
@@ -241,7 +240,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     scores = (q @ k.transpose(-1, -2)) * scale
     scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~mask, float("-inf"))
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)  # a fully masked (padding) row stays finite
     return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from compress.artifact import Artifact, open_artifact, verify, write_artifact
 from core.config import field, parse_config
 from core.errors import UserError, run_main
-from core.family import require, sliding_window
+from core.family import head_dim, require, sliding_window
 from export.onnx_gptq import float_copy, gptq_lm_head, inject_gptq
 from export.onnx_torch import builder_architectures, export_with_torch
 from runtime.quantized import load_quantized_model
@@ -149,9 +149,8 @@ def export_onnx(source: Artifact, cfg: OnnxExportConfig) -> Artifact:
     builder_reads_it = family is not None and family.onnx_builder and architecture in builder_architectures()
     if cfg.exporter == "torch" or (cfg.exporter == "auto" and not builder_reads_it):
         return _export_torch(source, cfg, hf, gptq, architecture)
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
-    if head_dim % 16:
-        raise UserError(f"{source.path}: head size {head_dim} is not a multiple of 16 (ONNX Runtime's "
+    if head_dim(hf) % 16:
+        raise UserError(f"{source.path}: head size {head_dim(hf)} is not a multiple of 16 (ONNX Runtime's "
                         "GroupQueryAttention needs that)")
     if gptq is not None and cfg.precision != "int4":
         raise UserError(f"{source.path} is a GPTQ artifact: export it with --precision int4 (its own weights)")

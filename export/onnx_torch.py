@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from core.errors import UserError
+from core.family import head_dim, kv_heads
 
 KV_NAMES = {"inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
                        "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
@@ -69,10 +70,9 @@ def export_with_torch(source: Path, out: Path, log: Path) -> dict:
     text = model.config.get_text_config()
     layers = text.num_hidden_layers
     heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv, dim = kv_heads(text), head_dim(text)
     batch, seq, past, total = (torch.export.Dim(n) for n in ("batch", "sequence", "past_sequence", "total_sequence"))
-    example_past = [torch.zeros(2, kv_heads, 3, head_dim) for _ in range(2 * layers)]  # sizes 0/1 would specialise
+    example_past = [torch.zeros(2, kv, 3, dim) for _ in range(2 * layers)]  # sizes 0/1 would specialise
     inputs = (torch.randint(0, text.vocab_size, (2, 4)), torch.ones(2, 7, dtype=torch.long), *example_past)
     pasts, presents = KV_NAMES["inputs"], KV_NAMES["outputs"]
     input_names = ["input_ids", "attention_mask"] + [
@@ -101,7 +101,7 @@ def export_with_torch(source: Path, out: Path, log: Path) -> dict:
                                                                        or getattr(text, "n_positions", 2048)),
                        "vocab_size": int(text.vocab_size),
                        "decoder": {"filename": "model.onnx", "num_hidden_layers": layers, "num_attention_heads": heads,
-                                   "num_key_value_heads": kv_heads, "head_size": head_dim, "kv_cache": "concat",
+                                   "num_key_value_heads": kv, "head_size": dim, "kv_cache": "concat",
                                    **KV_NAMES}}}
     (out / "genai_config.json").write_text(json.dumps(genai, indent=2) + "\n", encoding="utf-8")
-    return {"layers": layers, "kv_heads": kv_heads, "head_size": head_dim}
+    return {"layers": layers, "kv_heads": kv, "head_size": dim}

@@ -38,6 +38,7 @@ import torch
 from compress.artifact import Artifact, open_artifact, verify, write_artifact
 from core.config import field, parse_config
 from core.errors import UserError, run_main
+from core.family import head_dim, require
 
 TRTLLM_VERSION = "1.2.1"  # the last stable release with the TensorRT engine path (trtllm-build)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -70,10 +71,8 @@ def _read_config(artifact: Artifact) -> dict[str, Any]:
     path = artifact.path / "config.json"
     if not path.is_file():
         raise UserError(f"{artifact.path}: no config.json ({artifact.kind} artifacts do not export to TensorRT-LLM)")
-    hf = json.loads(path.read_text())
-    if hf.get("model_type") != "llama":
-        raise UserError(f"{path}: model_type {hf.get('model_type')!r}: the TensorRT-LLM exporter writes the Llama "
-                        "layout only")
+    hf = artifact.hf_config
+    require(hf, "export.tensorrt_llm")
     return hf
 
 
@@ -95,7 +94,7 @@ def check_gptq(hf: dict[str, Any], tp: int, source: str) -> dict[str, Any] | Non
         raise UserError(f"{source}: act-order (desc_act) GPTQ: TensorRT-LLM has no g_idx ('GPTQ with desc_act=True "
                         f"is not implemented'); {fix}")
     group = quant.get("group_size", 128)
-    heads_dim = hf["num_attention_heads"] * _head_dim(hf)
+    heads_dim = hf["num_attention_heads"] * head_dim(hf)
     inputs = {"hidden_size": hf["hidden_size"], "intermediate_size": hf["intermediate_size"], "o_proj": heads_dim}
     if group != -1:
         for name, k in inputs.items():
@@ -103,10 +102,6 @@ def check_gptq(hf: dict[str, Any], tp: int, source: str) -> dict[str, Any] | Non
                 raise UserError(f"{source}: group size {group} does not divide {name} {k}"
                                 + (f" / tp {tp}" if tp > 1 else "") + f" (TensorRT-LLM would pad the group); {fix}")
     return quant
-
-
-def _head_dim(hf: dict[str, Any]) -> int:
-    return hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
 
 
 def check_tp(hf: dict[str, Any], tp: int) -> None:
@@ -136,7 +131,7 @@ def trtllm_config(hf: dict[str, Any], cfg: TrtllmExportConfig, quant: dict[str, 
         "architecture": "LlamaForCausalLM", "dtype": cfg.dtype, "logits_dtype": "float32",
         "num_hidden_layers": hf["num_hidden_layers"], "num_attention_heads": hf["num_attention_heads"],
         "num_key_value_heads": hf.get("num_key_value_heads", hf["num_attention_heads"]),
-        "hidden_size": hf["hidden_size"], "intermediate_size": hf["intermediate_size"], "head_size": _head_dim(hf),
+        "hidden_size": hf["hidden_size"], "intermediate_size": hf["intermediate_size"], "head_size": head_dim(hf),
         "vocab_size": hf["vocab_size"], "position_embedding_type": "rope_gpt_neox",
         "max_position_embeddings": hf.get("max_position_embeddings", cfg.max_seq_len),
         "hidden_act": hf.get("hidden_act", "silu"), "norm_epsilon": hf.get("rms_norm_eps", 1e-6),

@@ -52,8 +52,8 @@ class GenerateConfig:
 
 
 def static_generate(cfg: GenerateConfig, ids: list[int], stop: tuple[int, ...]) -> tuple[list[int], GenerationStats]:
-    """Greedy tokens from `StaticLlama` (fused kernels + CUDA graph on CUDA), with the draft if given."""
-    from runtime.static_decode import StaticLlama
+    """Greedy tokens from `StaticDecoder` (fused kernels + CUDA graph on CUDA), with the draft if given."""
+    from runtime.static_decode import StaticDecoder
     from runtime.static_speculative import StaticSpeculator
 
     cuda = cfg.device.startswith("cuda")
@@ -63,10 +63,10 @@ def static_generate(cfg: GenerateConfig, ids: list[int], stop: tuple[int, ...]) 
             continue
         model = load_model(name, cfg.device, dtype=torch.bfloat16 if cuda else None)
         try:
-            decoders.append(StaticLlama(model, max_batch=1, max_len=len(ids) + cfg.max_tokens + cfg.k))
+            decoders.append(StaticDecoder(model, max_batch=1, max_len=len(ids) + cfg.max_tokens + cfg.k))
         except ValueError as exc:
             raise UserError(f"static: {name}: {exc}") from None
-        if cuda:
+        if cuda and not decoders[-1].unfusable:  # else the eager step, still replayed from a CUDA graph
             decoders[-1].use_fused_kernels()
     if cfg.draft is None:
         static = decoders[0]

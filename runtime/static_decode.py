@@ -19,39 +19,76 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.errors import UserError
+from core.family import (
+    activation,
+    attend,
+    attn_softcap,
+    final_softcap,
+    head_dim,
+    kv_heads,
+    require,
+    rotary_tables,
+    rotate,
+    sliding_window,
+)
+
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
-class StaticLlama(nn.Module):
+class StaticDecoder(nn.Module):
     def __init__(self, model: nn.Module, max_batch: int, max_len: int, dtype: torch.dtype | None = None):
         super().__init__()
         cfg = model.config
-        if getattr(cfg, "model_type", None) not in ("llama", "mistral", "qwen2") or not hasattr(model, "model"):
-            raise ValueError(f"the static decoder runs Llama-family models, not {getattr(cfg, 'model_type', '?')}")
+        try:
+            family = require(cfg, "generate.static")
+        except UserError as exc:
+            raise ValueError(str(exc)) from None
         device = next(model.parameters()).device
         dtype = dtype or next(model.parameters()).dtype
         inner = model.model
-        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.eps = cfg.rms_norm_eps
+        self.family = family
+        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, kv_heads(cfg), head_dim(cfg)
+        self.eps = getattr(cfg, "rms_norm_eps", 1e-6)
         self.max_batch, self.max_len = max_batch, max_len
+        self.windows = [sliding_window(cfg, i) for i in range(cfg.num_hidden_layers)]
+        self.attn_softcap, self.final_softcap = attn_softcap(cfg), final_softcap(cfg)
+        self.gelu = "gelu" in activation(cfg)
+        self.scale = inner.layers[0].self_attn.scaling
+        self.embed_scale = (torch.tensor(cfg.hidden_size ** 0.5, dtype=dtype, device=device)
+                            if family.scaled_embedding else None)
 
         def w(t: torch.Tensor) -> torch.Tensor:
             return t.detach().to(device=device, dtype=dtype).contiguous()
+
+        def norm(module: nn.Module) -> torch.Tensor:
+            return w(module.weight.float() + family.norm_offset)
+
+        def cat(names: tuple[str, ...], layer: nn.Module, what: str) -> torch.Tensor | None:
+            parts = [getattr(layer.get_submodule(n), what) for n in names]
+            return None if parts[0] is None else w(torch.cat(parts))
+
         self.embed = w(inner.embed_tokens.weight)
         self.layers = []
-        for layer in inner.layers:
-            a, m = layer.self_attn, layer.mlp
-            self.layers.append({
-                "attn_norm": w(layer.input_layernorm.weight), "mlp_norm": w(layer.post_attention_layernorm.weight),
-                "wqkv": w(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])),
-                "wo": w(a.o_proj.weight), "w13": w(torch.cat([m.gate_proj.weight, m.up_proj.weight])),
-                "w2": w(m.down_proj.weight)})
-        self.norm = w(inner.norm.weight)
+        for i, layer in enumerate(inner.layers):
+            p = {"attn_norm": norm(layer.input_layernorm), "mlp_norm": norm(layer.get_submodule(family.feeds_mlp)),
+                 "wqkv": cat(family.q_k_v, layer, "weight"), "bqkv": cat(family.q_k_v, layer, "bias"),
+                 "wo": w(layer.get_submodule(family.out_proj).weight), "w13": cat(family.gate_up, layer, "weight"),
+                 "w2": w(layer.get_submodule(family.down_proj).weight),
+                 "rope": cfg.layer_types[i] if family.rope_per_layer_type else ""}
+            if family.qk_norm:
+                p["q_norm"], p["k_norm"] = norm(layer.self_attn.q_norm), norm(layer.self_attn.k_norm)
+            if family.sandwich_norms:
+                p["post_attn_norm"] = norm(layer.post_attention_layernorm)
+                p["post_mlp_norm"] = norm(layer.post_feedforward_layernorm)
+            self.layers.append(p)
+        self.norm = norm(inner.norm)
         self.lm_head = w(model.lm_head.weight)
         positions = torch.arange(max_len, device=device)[None]
-        cos, sin = inner.rotary_emb(torch.zeros(1, device=device, dtype=torch.float32), positions)
-        self.cos, self.sin = cos[0].to(dtype), sin[0].to(dtype)  # (max_len, head_dim)
+        probe = torch.zeros(1, device=device, dtype=torch.float32)
+        self.rope = {kind: (cos[0].to(dtype), sin[0].to(dtype))  # (max_len, rotary dims) per layer type
+                     for kind, (cos, sin) in rotary_tables(model, probe, positions).items()}
+        self.cos, self.sin = next(iter(self.rope.values()))  # the fused kernels' (plain Llama layers: one table)
         # one cache per batch bucket and layer: whole tensors, so the compiled step updates them in
         # place (a write into a view of a bigger cache makes Inductor copy the whole cache back)
         self.caches: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -65,6 +102,17 @@ class StaticLlama(nn.Module):
         self.step_fn = self.decode_step
         self.timings = (0.0, 0.0)  # prefill and decode seconds of the last `generate`
 
+    @property
+    def unfusable(self) -> list[str]:
+        """What the fused Triton kernels (plain Llama layers) do not compute for this model."""
+        reasons = [name for name, present in (
+            ("q/k/v biases", self.layers[0]["bqkv"] is not None), ("q/k norms", self.family.qk_norm),
+            ("sandwich norms", self.family.sandwich_norms), ("scaled embeddings", self.embed_scale is not None),
+            ("sliding windows", any(self.windows)), ("GELU MLP", self.gelu), ("soft-capping", self.final_softcap or self.attn_softcap),
+            ("partial rotary", self.cos.shape[-1] != self.head_dim), ("per-layer rotary", len(self.rope) > 1),
+            ("attention scale", abs(self.scale - self.head_dim ** -0.5) > 1e-9)) if present]
+        return reasons
+
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, weight.shape, weight, self.eps)
 
@@ -75,34 +123,40 @@ class StaticLlama(nn.Module):
                                    torch.zeros(shape, device=self.device, dtype=self.dtype)) for _ in self.layers]
         return self.caches[batch]
 
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
-
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
         """tokens/pos (B, T); col (T,) cache columns shared by the rows -> logits (B, T, vocab)."""
         b, t = tokens.shape
         x = F.embedding(tokens, self.embed)
-        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # (B, 1, T, D)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
+        rope = {kind: (cos[pos][:, None], sin[pos][:, None]) for kind, (cos, sin) in self.rope.items()}  # (B,1,T,R)
         columns = torch.arange(self.max_len, device=self.device)
-        mask = self.valid[:b, None, None, :] & (columns[None, None, None, :] <= col[None, None, :, None])
+        causal = columns[None, None, None, :] <= col[None, None, :, None]
+        masks = {w: self.valid[:b, None, None, :] & causal & (
+            True if w is None else columns[None, None, None, :] > col[None, None, :, None] - w)
+            for w in set(self.windows)}  # columns differ as positions do within a row, padding or not
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        qk_heads = self.heads + self.kv_heads
-        for p, (k_cache, v_cache) in zip(self.layers, self.cache(b), strict=True):
+        for p, window, (k_cache, v_cache) in zip(self.layers, self.windows, self.cache(b), strict=True):
             h = self._rms(x, p["attn_norm"])
-            qkv = h @ p["wqkv"].t()
-            qk = self._rotate(qkv[..., :q_size + kv_size].view(b, t, qk_heads, self.head_dim).transpose(1, 2),
-                              cos, sin)  # q and k heads rotated together
-            q, k = qk[:, :self.heads], qk[:, self.heads:]
-            v = qkv[..., q_size + kv_size:].view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            qkv = h @ p["wqkv"].t() if p["bqkv"] is None else F.linear(h, p["wqkv"], p["bqkv"])
+            q, k, v = (part.view(b, t, -1, self.head_dim).transpose(1, 2)
+                       for part in qkv.split([q_size, kv_size, kv_size], dim=-1))
+            if "q_norm" in p:
+                q, k = self._rms(q, p["q_norm"]), self._rms(k, p["k_norm"])
+            cos, sin = rope[p["rope"]]
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
             k_cache[:, :, col] = k
             v_cache[:, :, col] = v
-            o = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)
-            x = x + o.transpose(1, 2).reshape(b, t, q_size) @ p["wo"].t()
+            o = attend(q, k_cache, v_cache, masks[window], self.scale, self.attn_softcap)
+            o = o.transpose(1, 2).reshape(b, t, q_size) @ p["wo"].t()
+            x = x + (self._rms(o, p["post_attn_norm"]) if "post_attn_norm" in p else o)
             gate, up = (self._rms(x, p["mlp_norm"]) @ p["w13"].t()).chunk(2, dim=-1)
-            x = x + (F.silu(gate) * up) @ p["w2"].t()
-        return self._rms(x, self.norm) @ self.lm_head.t()
+            m = ((F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)) * up) @ p["w2"].t()
+            x = x + (self._rms(m, p["post_mlp_norm"]) if "post_mlp_norm" in p else m)
+        logits = self._rms(x, self.norm) @ self.lm_head.t()
+        if self.final_softcap is not None:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits
 
     def decode_step(self, batch: int, tokens: torch.Tensor | None = None, next_tokens: torch.Tensor | None = None
                     ) -> None:
@@ -171,6 +225,9 @@ class StaticLlama(nn.Module):
         """Decode with `fused_step` (needs Triton; on the CPU only under TRITON_INTERPRET=1)."""
         from runtime.triton_decode import ARGMAX_EMPTY
 
+        if self.unfusable:
+            raise ValueError(f"the fused kernels compute plain Llama layers; this {self.family.name} model has "
+                             f"{', '.join(self.unfusable)}")
         self.best = torch.full((max(self.max_batch, 64),), ARGMAX_EMPTY, dtype=torch.long, device=self.device)
         self.step_fn = self.fused_step
 

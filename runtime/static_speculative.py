@@ -4,7 +4,7 @@ The engine's speculative loop (runtime/engine.py) is the general one (sampling, 
 goes through the host for every draft token; on a GPU, where the target's fused decode step
 takes ~0.5 ms, that overhead would eat the gain. Here a cycle is k + 1 draft decode steps (the
 last one only writes the k-th proposal's k/v), one target pass over the last accepted token and
-the k proposals (`StaticLlama.verify_step`: k + 1 positions for about the price of one step, the
+the k proposals (`StaticDecoder.verify_step`: k + 1 positions for about the price of one step, the
 weights are read once), and the acceptance: the longest prefix of proposals equal to the target's
 argmax, plus the target's next token after it. All of it stays on the device; cycles are replayed
 in chunks that cannot overshoot the token budget, so the host synchronises a few times per
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.static_decode import StaticLlama, capture_graph
+from runtime.static_decode import StaticDecoder, capture_graph
 
 
 @dataclass
@@ -43,7 +43,7 @@ class SpeculativeStats:
 
 
 class StaticSpeculator:
-    def __init__(self, target: StaticLlama, draft: StaticLlama, k: int = 4):
+    def __init__(self, target: StaticDecoder, draft: StaticDecoder, k: int = 4):
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         if target.embed.shape[0] != draft.embed.shape[0] or target.device != draft.device:

@@ -1,4 +1,4 @@
-"""Fused Triton kernels for one decode step of `StaticLlama`: five kernels per layer instead of ~12.
+"""Fused Triton kernels for one decode step of `StaticDecoder`: five kernels per layer instead of ~12.
 
 At batch 1 a 135M model's decode step is launch-bound, not bandwidth-bound (the weights stream in
 ~63 us on an H200; the Inductor-compiled step took ~1,000 us for ~350 kernels). So the work of a

@@ -1,13 +1,13 @@
 import pytest
 import torch
 
-from runtime.static_decode import StaticLlama
+from runtime.static_decode import StaticDecoder
 from tests.conftest import greedy_reference, make_tiny_llama
 
 
 def test_static_batch_greedy_equals_hf_for_mixed_lengths():
     model = make_tiny_llama(vocab_size=300, hidden=64, layers=2, heads=4, kv_heads=2)
-    static = StaticLlama(model, max_batch=8, max_len=64)
+    static = StaticDecoder(model, max_batch=8, max_len=64)
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 300, (n,), generator=gen).tolist() for n in (5, 17, 1, 11, 9)]
     got = static.generate(prompts, 12)  # 5 prompts run in the bucket of 8 (left-padded, filler rows)
@@ -17,7 +17,7 @@ def test_static_batch_greedy_equals_hf_for_mixed_lengths():
 
 def test_logits_match_hf_at_every_prompt_position():
     model = make_tiny_llama(vocab_size=300, hidden=64, layers=2, heads=4, kv_heads=2, seed=1)
-    static = StaticLlama(model, max_batch=1, max_len=32)
+    static = StaticDecoder(model, max_batch=1, max_len=32)
     ids = torch.randint(3, 300, (1, 20))
     static.valid[0, :20] = True
     with torch.no_grad():
@@ -27,7 +27,7 @@ def test_logits_match_hf_at_every_prompt_position():
 
 
 def test_limits_are_checked():
-    static = StaticLlama(make_tiny_llama(vocab_size=300), max_batch=2, max_len=16)
+    static = StaticDecoder(make_tiny_llama(vocab_size=300), max_batch=2, max_len=16)
     with pytest.raises(ValueError, match="static cache"):
         static.generate([[5] * 10], 10)
     with pytest.raises(ValueError, match="static cache"):
@@ -37,7 +37,7 @@ def test_limits_are_checked():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_replay_equals_eager():
     model = make_tiny_llama(vocab_size=300).cuda()
-    static = StaticLlama(model, max_batch=4, max_len=64)
+    static = StaticDecoder(model, max_batch=4, max_len=64)
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
     assert static.generate(prompts, 10, use_graph=True) == static.generate(prompts, 10, use_graph=False)
 
@@ -45,8 +45,8 @@ def test_cuda_graph_replay_equals_eager():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_compiled_graph_equals_eager_and_hf():
     model = make_tiny_llama(vocab_size=300, layers=3).cuda()
-    static = StaticLlama(model, max_batch=4, max_len=64)
-    compiled = StaticLlama(model, max_batch=4, max_len=64)
+    static = StaticDecoder(model, max_batch=4, max_len=64)
+    compiled = StaticDecoder(model, max_batch=4, max_len=64)
     compiled.compile()
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13]]
     expected = [greedy_reference(model.cpu(), p, 10) for p in prompts]
@@ -68,7 +68,7 @@ def test_real_model_greedy_equals_hf(reference_artifact, dtype):
     ids = torch.tensor([prompt])
     expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
                               pad_token_id=0)[0, len(prompt):].tolist()
-    static = StaticLlama(model, max_batch=1, max_len=len(prompt) + 24, dtype=dtype)
+    static = StaticDecoder(model, max_batch=1, max_len=len(prompt) + 24, dtype=dtype)
     got = static.generate([prompt], len(expected), use_graph=False)[0]
     if dtype == torch.float32:
         assert got == expected

@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from runtime.static_decode import StaticLlama
+from runtime.static_decode import StaticDecoder
 from runtime.static_speculative import StaticSpeculator
 from tests.conftest import greedy_reference, make_tiny_llama
 
@@ -27,7 +27,7 @@ PROMPT = [5, 17, 123, 9, 250, 31, 77]
 def test_speculative_greedy_equals_target_greedy(k):
     target, draft = tiny_pair()
     expected = greedy_reference(target, PROMPT, 24)
-    spec = StaticSpeculator(StaticLlama(target, 1, 64), StaticLlama(draft, 1, 64), k)
+    spec = StaticSpeculator(StaticDecoder(target, 1, 64), StaticDecoder(draft, 1, 64), k)
     assert spec.generate(PROMPT, 24) == expected
     assert 0 < spec.stats.acceptance_rate < 1  # both branches of the acceptance ran
     assert spec.stats.new_tokens == 24
@@ -38,7 +38,7 @@ def test_smaller_draft_and_stop_token():
     target, _ = tiny_pair()
     draft = make_tiny_llama(vocab_size=300, hidden=64, layers=1, heads=4, kv_heads=2, seed=3, tie=False)
     expected = greedy_reference(target, PROMPT, 16)
-    spec = StaticSpeculator(StaticLlama(target, 1, 64), StaticLlama(draft, 1, 64), 3)
+    spec = StaticSpeculator(StaticDecoder(target, 1, 64), StaticDecoder(draft, 1, 64), 3)
     assert spec.generate(PROMPT, 16) == expected
     stop = expected[9]
     assert spec.generate(PROMPT, 16, stop_ids=(stop,)) == expected[:expected.index(stop) + 1]
@@ -46,7 +46,7 @@ def test_smaller_draft_and_stop_token():
 
 def test_target_as_its_own_draft_accepts_every_token():
     target, _ = tiny_pair()
-    spec = StaticSpeculator(StaticLlama(target, 1, 64), StaticLlama(target, 1, 64), 4)
+    spec = StaticSpeculator(StaticDecoder(target, 1, 64), StaticDecoder(target, 1, 64), 4)
     assert spec.generate(PROMPT, 21) == greedy_reference(target, PROMPT, 21)
     assert spec.stats.acceptance_rate == 1.0 and spec.stats.tokens_per_target_step == 5.0
     assert spec.stats.cycles == 4  # 1 token from the prefill, then 4 cycles of 5
@@ -54,11 +54,11 @@ def test_target_as_its_own_draft_accepts_every_token():
 
 def test_limits_are_checked():
     target, draft = tiny_pair()
-    spec = StaticSpeculator(StaticLlama(target, 1, 32), StaticLlama(draft, 1, 32), 4)
+    spec = StaticSpeculator(StaticDecoder(target, 1, 32), StaticDecoder(draft, 1, 32), 4)
     with pytest.raises(ValueError, match="static cache"):
         spec.generate(PROMPT, 22)  # 7 + 22 + 4 > 32
     with pytest.raises(ValueError, match="vocabulary"):
-        StaticSpeculator(StaticLlama(target, 1, 32), StaticLlama(make_tiny_llama(vocab_size=200), 1, 32))
+        StaticSpeculator(StaticDecoder(target, 1, 32), StaticDecoder(make_tiny_llama(vocab_size=200), 1, 32))
 
 
 @pytest.mark.parametrize("small", ["gemv", "gemm"])
@@ -70,7 +70,7 @@ def test_fused_speculative_equals_target_greedy(small, monkeypatch):
     monkeypatch.setitem(triton_decode.TILES, "small", (small,))
     target, draft = tiny_pair()
     expected = greedy_reference(target, PROMPT, 12)
-    fused_target, fused_draft = StaticLlama(target.to(DEVICE), 1, 48), StaticLlama(draft.to(DEVICE), 1, 48)
+    fused_target, fused_draft = StaticDecoder(target.to(DEVICE), 1, 48), StaticDecoder(draft.to(DEVICE), 1, 48)
     fused_target.use_fused_kernels()
     fused_draft.use_fused_kernels()
     spec = StaticSpeculator(fused_target, fused_draft, 3)

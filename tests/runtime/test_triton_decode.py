@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")  # without CUDA, tests/conftest.py has set TRITON_INTERPRET=1
 
-from runtime.static_decode import StaticLlama  # noqa: E402
+from runtime.static_decode import StaticDecoder  # noqa: E402
 from runtime.triton_decode import decode_attention, fused_linear, verify_attention  # noqa: E402
 from tests.conftest import greedy_reference, make_tiny_llama  # noqa: E402
 
@@ -123,7 +123,7 @@ def test_fused_greedy_equals_hf_for_mixed_lengths():
     prompts = [torch.randint(3, 300, (n,), generator=torch.Generator().manual_seed(n)).tolist()
                for n in (5, 17, 1, 11, 9)]
     expected = [greedy_reference(model, p, 10) for p in prompts]
-    static = StaticLlama(model.to(DEVICE), max_batch=8, max_len=48)
+    static = StaticDecoder(model.to(DEVICE), max_batch=8, max_len=48)
     static.use_fused_kernels()
     assert static.generate(prompts, 10, use_graph=False) == expected
     if DEVICE == "cuda":
@@ -171,6 +171,6 @@ def test_fused_step_on_the_real_model_equals_hf_greedy(reference_artifact, monke
     ids = torch.tensor([prompt])
     expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
                               pad_token_id=0)[0, len(prompt):].tolist()
-    static = StaticLlama(model.to(DEVICE), max_batch=1, max_len=len(prompt) + 16, dtype=torch.float32)
+    static = StaticDecoder(model.to(DEVICE), max_batch=1, max_len=len(prompt) + 16, dtype=torch.float32)
     static.use_fused_kernels()
     assert static.generate([prompt], len(expected), use_graph=False)[0] == expected
