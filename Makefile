@@ -6,7 +6,7 @@ STAMP := $(VENV)/.setup-stamp
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast lint bench-deps clean
+.PHONY: setup demo test test-fast matrix lint bench-deps clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,12 @@ test-fast: setup
 # llama-cpp-python (baseline of bench/onnx.py) compiles llama.cpp: only for the benchmark.
 bench-deps: setup
 	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PY) -m pip install -q -c requirements/constraints.txt -e '.[bench]'
+
+# the family x step table in README.md, from the tests that check each cell
+# (the last test writes artifacts/family_matrix.json, then fails while README.md is stale: hence the "-")
+matrix: setup
+	-$(PY) -m pytest -q tests/core/test_family_matrix.py
+	$(PY) bench/family_matrix.py
 
 lint: setup
 	$(PY) -m ruff check .

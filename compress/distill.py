@@ -24,6 +24,7 @@ from compress.surgery import keep_layers
 from core.config import field, parse_config
 from core.data import heldout_windows
 from core.errors import UserError, run_main
+from core.family import require
 
 INITS = ("layer-drop", "config", "artifact")
 
@@ -175,6 +176,8 @@ def distill(cfg: DistillConfig, kind: str = "distilled", param_masks: dict[str, 
     teacher_artifact = open_artifact(cfg.teacher)
     if problems := verify(teacher_artifact):
         raise UserError(f"refusing to use a damaged teacher: {problems[0]}")
+    if cfg.init == "layer-drop":  # a config-initialised student is any architecture transformers builds
+        require(teacher_artifact.hf_config, "distill")
     if Path(cfg.out).exists() and not cfg.overwrite:
         raise UserError(f"output already exists: {cfg.out} (pass --overwrite to replace it)")
     last = cfg.work_path / "checkpoints" / "last.ckpt"

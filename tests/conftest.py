@@ -59,6 +59,7 @@ FAMILY_EXTRAS = {  # what each family's tiny test model sets beyond the shared s
     "gemma3_text": {"head_dim": 16, "sliding_window": 6, "query_pre_attn_scalar": 16,
                     "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]},
     "phi3": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
+    "gpt2": {},  # no adapter: the fallback, which must refuse what needs one
 }
 
 
