@@ -96,9 +96,14 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(ref_artifact.path)
     windows = heldout_windows(tokenizer, cfg.seq_len, cfg.max_eval_tokens)
     reference = load_artifact_model(ref_artifact.path, device=cfg.device)
-    same = {p: Path(p).resolve() == ref_artifact.path.resolve() for p in artifacts}
-    models = {p: reference if same[p] else load_artifact_model(p, device=cfg.device) for p in artifacts}
-    acc = accuracy_metrics(reference, models, windows.to(cfg.device))
+    acc: dict[str, dict[str, float]] = {}
+    parameters: dict[str, int] = {}
+    for p in artifacts:  # one model beside the reference at a time (the reference runs again per model)
+        model = reference if Path(p).resolve() == ref_artifact.path.resolve() else load_artifact_model(
+            p, device=cfg.device)
+        acc.update(accuracy_metrics(reference, {p: model}, windows.to(cfg.device)))
+        parameters[p] = count_parameters(model)
+        del model
 
     rows = []
     command = command_line("compress.evaluate")
@@ -111,7 +116,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
                   "cores) ...", file=sys.stderr, flush=True)
         row = {"name": artifact.path.name, "path": str(artifact.path), "kind": artifact.kind,
                "content_hash": artifact.content_hash,
-               "parameters": count_parameters(models[path]),
+               "parameters": parameters[path],
                "size_mb": artifact.model_size_bytes() / 1e6,
                "backend": "onnxruntime-cpu" if artifact.kind == "onnx" else f"pytorch-{cfg.device}", **acc[path]}
         if cfg.speed:

@@ -81,10 +81,13 @@ def _check_shapes(model: torch.nn.Module, names: list[str], bits: int) -> None:
 
 @torch.no_grad()
 def quantize_weights(model: torch.nn.Module, cfg: QuantizeConfig, windows: torch.Tensor | None, family: Family
-                     ) -> tuple[dict[str, QuantResult], dict[str, dict[str, float]]]:
-    """GPTQ (true-sequential over layers) or RTN; the model's weights become their dequantized values."""
+                     ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict[str, float]]]:
+    """GPTQ (true-sequential over layers) or RTN; the model's weights become their dequantized values.
+
+    Returns each Linear's checkpoint tensors, packed as soon as the Linear is done (half a byte per
+    4-bit weight), so what is kept grows with the output, not with int32 codes of the whole model."""
     spec = cfg.spec
-    results: dict[str, QuantResult] = {}
+    results: dict[str, dict[str, torch.Tensor]] = {}
     errors: dict[str, dict[str, float]] = {}
 
     def on_group(index: int, layer: torch.nn.Module, names: tuple[str, ...], stats: dict) -> None:
@@ -100,7 +103,7 @@ def quantize_weights(model: torch.nn.Module, cfg: QuantizeConfig, windows: torch
             errors[full_name] = {"weight_rel_err": float((dq - original).norm() / original.norm()),
                                  "gptq_loss": result.loss}
             module.weight.copy_(dq.to(module.weight.dtype))
-            results[full_name] = result
+            results[full_name] = pack_gptq(result.q, result.scales, result.zeros, result.g_idx, cfg.bits)
 
     calibrate(model, windows if cfg.method == "gptq" else None, family, on_group, batch_size=cfg.batch_size,
               device=cfg.device, true_sequential=cfg.true_sequential, desc=f"{cfg.method} (layers)")
@@ -117,16 +120,16 @@ def smooth(model: torch.nn.Module, windows: torch.Tensor, cfg: QuantizeConfig, f
               groups=[(name,) for name in smoothed_inputs(family)], desc="smoothing (layers)")
 
 
-def _gptq_state_dict(model: torch.nn.Module, results: dict[str, QuantResult], bits: int,
+def _gptq_state_dict(model: torch.nn.Module, packed: dict[str, dict[str, torch.Tensor]],
                      dtype: torch.dtype) -> dict[str, torch.Tensor]:
     state = {}
     for key, tensor in model.state_dict().items():
-        if key.endswith(".weight") and key[:-len(".weight")] in results or (
+        if key.endswith(".weight") and key[:-len(".weight")] in packed or (
                 key == "lm_head.weight" and model.config.tie_word_embeddings):  # biases stay, as GPTQ has them
             continue
         state[key] = tensor.detach().to(dtype).contiguous()
-    for name, r in results.items():
-        for suffix, tensor in pack_gptq(r.q, r.scales, r.zeros, r.g_idx, bits).items():
+    for name, tensors in packed.items():
+        for suffix, tensor in tensors.items():
             state[f"{name}.{suffix}"] = tensor
     return state
 
@@ -171,7 +174,7 @@ def quantize(parent: Artifact, cfg: QuantizeConfig) -> Artifact:
             info["calibration"] = calibration
         results, errors = quantize_weights(model, cfg, windows, family)
         dtype = getattr(torch, cfg.save_dtype)
-        state = _gptq_state_dict(model, results, cfg.bits, dtype)
+        state = _gptq_state_dict(model, results, dtype)
         config_dict["dtype"] = cfg.save_dtype
         config_dict["quantization_config"] = {
             "quant_method": "gptq", "bits": cfg.bits, "group_size": cfg.group_size, "desc_act": cfg.desc_act,
