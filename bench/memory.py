@@ -30,9 +30,10 @@ def per_layer_bound(hidden: int, inter: int, heads: int, kv: int, head: int, tok
     q, kvd = heads * head, kv * head
     layer_params = hidden * (q + 2 * kvd) + q * hidden + 3 * hidden * inter
     return {"layer_fp32": 4 * layer_params,
-            "hessians": 4 * max(3 * hidden * hidden, 2 * hidden * hidden, inter * inter),  # largest group
-            "activations": 2 * 4 * tokens * hidden,  # current layer's inputs and outputs, fp32
-            "gptq_work": 4 * 2 * inter * inter}  # Cholesky inverse and damped copy of the widest Hessian
+            "hessian": 4 * max(3 * hidden * hidden, inter * inter),  # the widest group's (down_proj: inter^2)
+            "gptq_work": 4 * 2 * inter * inter,  # two K x K matrices beside it (damped/factor/inverse)
+            "activations": 2 * 4 * tokens * hidden,  # the current layer's inputs and outputs, fp32
+            "linear_inputs": 4 * tokens * inter}  # one Linear's input in fp32 while its statistics are taken
 
 
 def build(path: Path, layers: int) -> None:

@@ -84,11 +84,14 @@ def quantize_rtn(weight: torch.Tensor, spec: QuantSpec) -> QuantResult:
 def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of H^-1 after damping; more damping if H is numerically singular."""
     diag_mean = torch.mean(torch.diag(h))
-    for attempt in range(6):
+    for attempt in range(6):  # at most two K x K matrices beside h at any time (memory: K is up to ~30k)
         damped = h.clone()
         damped.diagonal().add_(damp * (10**attempt) * diag_mean)
         try:
-            inverse = torch.cholesky_inverse(torch.linalg.cholesky(damped))
+            factor = torch.linalg.cholesky(damped)
+            del damped
+            inverse = torch.cholesky_inverse(factor)
+            del factor
             return torch.linalg.cholesky(inverse, upper=True)
         except torch.linalg.LinAlgError:
             continue
@@ -106,12 +109,20 @@ def prepare_weight_and_hessian(weight: torch.Tensor, hessian: torch.Tensor) -> t
 
 
 def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, block_size: int = 128) -> QuantResult:
-    """GPTQ with lazy block updates; act-order (desc_act) permutes columns by decreasing H diagonal."""
+    """GPTQ with lazy block updates; act-order (desc_act) permutes columns by decreasing H diagonal.
+
+    Pass a Hessian nobody else holds (e.g. popped from the stats) and the caller's copy is freed early.
+    """
     w, h = prepare_weight_and_hessian(weight, hessian)
+    del hessian
     rows, cols = w.shape
     perm = torch.argsort(torch.diag(h), descending=True) if spec.desc_act else torch.arange(cols, device=w.device)
-    w, h = w[:, perm], h[perm][:, perm]
+    w = w[:, perm]
+    if spec.desc_act:
+        h = h[perm]
+        h = h[:, perm]
     hinv = inverse_hessian_factor(h, spec.damp)
+    del h
 
     gs = _group_size(spec, cols)
     groups = math.ceil(cols / gs)

@@ -94,7 +94,7 @@ def quantize_weights(model: torch.nn.Module, cfg: QuantizeConfig, windows: torch
         for name in names:
             module = layer.get_submodule(name)
             result = (quantize_rtn(module.weight, spec) if cfg.method == "rtn"
-                      else quantize_gptq(module.weight, stats[name]["hessian"], spec))
+                      else quantize_gptq(module.weight, stats[name].pop("hessian"), spec))  # freed inside
             original = module.weight.detach().float()
             result = QuantResult(result.q.cpu(), result.scales.cpu(), result.zeros.cpu(), result.g_idx.cpu(),
                                  result.loss)

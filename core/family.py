@@ -86,7 +86,7 @@ STEPS = ("reference", "quantize.gptq", "quantize.rtn", "quantize.dynamic-int8", 
          "prune.heads", "prune.wanda", "prune.sparsegpt", "distill", "export.onnx", "export.tensorrt_llm",
          "generate.paged", "generate.static", "serve")
 _TRT = "the TensorRT-LLM exporter writes the Llama layout only (TensorRT-LLM's other converters are not mirrored)"
-_GENERIC_OK = ("reference", "quantize.fp16", "quantize.bf16")  # and distill with init: config
+_GENERIC_OK = ("reference", "quantize.fp16", "quantize.bf16", "export.onnx")  # and distill with init: config
 STEP_SUPPORT: dict[str, dict[str, str]] = {  # family -> step -> reason it is refused
     "llama": {},
     "mistral": {"export.tensorrt_llm": _TRT},

@@ -69,10 +69,10 @@ def make_tiny_family(model_type: str, vocab_size: int = 512, layers: int = 3, se
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(model_type, vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                  max_position_embeddings=1024, tie_word_embeddings=tie, bos_token_id=1,
-                                  eos_token_id=2, pad_token_id=2, **FAMILY_EXTRAS[model_type])
+    shape = {"intermediate_size": 128, "num_key_value_heads": 2} if model_type != "gpt2" else {}  # GPT-2: MHA
+    config = AutoConfig.for_model(model_type, vocab_size=vocab_size, hidden_size=64, num_hidden_layers=layers,
+                                  num_attention_heads=4, max_position_embeddings=1024, tie_word_embeddings=tie,
+                                  bos_token_id=1, eos_token_id=2, pad_token_id=2, **shape, **FAMILY_EXTRAS[model_type])
     if model_type == "qwen2":
         config.attention_bias = True
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
