@@ -4,6 +4,7 @@
 #   1: keep the first half, install the gguf wheel, 2:4 sparse kernel benchmark
 #   2: join the model, build the reference, gradient-checkpointing memory, GPTQ wall time on CUDA
 #   3: distillation of the 15-layer student on the H200 (bf16-mixed), held-out metrics
+#   paged: CUDA tests of the batched paged decode attention; engine decode steps, batched vs per sequence
 #   decode: CUDA tests of the static decoder and the decode benchmark (no model file needed)
 #   fused: CUDA tests and the tile sweep + benchmark of the fused Triton step (no model file needed)
 #   fused2: the same benchmark with the chosen tiles, no sweep
@@ -54,6 +55,13 @@ case "$1" in
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -m pytest -q -p no:cacheprovider tests/runtime/test_static_decode.py 2>&1 | tail -3
     python3 bench/gpu_decode.py --repeats 3 2>&1 | grep -v Warning
+    ;;
+  paged)
+    # batched paged decode attention: CUDA tests, then the engine's decode steps, batched kernel vs per sequence
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    python3 -m pytest -q -p no:cacheprovider tests/runtime/test_paged_attention.py 2>&1 | tail -3
+    python3 bench/paged_decode.py --device cuda --batches 1 8 64 128 --steps 32 2>&1 | grep -v Warning
+    cp artifacts/bench/paged_decode.json "$OUT"/
     ;;
   decode)
     # the decode benchmark alone (SmolLM2-shaped random weights: speed does not depend on their values)

@@ -1,14 +1,19 @@
 """Our forward for decoder-only models over the paged KV cache, for every family `core.family` describes.
 
 The weights stay in the Hugging Face modules (so fp32/bf16/GPTQ/INT8 layers all work); only the
-attention bookkeeping is ours: new tokens of many sequences run as one flat batch through the
-projections and MLPs, and attend per sequence to their own blocks. The family adapter supplies
-what differs between architectures (fused or biased projections, q/k norms, sandwich norms,
-sliding windows, soft-capping).
+attention bookkeeping is ours. A decode-only step (one new token per sequence, the common case
+under load) runs as one batch: one KV write and one paged-attention call per layer
+(`runtime.paged_attention`: a Triton kernel on CUDA), and on CUDA the whole step is replayed from a
+CUDA graph captured per batch-size bucket, its metadata (tokens, positions, slots, block tables,
+lengths) in static buffers. Prefill and mixed steps run the new tokens of many sequences as one
+flat batch through the projections and MLPs and attend per sequence to their own blocks. The
+family adapter supplies what differs between architectures (fused or biased projections, q/k
+norms, sandwich norms, sliding windows, soft-capping).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from core.family import (
@@ -27,6 +32,9 @@ from core.family import (
     sliding_window,
 )
 from runtime.kv_cache import BlockPool, Sequence
+from runtime.paged_attention import kernel_applies, paged_decode_attention
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class PagedDecoder:
@@ -38,21 +46,106 @@ class PagedDecoder:
         self.head_dim, self.heads, self.kv_heads = head_dim(cfg), cfg.num_attention_heads, kv_heads(cfg)
         self.windows = [sliding_window(cfg, i) for i in range(cfg.num_hidden_layers)]
         self.softcap = attn_softcap(cfg)
+        self.batched_decode = True  # decode-only steps in one attention call (False: per sequence, for benchmarks)
         param = next(model.parameters())
         dtype = param.dtype if param.dtype.is_floating_point else torch.float32
         self.device = param.device
-        self.pool = BlockPool(num_blocks, block_size, cfg.num_hidden_layers, self.kv_heads, self.head_dim,
+        # one block more than the pool hands out: the padding rows of a graph bucket write there
+        self.pool = BlockPool(num_blocks + 1, block_size, cfg.num_hidden_layers, self.kv_heads, self.head_dim,
                               dtype=dtype, device=self.device)
+        self.scratch = self.pool.free.pop()  # the last block, never allocated
+        self.pool.num_blocks = num_blocks
+        probe = torch.zeros(1, self.heads, self.head_dim, device=self.device, dtype=dtype)
+        self.use_graphs = self.device.type == "cuda" and kernel_applies(probe, self.pool.k[0], self.softcap)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor]] = {}
+        context = getattr(cfg, "max_position_embeddings", None) or num_blocks * block_size
+        self.max_table = min(num_blocks, -(-context // block_size))  # block-table width of the graphs' buffers
 
     @torch.inference_mode()
     def forward(self, seqs: list[Sequence], last_only: bool | list[bool] = True, ends: list[int] | None = None
                 ) -> list[torch.Tensor]:
         """Run each sequence's not-yet-cached tokens (up to `ends`, for chunked prefill); logits per sequence
         (of its last new token, or of all of them; `last_only` may differ per sequence)."""
-        inner = self.model.model
         spans = [(s, s.cached, len(s.tokens) if ends is None else ends[i]) for i, s in enumerate(seqs)]
         for s, _, end in spans:
             self.pool.reserve(s, end)
+        if self.batched_decode and all(b - a == 1 for _, a, b in spans):
+            logits = self._decode(spans)
+            for s, _, b in spans:
+                s.cached = b
+            return [logits[i:i + 1] for i in range(len(spans))]
+        return self._general(spans, last_only)
+
+    # --- decode-only steps: one batch, eager or replayed from a CUDA graph --------------------------------
+
+    def _decode_inputs(self, spans: list, rows: int, width: int) -> dict[str, torch.Tensor]:
+        """Host-built metadata of a decode step, padded to `rows` rows (padding writes to the scratch block)."""
+        pad = rows - len(spans)
+        bs = self.pool.block_size
+        tables = np.zeros((rows, width), dtype=np.int32)
+        for i, (s, _, _) in enumerate(spans):
+            tables[i, :len(s.block_table)] = s.block_table
+        tables[len(spans):, 0] = self.scratch
+        return {"ids": torch.tensor([s.tokens[a] for s, a, _ in spans] + [0] * pad),
+                "positions": torch.tensor([a for _, a, _ in spans] + [0] * pad),
+                "blocks": torch.tensor([s.block_table[a // bs] for s, a, _ in spans] + [self.scratch] * pad),
+                "offsets": torch.tensor([a % bs for _, a, _ in spans] + [0] * pad),
+                "block_tables": torch.from_numpy(tables),
+                "lengths": torch.tensor([b for _, _, b in spans] + [1] * pad)}
+
+    def _decode(self, spans: list) -> torch.Tensor:
+        n = len(spans)
+        rows = next((b for b in BUCKETS if b >= n), None)
+        if not self.use_graphs or rows is None or max(len(s.block_table) for s, _, _ in spans) > self.max_table:
+            width = max(len(s.block_table) for s, _, _ in spans)
+            inputs = {k: v.to(self.device) for k, v in self._decode_inputs(spans, n, width).items()}
+            return self._decode_step(**inputs)
+        if rows not in self.graphs:
+            self.graphs[rows] = self._capture(rows)
+        graph, static, logits = self.graphs[rows]
+        for name, value in self._decode_inputs(spans, rows, static["block_tables"].shape[1]).items():
+            static[name].copy_(value, non_blocking=True)
+        graph.replay()
+        return logits[:n].clone()  # the graph's output buffer is overwritten by the next replay
+
+    def _capture(self, rows: int) -> tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor]:
+        """A CUDA graph of one decode step of `rows` rows over static metadata buffers (tables as wide as the pool)."""
+        static = {k: v.to(self.device) for k, v in self._decode_inputs([], rows, self.max_table).items()}
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up: Triton compilation, allocator
+                self._decode_step(**static)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self._decode_step(**static)
+        return graph, static, logits
+
+    def _decode_step(self, ids: torch.Tensor, positions: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor,
+                     block_tables: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Logits (rows, vocab) of one new token per row; writes its K/V at (blocks, offsets)."""
+        inner = self.model.model
+        rows = ids.shape[0]
+        x = inner.embed_tokens(ids)[None]
+        tables = rotary_tables(self.model, x, positions[None])
+        for li, layer in enumerate(inner.layers):
+            attn = layer.self_attn
+            cos, sin = (t[:, None] for t in layer_rotary(self.model, tables, li))
+            q, k, v = (t.transpose(1, 2) for t in project_qkv(self.family, attn, layer.input_layernorm(x),
+                                                             self.heads, self.kv_heads, self.head_dim))
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            self.pool.k[li, blocks, offsets] = k[0].transpose(0, 1).to(self.pool.k.dtype)
+            self.pool.v[li, blocks, offsets] = v[0].transpose(0, 1).to(self.pool.v.dtype)
+            o = paged_decode_attention(q[0].transpose(0, 1), self.pool.k[li], self.pool.v[li], block_tables,
+                                       lengths, attn.scaling, self.windows[li], self.softcap)
+            x = layer_tail(self.family, layer, x, o.reshape(1, rows, self.heads * self.head_dim).to(x.dtype))
+        return final_logits(self.model, inner.norm(x)[0])
+
+    # --- prefill and mixed steps ----------------------------------------------------------------------
+
+    def _general(self, spans: list, last_only: bool | list[bool]) -> list[torch.Tensor]:
+        inner = self.model.model
         ids = torch.tensor([t for s, a, b in spans for t in s.tokens[a:b]], device=self.device)
         positions = torch.cat([torch.arange(a, b) for _, a, b in spans]).to(self.device)
         n = ids.numel()

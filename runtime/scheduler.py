@@ -320,6 +320,7 @@ class Scheduler:
         logits = self.runner.forward([s.seq for s in batch], last_only=last_only, ends=ends)
         if chunks:  # the draft reads the same prompt chunks
             self.draft.runner.forward([s.draft_seq for s, _ in chunks], ends=[e for _, e in chunks])
+        greedy = self._batch_greedy(batch, ends, logits, proposals)
         decoded = 0
         for sample, start, end, rows, full in zip(batch, starts, ends, logits, scored, strict=True):
             request = sample.request
@@ -340,8 +341,8 @@ class Scheduler:
             else:
                 rows = rows[-1:]
                 generated = request.outputs[sample.index]
-                new = [next_token(adjust_logits(rows[0], request.params, generated), request.params,
-                                  sample.generator)]
+                new = [greedy[id(sample)] if id(sample) in greedy else
+                       next_token(adjust_logits(rows[0], request.params, generated), request.params, sample.generator)]
                 for seq in (sample.seq, sample.draft_seq):
                     if seq is not None:
                         seq.tokens.append(new[0])
@@ -357,6 +358,20 @@ class Scheduler:
         rate = decoded / elapsed if elapsed > 0 else 0.0
         self.stats.decode_tokens_per_s = 0.9 * self.stats.decode_tokens_per_s + 0.1 * rate
         return self.max_batch_tokens - budget
+
+    @staticmethod
+    def _batch_greedy(batch: list[_Sample], ends: list[int], logits: list[torch.Tensor],
+                      proposals: dict) -> dict[int, int]:
+        """The next token of every plainly greedy row, from one argmax over the batch (one device sync, not one
+        per row): greedy, no penalties or bias, no logprobs, no draft, past its prompt."""
+        picked = [(sample, rows) for sample, end, rows in zip(batch, ends, logits, strict=True)
+                  if end >= sample.prompt_len and sample.request.params.temperature <= 0
+                  and not sample.request.params.adjusts_logits and sample.request.logprobs is None
+                  and id(sample) not in proposals]
+        if not picked:
+            return {}
+        tokens = torch.stack([rows[-1] for _, rows in picked]).argmax(-1).tolist()
+        return {id(sample): token for (sample, _), token in zip(picked, tokens, strict=True)}
 
     def _score_prompt(self, request: Request, start: int, end: int, rows: torch.Tensor) -> None:
         """Logprobs of prompt tokens start+1 .. end-1 (and end, when inside the prompt) from this chunk's rows."""

@@ -1,0 +1,103 @@
+"""Decode steps of the paged engine: one batched attention call (Triton kernel on CUDA) vs the per-sequence loop.
+
+Usage: python bench/paged_decode.py [--device cuda] [--batches 1 8 64] [--steps 32] [--dtype bfloat16]
+Random weights of SmolLM2-135M's shape (speed does not depend on the values). For each batch size:
+prompts of 64-192 tokens are prefilled, then `steps` greedy decode steps are timed, the two paths
+interleaved three times (median reported), and their logits compared. Writes artifacts/bench/paged_decode.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from runtime.kv_cache import Sequence  # noqa: E402
+from runtime.paged_decoder import PagedDecoder  # noqa: E402
+
+SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+               num_key_value_heads=3, max_position_embeddings=8192, tie_word_embeddings=True, rms_norm_eps=1e-5,
+               rope_theta=100000.0)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run(runner: PagedDecoder, prompts: list[list[int]], steps: int, batched: bool, device: str
+        ) -> tuple[float, torch.Tensor]:
+    """Seconds for `steps` decode steps of all prompts, and the last step's logits."""
+    seqs = [Sequence(list(p)) for p in prompts]
+    runner.batched_decode = True
+    logits = runner.forward(seqs)
+    for s, row in zip(seqs, logits, strict=True):
+        s.tokens.append(int(row[-1].argmax()))
+    runner.batched_decode = batched
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        logits = runner.forward(seqs)
+        nxt = torch.stack([row[-1].argmax() for row in logits]).tolist()  # one host sync per step
+        for s, t in zip(seqs, nxt, strict=True):
+            s.tokens.append(t)
+    sync(device)
+    seconds = time.perf_counter() - start
+    last = torch.stack([row[-1] for row in logits]).float().cpu()
+    for s in seqs:
+        runner.pool.free_sequence(s)
+    return seconds, last
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--layers", type=int, default=30)
+    args = parser.parse_args()
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    dtype = getattr(torch, args.dtype)
+    model = LlamaForCausalLM(LlamaConfig(**{**SMOLLM2, "num_hidden_layers": args.layers})).to(args.device, dtype)
+    runner = PagedDecoder(model.eval(), block_size=16, num_blocks=64 * (192 + args.steps + 32) // 16 + 64)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for batch in args.batches:
+        lengths = torch.randint(64, 193, (batch,), generator=gen).tolist()
+        prompts = [torch.randint(0, SMOLLM2["vocab_size"], (n,), generator=gen).tolist() for n in lengths]
+        run(runner, prompts, 2, True, args.device)  # warm-up: Triton compilation, allocator
+        run(runner, prompts, 2, False, args.device)
+        times: dict[bool, list[float]] = {True: [], False: []}
+        last: dict[bool, torch.Tensor] = {}
+        for _ in range(3):
+            for batched in (False, True):
+                seconds, last[batched] = run(runner, prompts, args.steps, batched, args.device)
+                times[batched].append(seconds)
+        ref = last[False]
+        rel = float((last[True] - ref).norm() / ref.norm())
+        per_seq, ours = (batch * args.steps / statistics.median(times[b]) for b in (False, True))
+        rows.append({"batch": batch, "per_sequence_tok_s": round(per_seq, 1), "batched_tok_s": round(ours, 1),
+                     "ratio": round(ours / per_seq, 2), "logits_rel_diff": rel})
+        print(f"batch {batch:3d}: per-sequence {per_seq:9.1f} tok/s, batched {ours:9.1f} tok/s, "
+              f"x{ours / per_seq:5.2f}, last-step logits rel. diff {rel:.2e}", flush=True)
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    out = {"device": device_name, "dtype": args.dtype, "layers": args.layers, "steps": args.steps, "rows": rows,
+           "command": "python bench/paged_decode.py " + " ".join(sys.argv[1:])}
+    path = ROOT / "artifacts" / "bench" / "paged_decode.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

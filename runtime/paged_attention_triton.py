@@ -1,0 +1,53 @@
+"""The Triton kernel of `runtime.paged_attention` (imported only where Triton is installed)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from runtime.triton_decode import _attend_tile
+
+
+@triton.jit
+def _paged_decode_kernel(q_ptr, k_pool, v_pool, tables_ptr, lengths_ptr, out_ptr, q_stride_b, q_stride_h,
+                         pool_block, pool_slot, pool_head, table_stride, out_stride_b, out_stride_h, scale, window,
+                         GROUP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+    """Sequence b, KV head h: its query group against the blocks of its table, online softmax."""
+    b, h = tl.program_id(0), tl.program_id(1)
+    d = tl.arange(0, D)
+    g = tl.arange(0, 16)
+    g_ok = g < GROUP
+    q = tl.load(q_ptr + b * q_stride_b + (h * GROUP + g)[:, None] * q_stride_h + d[None, :], mask=g_ok[:, None],
+                other=0.0)
+    length = tl.load(lengths_ptr + b)
+    # start at the block holding the oldest visible position, so no tile is wholly masked (no window: 2^30)
+    first = tl.maximum(length - window, 0) // BLOCK
+    best = tl.full((16,), float("-inf"), tl.float32)
+    total = tl.zeros((16,), tl.float32)
+    acc = tl.zeros((16, D), tl.float32)
+    slots = tl.arange(0, BLOCK)
+    for j in range(first, tl.cdiv(length, BLOCK)):
+        block = tl.load(tables_ptr + b * table_stride + j).to(tl.int64)
+        cols = j * BLOCK + slots
+        ok = (cols < length) & (cols > length - 1 - window)
+        at = block * pool_block + slots[:, None] * pool_slot + h * pool_head + d[None, :]
+        best, total, acc = _attend_tile(q, k_pool + at, v_pool + at, ok, ok[None, :], best, total, acc, scale,
+                                        PRECISION)
+    out = acc / total[:, None]
+    tl.store(out_ptr + b * out_stride_b + (h * GROUP + g)[:, None] * out_stride_h + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
+
+
+def run(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
+        lengths: torch.Tensor, scale: float, window: int | None) -> torch.Tensor:
+    batch, heads, dim = q.shape
+    kv_heads = k_pool.shape[2]
+    q = q.to(k_pool.dtype)
+    out = torch.empty_like(q)
+    _paged_decode_kernel[(batch, kv_heads)](
+        q, k_pool, v_pool, block_tables, lengths, out, q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1),
+        k_pool.stride(2), block_tables.stride(0), out.stride(0), out.stride(1), scale, window or 2**30,
+        GROUP=heads // kv_heads, D=dim, BLOCK=k_pool.shape[1],
+        PRECISION="ieee" if q.dtype == torch.float32 else None, num_warps=4)
+    return out
