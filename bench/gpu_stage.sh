@@ -59,9 +59,13 @@ case "$1" in
   paged)
     # batched paged decode attention: CUDA tests, then the engine's decode steps, batched kernel vs per sequence
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-    python3 -m pytest -q -p no:cacheprovider tests/runtime/test_paged_attention.py 2>&1 | tail -3
+    python3 -m pytest -q -p no:cacheprovider tests/runtime/test_paged_attention.py 2>&1 | grep -E "^E |passed|failed" \
+      | head -20 || true
     python3 bench/paged_decode.py --device cuda --batches 1 8 64 128 --steps 32 2>&1 | grep -v Warning
     cp artifacts/bench/paged_decode.json "$OUT"/
+    python3 bench/scheduler_load.py --device cuda --clients 64 --requests 512 --baseline-requests 128 2>&1 \
+      | grep -v Warning
+    cp artifacts/bench/scheduler_load.json "$OUT"/
     ;;
   decode)
     # the decode benchmark alone (SmolLM2-shaped random weights: speed does not depend on their values)

@@ -57,6 +57,49 @@ def run(runner: PagedDecoder, prompts: list[list[int]], steps: int, batched: boo
     return seconds, last
 
 
+def profile(runner: PagedDecoder, batch: int, gen: torch.Generator) -> dict:
+    """One decode step at `batch`: kernels of the eager step, and for the graph-replayed step the host time
+    (building metadata, copying it, launching) against the GPU time of the replay."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    prompts = [torch.randint(0, SMOLLM2["vocab_size"], (128,), generator=gen).tolist() for _ in range(batch)]
+    seqs = [Sequence(list(p)) for p in prompts]
+    runner.forward(seqs)
+    for s in seqs:
+        s.tokens.append(1)
+    runner.use_graphs, graphs = False, runner.use_graphs
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        runner.forward(seqs)
+        torch.cuda.synchronize()
+    kernels = sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
+    runner.use_graphs = graphs
+    host, total, gpu = [], [], []
+    for _ in range(20):
+        for s in seqs:
+            s.tokens.append(1)
+        start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        start_event.record()
+        runner.forward(seqs)
+        end_event.record()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        host.append(t1 - t0)
+        total.append(time.perf_counter() - t0)
+        gpu.append(start_event.elapsed_time(end_event) / 1e3)
+    for s in seqs:
+        runner.pool.free_sequence(s)
+    row = {"profile_batch": batch, "eager_kernels_per_step": kernels,
+           "graph_step_ms": round(1e3 * statistics.median(total), 3),
+           "host_ms": round(1e3 * statistics.median(host), 3), "gpu_ms": round(1e3 * statistics.median(gpu), 3)}
+    row["gpu_busy"] = round(row["gpu_ms"] / row["graph_step_ms"], 3)
+    print(f"profile at batch {batch}: {kernels} kernels per eager step; graph-replayed step {row['graph_step_ms']} ms "
+          f"(host {row['host_ms']} ms, GPU {row['gpu_ms']} ms, busy {row['gpu_busy']:.0%})", flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -91,6 +134,8 @@ def main() -> None:
                      "ratio": round(ours / per_seq, 2), "logits_rel_diff": rel})
         print(f"batch {batch:3d}: per-sequence {per_seq:9.1f} tok/s, batched {ours:9.1f} tok/s, "
               f"x{ours / per_seq:5.2f}, last-step logits rel. diff {rel:.2e}", flush=True)
+    if args.device.startswith("cuda"):
+        rows.append(profile(runner, batch=max(args.batches), gen=gen))
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     out = {"device": device_name, "dtype": args.dtype, "layers": args.layers, "steps": args.steps, "rows": rows,
            "command": "python bench/paged_decode.py " + " ".join(sys.argv[1:])}

@@ -89,7 +89,7 @@ def make_tiny_family(model_type: str, vocab_size: int = 512, layers: int = 3, se
 
 def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
     """Plain greedy decoding, the full sequence re-run each step: what the engines must reproduce."""
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=next(model.parameters()).device)
     with torch.no_grad():
         for _ in range(n):
             ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)

@@ -1,0 +1,129 @@
+"""The serving core under concurrent clients, without HTTP: the scheduler over the paged engine.
+
+Usage: python bench/scheduler_load.py [--device cuda] [--clients 64] [--requests 512] [--baseline-requests 128]
+Random weights of SmolLM2-135M's shape, bf16 on CUDA. Clients keep `clients` greedy requests in flight
+(prompts 64-192 tokens, 128 new tokens), as runtime.bench does over HTTP. Runs: the engine's batched
+decode (paged-attention kernel + CUDA graphs) and, for the ratio, the per-sequence decode it replaces
+(fewer requests: it is slow), then the static decoder's pure decode at batch `clients` on the same
+token counts (the engine underneath, the ceiling the server is measured against). Writes
+artifacts/bench/scheduler_load.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.paged_decode import SMOLLM2  # noqa: E402
+from runtime.engine import Engine, SamplingParams  # noqa: E402
+from runtime.scheduler import Request, Scheduler  # noqa: E402
+
+
+def percentile(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+def load(model: torch.nn.Module, prompts: list[list[int]], clients: int, new_tokens: int, batched: bool) -> dict:
+    engine = Engine(model, block_size=16, num_blocks=clients * (192 + new_tokens + 16) // 16 + 64)
+    engine.runner.batched_decode = batched
+    scheduler = Scheduler(engine, max_context=512, max_running=clients, max_queue=len(prompts) + 1,
+                          max_batch_tokens=4096)
+    slots = threading.Semaphore(clients)
+    done = threading.Event()
+    finished: list[Request] = []
+    token_times: dict[int, list[float]] = {}
+    submitted: dict[int, float] = {}
+    lock = threading.Lock()
+
+    def on_event(request: Request, event) -> None:
+        if event.kind == "token":
+            token_times.setdefault(id(request), []).append(time.monotonic())
+        elif event.kind == "done":
+            with lock:
+                finished.append(request)
+                if len(finished) == len(prompts):
+                    done.set()
+            slots.release()
+
+    scheduler.start()
+    started = time.monotonic()
+    for prompt in prompts:
+        slots.acquire()
+        request = Request(prompt, SamplingParams(max_new_tokens=new_tokens))
+        request.on_event = (lambda r: lambda event: on_event(r, event))(request)
+        submitted[id(request)] = time.monotonic()
+        scheduler.submit(request)
+    done.wait()
+    wall = time.monotonic() - started
+    scheduler.stop()
+    out_tokens = sum(len(r.outputs[0]) for r in finished)
+    ttft = [token_times[id(r)][0] - submitted[id(r)] for r in finished]
+    itl = [b - a for r in finished for a, b in zip(token_times[id(r)], token_times[id(r)][1:], strict=False)]
+    return {"requests": len(prompts), "output_tokens": out_tokens, "seconds": round(wall, 2),
+            "output_tok_s": round(out_tokens / wall, 1), "ttft_p50_ms": round(1e3 * statistics.median(ttft), 1),
+            "ttft_p99_ms": round(1e3 * percentile(ttft, 99), 1), "itl_p50_ms": round(1e3 * statistics.median(itl), 2),
+            "itl_p99_ms": round(1e3 * percentile(itl, 99), 2)}
+
+
+def static_decode(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int) -> dict:
+    from runtime.static_decode import StaticDecoder
+
+    static = StaticDecoder(model, max_batch=len(prompts), max_len=max(map(len, prompts)) + new_tokens + 8)
+    if static.device.type == "cuda" and not static.unfusable:
+        static.use_fused_kernels()
+    static.generate(prompts, 4)  # compile and capture
+    static.generate(prompts, new_tokens)
+    decode_s = static.timings[1]
+    return {"batch": len(prompts), "tok_s": round(len(prompts) * (new_tokens - 1) / decode_s, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=512)
+    parser.add_argument("--baseline-requests", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=30)
+    args = parser.parse_args()
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    model = LlamaForCausalLM(LlamaConfig(**{**SMOLLM2, "num_hidden_layers": args.layers})).to(args.device, dtype)
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, SMOLLM2["vocab_size"], (int(n),), generator=gen).tolist()
+               for n in torch.randint(64, 193, (args.requests,), generator=gen)]
+    load(model, prompts[:args.clients], args.clients, 8, True)  # warm-up: kernels, graphs per bucket
+    ours = load(model, prompts, args.clients, args.new_tokens, True)
+    print(f"batched + graphs: {ours}", flush=True)
+    base = load(model, prompts[:args.baseline_requests], args.clients, args.new_tokens, False)
+    print(f"per-sequence:     {base}", flush=True)
+    ceiling = static_decode(model, prompts[:args.clients], args.new_tokens)
+    print(f"static decoder pure decode: {ceiling}", flush=True)
+    result = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU",
+              "clients": args.clients, "new_tokens": args.new_tokens, "batched": ours, "per_sequence": base,
+              "static_decode": ceiling, "ratio_vs_per_sequence": round(ours["output_tok_s"] / base["output_tok_s"], 2),
+              "share_of_static": round(ours["output_tok_s"] / ceiling["tok_s"], 3),
+              "command": "python bench/scheduler_load.py " + " ".join(sys.argv[1:])}
+    print(f"batched / per-sequence x{result['ratio_vs_per_sequence']}, share of the static decoder's pure decode "
+          f"{result['share_of_static']:.1%}")
+    path = ROOT / "artifacts" / "bench" / "scheduler_load.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
