@@ -63,7 +63,7 @@ case "$1" in
       | head -20 || true
     python3 bench/paged_decode.py --device cuda --batches 1 8 64 128 --steps 32 2>&1 | grep -v Warning
     cp artifacts/bench/paged_decode.json "$OUT"/
-    python3 bench/scheduler_load.py --device cuda --clients 64 --requests 512 --baseline-requests 128 2>&1 \
+    python3 bench/scheduler_load.py --device cuda --clients 64 --requests 512 --baseline-requests 64 2>&1 \
       | grep -v Warning
     cp artifacts/bench/scheduler_load.json "$OUT"/
     ;;

@@ -69,12 +69,22 @@ class PagedDecoder:
         spans = [(s, s.cached, len(s.tokens) if ends is None else ends[i]) for i, s in enumerate(seqs)]
         for s, _, end in spans:
             self.pool.reserve(s, end)
-        if self.batched_decode and all(b - a == 1 for _, a, b in spans):
-            logits = self._decode(spans)
-            for s, _, b in spans:
-                s.cached = b
-            return [logits[i:i + 1] for i in range(len(spans))]
-        return self._general(spans, last_only)
+        if not self.batched_decode:
+            return self._general(spans, last_only)
+        # one new token: the batched decode step; longer spans (prompt chunks): the general pass
+        single = [i for i, (_, a, b) in enumerate(spans) if b - a == 1]
+        longer = [i for i, (_, a, b) in enumerate(spans) if b - a != 1]
+        results: list[torch.Tensor | None] = [None] * len(spans)
+        if single:
+            logits = self._decode([spans[i] for i in single])
+            for row, i in enumerate(single):
+                results[i] = logits[row:row + 1]
+                spans[i][0].cached = spans[i][2]
+        if longer:
+            keep = [last_only[i] for i in longer] if isinstance(last_only, list) else last_only
+            for i, out in zip(longer, self._general([spans[i] for i in longer], keep), strict=True):
+                results[i] = out
+        return results
 
     # --- decode-only steps: one batch, eager or replayed from a CUDA graph --------------------------------
 
