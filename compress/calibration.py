@@ -178,21 +178,30 @@ def collect_input_stats(layer: nn.Module, batches: list[LayerBatch], names: Iter
 
 
 @contextlib.contextmanager
-def on_device(layer: nn.Module, device: str | torch.device) -> Iterator[nn.Module]:
-    """The layer in fp32 on the working device for the duration; back where and as it was after."""
+def on_device(layer: nn.Module, device: str | torch.device, keep_changes: bool = True) -> Iterator[nn.Module]:
+    """The layer in fp32 on the working device for the duration; back where and as it was after.
+
+    With `keep_changes=False` the layer gets its original tensors back (what the step changed is kept
+    elsewhere, e.g. GPTQ's packed integers): no copy of the layer is made at home, and weights that
+    were memory-mapped from the checkpoint stay so."""
     param = next(layer.parameters())
     home, dtype = param.device, param.dtype
+    originals = None if keep_changes else {name: p.data for name, p in layer.named_parameters()}
     layer.to(device=device, dtype=torch.float32)
     try:
         yield layer
     finally:
-        layer.to(device=home, dtype=dtype)
+        if originals is None:
+            layer.to(device=home, dtype=dtype)
+        else:
+            for name, p in layer.named_parameters():
+                p.data = originals[name]
 
 
 def calibrate(model: nn.Module, windows: torch.Tensor | None, family: Family, on_group: OnGroup, *,
               batch_size: int = 8, device: str | torch.device = "cpu", stats: str | None = "hessian",
               groups: Sequence[tuple[str, ...]] | None = None, true_sequential: bool = True,
-              on_layer: OnLayer | None = None, desc: str = "calibration") -> None:
+              on_layer: OnLayer | None = None, desc: str = "calibration", keep_changes: bool = True) -> None:
     """The one sequential walk over decoder layers that every calibrated step uses.
 
     Each layer in turn is brought to `device` in fp32 (the rest of the model stays where it is:
@@ -202,6 +211,7 @@ def calibrate(model: nn.Module, windows: torch.Tensor | None, family: Family, on
     `on_group(layer_index, layer, names, stats)` may change the layer; then the layer runs to give
     the next layer its inputs, so later layers see the already-changed earlier ones. `on_layer`
     sees each layer's inputs and outputs. Without windows (RTN, magnitude) only `on_group` runs.
+    `keep_changes=False`: the model at home keeps its original weights (see `on_device`).
     """
     layers = decoder_layers(model)
     todo = list(groups if groups is not None else family.linear_groups)
@@ -210,7 +220,7 @@ def calibrate(model: nn.Module, windows: torch.Tensor | None, family: Family, on
     batches = capture_layer_inputs(model, windows, batch_size, device) if windows is not None else None
     for i, layer in enumerate(tqdm(layers, desc=desc, unit="layer")):
         kind = _layer_type(model, i)
-        with on_device(layer, device):
+        with on_device(layer, device, keep_changes):
             for group in todo:
                 found = {} if batches is None or stats is None else collect_input_stats(
                     layer, batches, group, want_hessian=stats == "hessian", layer_type=kind)

@@ -82,7 +82,8 @@ def _check_shapes(model: torch.nn.Module, names: list[str], bits: int) -> None:
 @torch.no_grad()
 def quantize_weights(model: torch.nn.Module, cfg: QuantizeConfig, windows: torch.Tensor | None, family: Family
                      ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict[str, float]]]:
-    """GPTQ (true-sequential over layers) or RTN; the model's weights become their dequantized values.
+    """GPTQ (true-sequential over layers) or RTN; each layer is calibrated on the outputs of the already
+    quantized layers before it (the model at home keeps its original weights: the result is the packed tensors).
 
     Returns each Linear's checkpoint tensors, packed as soon as the Linear is done (half a byte per
     4-bit weight), so what is kept grows with the output, not with int32 codes of the whole model."""
@@ -105,8 +106,10 @@ def quantize_weights(model: torch.nn.Module, cfg: QuantizeConfig, windows: torch
             module.weight.copy_(dq.to(module.weight.dtype))
             results[full_name] = pack_gptq(result.q, result.scales, result.zeros, result.g_idx, cfg.bits)
 
+    # the quantized Linears live on as packed tensors, so the model at home keeps its original weights
     calibrate(model, windows if cfg.method == "gptq" else None, family, on_group, batch_size=cfg.batch_size,
-              device=cfg.device, true_sequential=cfg.true_sequential, desc=f"{cfg.method} (layers)")
+              device=cfg.device, true_sequential=cfg.true_sequential, desc=f"{cfg.method} (layers)",
+              keep_changes=False)
     return results, errors
 
 
