@@ -35,6 +35,7 @@ from runtime.kv_cache import BlockPool, Sequence
 from runtime.paged_attention import kernel_applies, paged_decode_attention
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+FLAT_LIMIT = 1 << 26  # query x key entries up to which the prompt chunks of a step attend in one call
 
 
 class PagedDecoder:
@@ -50,6 +51,7 @@ class PagedDecoder:
         param = next(model.parameters())
         dtype = param.dtype if param.dtype.is_floating_point else torch.float32
         self.device = param.device
+        self.flat_prefill = self.device.type == "cuda"  # prompt chunks in one call (the CPU is faster per sequence)
         # one block more than the pool hands out: the padding rows of a graph bucket write there
         self.pool = BlockPool(num_blocks + 1, block_size, cfg.num_hidden_layers, self.kv_heads, self.head_dim,
                               dtype=dtype, device=self.device)
@@ -154,6 +156,17 @@ class PagedDecoder:
 
     # --- prefill and mixed steps ----------------------------------------------------------------------
 
+    def _flat_masks(self, spans: list) -> dict[int | None, torch.Tensor]:
+        """Masks of one attention call over all spans: a query sees its own sequence's keys, causally."""
+        dev = self.device
+        q_seq = torch.cat([torch.full((b - a,), i) for i, (_, a, b) in enumerate(spans)]).to(dev)
+        q_pos = torch.cat([torch.arange(a, b) for _, a, b in spans]).to(dev)
+        k_seq = torch.cat([torch.full((b,), i) for i, (_, _, b) in enumerate(spans)]).to(dev)
+        k_pos = torch.cat([torch.arange(b) for _, _, b in spans]).to(dev)
+        same = q_seq[:, None] == k_seq[None, :]
+        return {w: same & (k_pos[None, :] <= q_pos[:, None]) & (
+            True if w is None else k_pos[None, :] > q_pos[:, None] - w) for w in set(self.windows)}
+
     def _general(self, spans: list, last_only: bool | list[bool]) -> list[torch.Tensor]:
         inner = self.model.model
         ids = torch.tensor([t for s, a, b in spans for t in s.tokens[a:b]], device=self.device)
@@ -161,8 +174,15 @@ class PagedDecoder:
         n = ids.numel()
         new_slots = [self.pool.slots(s, a, b) for s, a, b in spans]
         all_slots = [self.pool.slots(s, 0, b) for s, _, b in spans]
-        masks = {w: [attention_mask(torch.arange(a, b, device=self.device), torch.arange(b, device=self.device), w)
-                     for _, a, b in spans] for w in set(self.windows)}
+        keys_total = sum(b for _, _, b in spans)
+        flat = self.flat_prefill and len(spans) > 1 and n * keys_total <= FLAT_LIMIT
+        if flat:  # every span in one attention call over the concatenated keys, a block-diagonal causal mask
+            flat_masks = self._flat_masks(spans)
+            new_at = tuple(torch.cat([slot[j] for slot in new_slots]) for j in (0, 1))
+            all_at = tuple(torch.cat([slot[j] for slot in all_slots]) for j in (0, 1))
+        else:
+            masks = {w: [attention_mask(torch.arange(a, b, device=self.device), torch.arange(b, device=self.device),
+                                        w) for _, a, b in spans] for w in set(self.windows)}
         x = inner.embed_tokens(ids)[None]
         tables = rotary_tables(self.model, x, positions[None])
         for li, layer in enumerate(inner.layers):
@@ -171,6 +191,13 @@ class PagedDecoder:
             q, k, v = (t.transpose(1, 2) for t in project_qkv(self.family, attn, layer.input_layernorm(x),
                                                              self.heads, self.kv_heads, self.head_dim))
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            if flat:
+                self.pool.write(li, new_at, k[0].transpose(0, 1), v[0].transpose(0, 1))
+                keys, values = self.pool.read(li, all_at)
+                o = attend(q, keys.transpose(0, 1)[None].to(q.dtype), values.transpose(0, 1)[None].to(q.dtype),
+                           flat_masks[self.windows[li]], attn.scaling, self.softcap)
+                x = layer_tail(self.family, layer, x, o.transpose(1, 2).reshape(1, n, self.heads * self.head_dim))
+                continue
             outs, offset = [], 0
             for i, (_, a, b) in enumerate(spans):
                 m = b - a

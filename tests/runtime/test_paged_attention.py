@@ -75,3 +75,24 @@ def test_engine_on_cuda_greedy_equals_transformers_with_the_kernel():
         prompts = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (5, 17, 9, 33, 1, 24)]
         outputs, _ = Engine(model, block_size=16, num_blocks=64).generate(prompts, SamplingParams(max_new_tokens=12))
         assert outputs == [greedy_reference(model, p, 12) for p in prompts], model_type
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "gemma2", "phi3"])
+def test_prompt_chunks_in_one_call_equal_the_per_sequence_pass(model_type):
+    """The flat prefill (CUDA's default): chunks of several sequences, some with cached prefixes, in one call."""
+    from runtime.kv_cache import Sequence
+    from runtime.paged_decoder import PagedDecoder
+    from tests.conftest import make_tiny_family
+
+    model = make_tiny_family(model_type)
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (9, 21, 14, 30)]
+    outputs = []
+    for flat in (False, True):
+        runner = PagedDecoder(model, block_size=4, num_blocks=128)
+        runner.flat_prefill = flat
+        seqs = [Sequence(list(p)) for p in prompts]
+        runner.forward(seqs[:2], ends=[5, 12])  # cached prefixes for two of them
+        outputs.append(runner.forward(seqs, last_only=[False, True, False, True], ends=[9, 19, 14, 30]))
+    for plain, flat in zip(*outputs, strict=True):
+        torch.testing.assert_close(flat, plain, rtol=1e-5, atol=1e-5)
