@@ -37,6 +37,7 @@ def percentile(values: list[float], p: float) -> float:
 def load(model: torch.nn.Module, prompts: list[list[int]], clients: int, new_tokens: int, batched: bool) -> dict:
     engine = Engine(model, block_size=16, num_blocks=clients * (192 + new_tokens + 16) // 16 + 64)
     engine.runner.batched_decode = batched
+    engine.runner.flat_prefill = batched and engine.runner.flat_prefill  # the baseline: everything per sequence
     scheduler = Scheduler(engine, max_context=512, max_running=clients, max_queue=len(prompts) + 1,
                           max_batch_tokens=4096)
     slots = threading.Semaphore(clients)
