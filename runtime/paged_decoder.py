@@ -134,6 +134,14 @@ class PagedDecoder:
             logits = self._decode_step(**static)
         return graph, static, logits
 
+    def _qkv(self, li: int, layer: torch.nn.Module, x: torch.Tensor, tables: dict
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer li's q, k (rotated) and v for the tokens of x: (1, heads, tokens, head_dim)."""
+        cos, sin = (t[:, None] for t in layer_rotary(self.model, tables, li))
+        q, k, v = (t.transpose(1, 2) for t in project_qkv(self.family, layer.self_attn, layer.input_layernorm(x),
+                                                         self.heads, self.kv_heads, self.head_dim))
+        return rotate(q, cos, sin), rotate(k, cos, sin), v
+
     def _decode_step(self, ids: torch.Tensor, positions: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor,
                      block_tables: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Logits (rows, vocab) of one new token per row; writes its K/V at (blocks, offsets)."""
@@ -143,10 +151,7 @@ class PagedDecoder:
         tables = rotary_tables(self.model, x, positions[None])
         for li, layer in enumerate(inner.layers):
             attn = layer.self_attn
-            cos, sin = (t[:, None] for t in layer_rotary(self.model, tables, li))
-            q, k, v = (t.transpose(1, 2) for t in project_qkv(self.family, attn, layer.input_layernorm(x),
-                                                             self.heads, self.kv_heads, self.head_dim))
-            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            q, k, v = self._qkv(li, layer, x, tables)
             self.pool.k[li, blocks, offsets] = k[0].transpose(0, 1).to(self.pool.k.dtype)
             self.pool.v[li, blocks, offsets] = v[0].transpose(0, 1).to(self.pool.v.dtype)
             o = paged_decode_attention(q[0].transpose(0, 1), self.pool.k[li], self.pool.v[li], block_tables,
@@ -187,10 +192,7 @@ class PagedDecoder:
         tables = rotary_tables(self.model, x, positions[None])
         for li, layer in enumerate(inner.layers):
             attn = layer.self_attn
-            cos, sin = (t[:, None] for t in layer_rotary(self.model, tables, li))
-            q, k, v = (t.transpose(1, 2) for t in project_qkv(self.family, attn, layer.input_layernorm(x),
-                                                             self.heads, self.kv_heads, self.head_dim))
-            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            q, k, v = self._qkv(li, layer, x, tables)
             if flat:
                 self.pool.write(li, new_at, k[0].transpose(0, 1), v[0].transpose(0, 1))
                 keys, values = self.pool.read(li, all_at)
