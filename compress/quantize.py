@@ -43,7 +43,7 @@ class QuantizeConfig(CalibrationFlags):
     damp: float = field(0.01, help="GPTQ damping, fraction of the mean Hessian diagonal")
     true_sequential: bool = field(True, help="re-calibrate each group of Linears after the previous is quantized")
     smooth_alpha: float = field(0.5, help="dynamic-int8: SmoothQuant migration strength (0 disables smoothing)")
-    device: str = field("cpu", help="where calibration and GPTQ run (cpu or cuda)")
+    device: str = field("cpu", help="where the working layer runs during calibration (cpu or cuda); the model stays on the CPU")
     save_dtype: str = field("float16", help="dtype for the unquantized tensors of gptq/rtn checkpoints",
                             choices=("float16", "bfloat16", "float32"))
     overwrite: bool = field(False, help="replace an existing artifact at --out")
