@@ -1,6 +1,6 @@
 """User-facing errors and the `main()` wrapper every command shares.
 
-It lives in `runtime` because that is the bottom layer: every other package may import it.
+It lives in `core`, the bottom layer: every other package may import it.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ family; `require(config, step)` refuses an unsupported pair before any work, in 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,7 +38,6 @@ class Family:
     rope_per_layer_type: bool = False  # Gemma 3: local and global layers have their own rotary base
     # onnxruntime-genai 0.18's builder reads this family right (else the torch.onnx exporter runs: fp32/int8 only)
     onnx_builder: bool = True
-    notes: tuple[str, ...] = field(default=())
 
     @property
     def fused_qkv(self) -> bool:
@@ -63,23 +62,17 @@ class Family:
         return "pre_feedforward_layernorm" if self.sandwich_norms else self.mlp_norm
 
 
-LLAMA = Family("llama")
 FAMILIES: dict[str, Family] = {
-    "llama": LLAMA,
-    "mistral": Family("mistral", notes=("sliding-window attention",)),
-    "qwen2": Family("qwen2", notes=("q/k/v biases", "optional sliding window")),
-    "qwen3": Family("qwen3", qk_norm=True, notes=("q/k RMSNorm",)),
-    "gemma2": Family("gemma2", sandwich_norms=True, norm_offset=1.0, scaled_embedding=True,
-                     notes=("(1 + w) norms", "sandwich norms", "scaled embeddings", "soft-capping",
-                            "alternating sliding window")),
+    "llama": Family("llama"),
+    "mistral": Family("mistral"),  # sliding-window attention
+    "qwen2": Family("qwen2"),  # q/k/v biases, optional sliding window
+    "qwen3": Family("qwen3", qk_norm=True),
+    "gemma2": Family("gemma2", sandwich_norms=True, norm_offset=1.0, scaled_embedding=True),  # + soft-capping
     "gemma3_text": Family("gemma3_text", sandwich_norms=True, norm_offset=1.0, scaled_embedding=True, qk_norm=True,
-                          rope_per_layer_type=True, onnx_builder=False,
-                          notes=("(1 + w) norms", "q/k norms", "scaled embeddings", "local/global rotary",
-                                 "sliding window")),
-    "phi3": Family("phi3", q_k_v=(f"{ATTN}.qkv_proj",), gate_up=(f"{MLP}.gate_up_proj",), onnx_builder=False,
-                   notes=("fused qkv_proj and gate_up_proj", "partial rotary")),
+                          rope_per_layer_type=True, onnx_builder=False),
+    "phi3": Family("phi3", q_k_v=(f"{ATTN}.qkv_proj",), gate_up=(f"{MLP}.gate_up_proj",),
+                   onnx_builder=False),  # + partial rotary
 }
-GENERIC = "generic"
 
 # The steps every family is checked on, as the CLI names them. A reason refuses the pair.
 STEPS = ("reference", "quantize.gptq", "quantize.rtn", "quantize.dynamic-int8", "prune.layers", "prune.mlp",
@@ -98,9 +91,12 @@ STEP_SUPPORT: dict[str, dict[str, str]] = {  # family -> step -> reason it is re
 }
 
 
+def _get(config: Any, key: str, default: Any = None) -> Any:
+    return config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
+
+
 def model_type_of(config: Any) -> str:
-    value = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
-    return str(value or "?")
+    return str(_get(config, "model_type") or "?")
 
 
 def family_of(config: Any) -> Family | None:
@@ -140,10 +136,6 @@ def layer_prefix(index: int) -> str:
 
 # --- shapes and attention features read from the config (an object or its dict) ------------------------
 
-def _get(config: Any, key: str, default: Any = None) -> Any:
-    return config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
-
-
 def head_dim(config: Any) -> int:
     return _get(config, "head_dim") or _get(config, "hidden_size") // _get(config, "num_attention_heads")
 
@@ -164,22 +156,15 @@ def sliding_window(config: Any, layer: int) -> int | None:
 
 
 def attn_softcap(config: Any) -> float | None:
-    return getattr(config, "attn_logit_softcapping", None) or None
+    return _get(config, "attn_logit_softcapping") or None
 
 
 def final_softcap(config: Any) -> float | None:
-    return getattr(config, "final_logit_softcapping", None) or None
-
-
-def rotary_dim(config: Any) -> int:
-    rope = getattr(config, "rope_parameters", None) or {}
-    factor = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) if isinstance(
-        rope, dict) else 1.0
-    return int(head_dim(config) * (factor or 1.0))
+    return _get(config, "final_logit_softcapping") or None
 
 
 def activation(config: Any) -> str:
-    return getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
+    return _get(config, "hidden_activation") or _get(config, "hidden_act", "silu")
 
 
 # --- the pieces of a layer's forward our own runtimes compute -------------------------------------

@@ -35,8 +35,8 @@ class GenerateConfig:
     block_size: int = field(16, help="tokens per KV-cache block")
     num_blocks: int = field(512, help="KV-cache blocks in the pool")
     device: str = field("cpu", help="cpu or cuda")
-    static: bool = field(False, help="greedy decoding with the static-cache decoder (Llama family): on CUDA in "
-                         "bf16 with the fused Triton step replayed from a CUDA graph")
+    static: bool = field(False, help="greedy decoding with the static-cache decoder: on CUDA in bf16, replayed "
+                         "from a CUDA graph (the fused Triton step for plain Llama-shaped layers)")
 
     def validate(self) -> None:
         if not self.artifact or self.prompt is None:
