@@ -123,13 +123,9 @@ class Artifact:
     @property
     def hf_config(self) -> dict[str, Any]:
         """The model's config.json (what the family checks read before any work)."""
-        path = self.path / "config.json"
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UserError(f"{path}: missing (not a model artifact)") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(f"{path}: not valid JSON ({exc})") from None
+        from runtime.loading import read_config
+
+        return read_config(self.path)
 
 
 def open_artifact(path: str | Path) -> Artifact:

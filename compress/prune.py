@@ -170,9 +170,10 @@ def prune(parent: Artifact, cfg: PruneConfig) -> Artifact:
         raise UserError(f"refusing to prune a damaged artifact: {problems[0]}")
     if Path(cfg.out).exists() and not cfg.overwrite:
         raise UserError(f"output already exists: {cfg.out} (pass --overwrite to replace it)")
-    if parent.hf_config.get("quantization_config"):
+    hf = parent.hf_config
+    if hf.get("quantization_config"):
         raise UserError(f"{parent.path}: prune the unquantized model, then quantize")
-    family = require(parent.hf_config, f"prune.{cfg.method}")
+    family = require(hf, f"prune.{cfg.method}")
     tokenizer = load_tokenizer(parent.path)
     model = load_artifact_model(parent.path)
     windows, calibration = (None, None) if cfg.method == "magnitude" else calibration_windows(cfg, tokenizer)

@@ -158,9 +158,10 @@ def quantize(parent: Artifact, cfg: QuantizeConfig) -> Artifact:
     problems = verify(parent)
     if problems:
         raise UserError(f"refusing to quantize a damaged artifact: {problems[0]}")
-    if parent.hf_config.get("quantization_config"):
+    hf = parent.hf_config
+    if hf.get("quantization_config"):
         raise UserError(f"{parent.path}: already quantized; quantize the unquantized parent instead")
-    family = require(parent.hf_config, f"quantize.{cfg.method}")
+    family = require(hf, f"quantize.{cfg.method}")
     tokenizer = load_tokenizer(parent.path)
     needs_data = cfg.method == "gptq" or (cfg.method == "dynamic-int8" and cfg.smooth_alpha > 0)
     windows, calibration = calibration_windows(cfg, tokenizer) if needs_data else (None, None)

@@ -19,6 +19,15 @@ def model_dir(path: str | Path) -> Path:
     return path
 
 
+def read_config(path: str | Path) -> dict[str, Any]:
+    """A model folder's config.json; missing or unreadable is a one-line error naming the file."""
+    config_file = model_dir(path) / "config.json"
+    try:
+        return json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{config_file}: not valid JSON ({exc})") from None
+
+
 def load_tokenizer(path: str | Path) -> Any:
     from transformers import AutoTokenizer
 
@@ -51,11 +60,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         from runtime.onnx_backend import OnnxCausalLM
 
         return OnnxCausalLM(path)
-    config_file = path / "config.json"
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{config_file}: not valid JSON ({exc})") from None
+    config = read_config(path)
     if config.get("quantization_config") is not None:
         from runtime.quantized import load_quantized_model
 

@@ -31,7 +31,7 @@ from core.config import field, parse_config
 from core.errors import UserError, run_main
 from core.family import require
 from runtime.engine import Engine, SamplingParams
-from runtime.loading import is_onnx_export, load_model, load_tokenizer, model_dir
+from runtime.loading import is_onnx_export, load_model, load_tokenizer, read_config
 from runtime.metrics import SchedulerCollector
 from runtime.onnx_backend import OnnxDecoder
 from runtime.onnx_batch import OnnxBatchRunner
@@ -431,7 +431,7 @@ def build_server(cfg: ServeConfig) -> Server:
         max_context = min(cfg.max_model_len or decoder.context_length, decoder.context_length)
         engine: Any = OnnxBatchRunner(decoder, cfg.max_running, max_context)
     else:
-        require(json.loads((model_dir(cfg.artifact) / "config.json").read_text(encoding="utf-8")), "serve")
+        require(read_config(cfg.artifact), "serve")
         model = load_model(cfg.artifact, cfg.device)
         if not isinstance(model, torch.nn.Module) or not hasattr(model, "model"):
             raise UserError(f"{cfg.artifact}: the server runs decoder-only PyTorch or ONNX artifacts")
