@@ -123,14 +123,22 @@ def smooth(model: torch.nn.Module, windows: torch.Tensor, cfg: QuantizeConfig, f
               groups=[(name,) for name in smoothed_inputs(family)], desc="smoothing (layers)")
 
 
-def _gptq_state_dict(model: torch.nn.Module, packed: dict[str, dict[str, torch.Tensor]],
-                     dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _kept_tensors(model: torch.nn.Module, quantized: set[str] | dict, dtype: torch.dtype | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """The model's tensors a quantized checkpoint keeps as they are: all but the quantized Linears' weights
+    (their biases stay, as GPTQ has them) and a tied LM head."""
     state = {}
     for key, tensor in model.state_dict().items():
-        if key.endswith(".weight") and key[:-len(".weight")] in packed or (
-                key == "lm_head.weight" and model.config.tie_word_embeddings):  # biases stay, as GPTQ has them
+        if key.endswith(".weight") and key[:-len(".weight")] in quantized or (
+                key == "lm_head.weight" and model.config.tie_word_embeddings):
             continue
-        state[key] = tensor.detach().to(dtype).contiguous()
+        state[key] = tensor.detach().to(dtype or tensor.dtype).contiguous()
+    return state
+
+
+def _gptq_state_dict(model: torch.nn.Module, packed: dict[str, dict[str, torch.Tensor]],
+                     dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    state = _kept_tensors(model, packed, dtype)
     for name, tensors in packed.items():
         for suffix, tensor in tensors.items():
             state[f"{name}.{suffix}"] = tensor
@@ -138,13 +146,7 @@ def _gptq_state_dict(model: torch.nn.Module, packed: dict[str, dict[str, torch.T
 
 
 def _int8_state_dict(model: torch.nn.Module, names: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
-    state, errors = {}, {}
-    skip = set(names)
-    for key, tensor in model.state_dict().items():
-        if key.endswith(".weight") and key[:-len(".weight")] in skip or (
-                key == "lm_head.weight" and model.config.tie_word_embeddings):
-            continue
-        state[key] = tensor.detach().contiguous()
+    state, errors = _kept_tensors(model, set(names)), {}
     for name in names:
         w = model.get_submodule(name).weight.detach().float()
         q, scale = quantize_int8_weight(w)

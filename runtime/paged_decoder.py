@@ -33,6 +33,7 @@ from core.family import (
 )
 from runtime.kv_cache import BlockPool, Sequence
 from runtime.paged_attention import kernel_applies, paged_decode_attention
+from runtime.static_decode import capture_graph
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 FLAT_LIMIT = 1 << 26  # query x key entries up to which the prompt chunks of a step attend in one call
@@ -108,8 +109,8 @@ class PagedDecoder:
     def _decode(self, spans: list) -> torch.Tensor:
         n = len(spans)
         rows = next((b for b in BUCKETS if b >= n), None)
-        if not self.use_graphs or rows is None or max(len(s.block_table) for s, _, _ in spans) > self.max_table:
-            width = max(len(s.block_table) for s, _, _ in spans)
+        width = max(len(s.block_table) for s, _, _ in spans)
+        if not self.use_graphs or rows is None or width > self.max_table:
             inputs = {k: v.to(self.device) for k, v in self._decode_inputs(spans, n, width).items()}
             return self._decode_step(**inputs)
         if rows not in self.graphs:
@@ -121,18 +122,15 @@ class PagedDecoder:
         return logits[:n].clone()  # the graph's output buffer is overwritten by the next replay
 
     def _capture(self, rows: int) -> tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor]:
-        """A CUDA graph of one decode step of `rows` rows over static metadata buffers (tables as wide as the pool)."""
+        """A CUDA graph of one decode step of `rows` rows over static metadata buffers (`max_table` blocks wide);
+        its warm-up runs write only to the scratch block, so no state needs putting back."""
         static = {k: v.to(self.device) for k, v in self._decode_inputs([], rows, self.max_table).items()}
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up: Triton compilation, allocator
-                self._decode_step(**static)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits = self._decode_step(**static)
-        return graph, static, logits
+        output: dict[str, torch.Tensor] = {}
+
+        def step() -> None:
+            output["logits"] = self._decode_step(**static)  # the last call, inside the capture, is the graph's
+
+        return capture_graph(step, []), static, output["logits"]
 
     def _qkv(self, li: int, layer: torch.nn.Module, x: torch.Tensor, tables: dict
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
