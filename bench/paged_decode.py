@@ -41,7 +41,8 @@ def run(runner: PagedDecoder, prompts: list[list[int]], steps: int, batched: boo
     logits = runner.forward(seqs)
     for s, row in zip(seqs, logits, strict=True):
         s.tokens.append(int(row[-1].argmax()))
-    runner.batched_decode = batched
+    flat = runner.flat_prefill
+    runner.batched_decode, runner.flat_prefill = batched, batched and flat  # the baseline: all per sequence
     sync(device)
     start = time.perf_counter()
     first = None
@@ -54,6 +55,7 @@ def run(runner: PagedDecoder, prompts: list[list[int]], steps: int, batched: boo
             s.tokens.append(t)
     sync(device)
     seconds = time.perf_counter() - start
+    runner.batched_decode, runner.flat_prefill = True, flat
     for s in seqs:
         runner.pool.free_sequence(s)
     return seconds, first
