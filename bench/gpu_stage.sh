@@ -5,6 +5,11 @@
 #   2: join the model, build the reference, gradient-checkpointing memory, GPTQ wall time on CUDA
 #   3: distillation of the 15-layer student on the H200 (bf16-mixed), held-out metrics
 #   paged: CUDA tests of the batched paged decode attention; engine decode steps, batched vs per sequence
+#   serve1 / serve2: GPU serving (issue 17), in two calls: CUDA tests of the paged kernels, fused step, scheduler and
+#          sampler; engine decode steps three ways + profile; the serving core in-process (greedy and
+#          sampled); then HTTP with runtime.bench (random weights of the real shape, artifacts/gpu_like
+#          carried: config, tokenizer, corpus; .whl carried: fastapi, uvicorn, pydantic) at 64 clients and
+#          at concurrency 1, beside the static decoder at batch 1 (`runtime.generate --static`)
 #   decode: CUDA tests of the static decoder and the decode benchmark (no model file needed)
 #   fused: CUDA tests and the tile sweep + benchmark of the fused Triton step (no model file needed)
 #   fused2: the same benchmark with the chosen tiles, no sweep
@@ -23,6 +28,7 @@ W=/tmp/w
 mkdir -p "$W" "${OUT:-/tmp/out}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export SHRINKWRAP_CORPUS_FILE=$W/lee_background.cor
+if [ -f artifacts/gpu_like/lee_background.cor ]; then cp artifacts/gpu_like/lee_background.cor "$W"/; fi
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
@@ -66,6 +72,34 @@ case "$1" in
     python3 bench/scheduler_load.py --device cuda --clients 64 --requests 512 --baseline-requests 64 2>&1 \
       | grep -v Warning
     cp artifacts/bench/scheduler_load.json "$OUT"/
+    ;;
+  serve1)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/runtime/test_paged_attention.py \
+      tests/runtime/test_sampling.py tests/runtime/test_scheduler.py 2>&1 | grep -E "^E |passed|failed" | head -20 || true
+    python3 bench/paged_decode.py --device cuda --batches 1 8 64 128 --steps 32 2>&1 | grep -v Warning
+    cp artifacts/bench/paged_decode.json "$OUT"/
+    ;;
+  serve2)
+    python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/runtime/test_paged_attention.py \
+      tests/runtime/test_sampling.py tests/runtime/test_scheduler.py 2>&1 | grep -E "^E |passed|failed" | head -20 || true
+    python3 bench/paged_decode.py --device cuda --batches 64 --steps 16 2>&1 | grep -v Warning
+    cp artifacts/bench/paged_decode.json "$OUT"/paged_decode_64.json
+    python3 bench/scheduler_load.py --device cuda --clients 64 --requests 512 --baseline-requests 16 2>&1 \
+      | grep -v Warning
+    cp artifacts/bench/scheduler_load.json "$OUT"/
+    python3 bench/random_artifact.py --like artifacts/gpu_like --out "$W/random" 2>&1 | tail -1
+    for steps in 8 1; do
+      python3 -m runtime.bench --artifact "$W/random" --device cuda --concurrency 64 --requests 512 --prompt-len 128 \
+        --max-tokens 128 --max-running 64 --max-batch-tokens 1024 --decode-steps $steps --baseline-requests 4 \
+        --out "$OUT/serve-cuda-64-steps$steps.json" 2>&1 | grep -v -i "warn\|it/s"
+    done
+    python3 -m runtime.bench --artifact "$W/random" --device cuda --concurrency 1 --requests 8 --prompt-len 128 \
+      --max-tokens 128 --max-running 64 --no-baseline --out "$OUT/serve-cuda-1.json" 2>&1 | grep -v -i "warn\|it/s"
+    for i in 1 2; do
+      python3 -m runtime.generate --artifact "$W/random" --static --device cuda --max-tokens 128 \
+        --prompt "The fire service says the blaze near the town is now under control, and residents" 2>&1 | tail -1
+    done
     ;;
   decode)
     # the decode benchmark alone (SmolLM2-shaped random weights: speed does not depend on their values)

@@ -1,9 +1,12 @@
-"""Decode steps of the paged engine: one batched attention call (Triton kernel on CUDA) vs the per-sequence loop.
+"""Decode steps of the paged engine, three ways: the per-sequence loop (the old path), the batched step
+through the HF modules (paged-attention kernel, CUDA graphs), and the batched step through the fused
+layer kernels (five Triton kernels per layer, CUDA graphs).
 
 Usage: python bench/paged_decode.py [--device cuda] [--batches 1 8 64] [--steps 32] [--dtype bfloat16]
 Random weights of SmolLM2-135M's shape (speed does not depend on the values). For each batch size:
-prompts of 64-192 tokens are prefilled, then `steps` greedy decode steps are timed, the two paths
-interleaved three times (median reported), and their logits compared. Writes artifacts/bench/paged_decode.json.
+prompts of 64-192 tokens are prefilled, then `steps` greedy decode steps are timed, the paths
+interleaved three times (median reported), and their first-step logits compared with the per-sequence
+path's. Writes artifacts/bench/paged_decode.json.
 """
 
 from __future__ import annotations
@@ -33,7 +36,10 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run(runner: PagedDecoder, prompts: list[list[int]], steps: int, batched: bool, device: str
+MODES = ("per_sequence", "batched", "fused")
+
+
+def run(runner: PagedDecoder, prompts: list[list[int]], steps: int, mode: str, device: str
         ) -> tuple[float, torch.Tensor]:
     """Seconds for `steps` decode steps of all prompts, and the first step's logits."""
     seqs = [Sequence(list(p)) for p in prompts]
@@ -41,8 +47,10 @@ def run(runner: PagedDecoder, prompts: list[list[int]], steps: int, batched: boo
     logits = runner.forward(seqs)
     for s, row in zip(seqs, logits, strict=True):
         s.tokens.append(int(row[-1].argmax()))
-    flat = runner.flat_prefill
+    flat, fused = runner.flat_prefill, runner.use_fused
+    batched = mode != "per_sequence"
     runner.batched_decode, runner.flat_prefill = batched, batched and flat  # the baseline: all per sequence
+    runner.use_fused = mode == "fused"
     sync(device)
     start = time.perf_counter()
     first = None
@@ -50,18 +58,18 @@ def run(runner: PagedDecoder, prompts: list[list[int]], steps: int, batched: boo
         logits = runner.forward(seqs)
         if first is None:  # the first step's logits: the same inputs for both paths (later, greedy may diverge)
             first = torch.stack([row[-1] for row in logits]).float().cpu()
-        nxt = torch.stack([row[-1].argmax() for row in logits]).tolist()  # one host sync per step
+        nxt = torch.stack([row[-1] for row in logits]).argmax(-1).tolist()  # one host sync per step
         for s, t in zip(seqs, nxt, strict=True):
             s.tokens.append(t)
     sync(device)
     seconds = time.perf_counter() - start
-    runner.batched_decode, runner.flat_prefill = True, flat
+    runner.batched_decode, runner.flat_prefill, runner.use_fused = True, flat, fused
     for s in seqs:
         runner.pool.free_sequence(s)
     return seconds, first
 
 
-def profile(runner: PagedDecoder, batch: int, gen: torch.Generator) -> dict:
+def profile(runner: PagedDecoder, batch: int, gen: torch.Generator, fused: bool) -> dict:
     """One decode step at `batch`: kernels of the eager step, and for the graph-replayed step the host time
     (building metadata, copying it, launching) against the GPU time of the replay."""
     from torch.profiler import ProfilerActivity
@@ -72,6 +80,7 @@ def profile(runner: PagedDecoder, batch: int, gen: torch.Generator) -> dict:
     runner.forward(seqs)
     for s in seqs:
         s.tokens.append(1)
+    runner.use_fused, was_fused = fused, runner.use_fused
     runner.use_graphs, graphs = False, runner.use_graphs
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
         runner.forward(seqs)
@@ -95,11 +104,12 @@ def profile(runner: PagedDecoder, batch: int, gen: torch.Generator) -> dict:
         gpu.append(start_event.elapsed_time(end_event) / 1e3)
     for s in seqs:
         runner.pool.free_sequence(s)
-    row = {"profile_batch": batch, "eager_kernels_per_step": kernels,
+    runner.use_fused = was_fused
+    row = {"profile_batch": batch, "step": "fused" if fused else "batched", "eager_kernels_per_step": kernels,
            "graph_step_ms": round(1e3 * statistics.median(total), 3),
            "host_ms": round(1e3 * statistics.median(host), 3), "gpu_ms": round(1e3 * statistics.median(gpu), 3)}
     row["gpu_busy"] = round(row["gpu_ms"] / row["graph_step_ms"], 3)
-    print(f"profile at batch {batch}: {kernels} kernels per eager step; graph-replayed step {row['graph_step_ms']} ms "
+    print(f"profile ({row['step']}) at batch {batch}: {kernels} kernels per eager step; graph-replayed step {row['graph_step_ms']} ms "
           f"(host {row['host_ms']} ms, GPU {row['gpu_ms']} ms, busy {row['gpu_busy']:.0%})", flush=True)
     return row
 
@@ -123,23 +133,28 @@ def main() -> None:
     for batch in args.batches:
         lengths = torch.randint(64, 193, (batch,), generator=gen).tolist()
         prompts = [torch.randint(0, SMOLLM2["vocab_size"], (n,), generator=gen).tolist() for n in lengths]
-        run(runner, prompts, 2, True, args.device)  # warm-up: Triton compilation, allocator
-        run(runner, prompts, 2, False, args.device)
-        times: dict[bool, list[float]] = {True: [], False: []}
-        last: dict[bool, torch.Tensor] = {}
+        modes = [m for m in MODES if m != "fused" or runner.fused is not None]
+        for mode in modes:
+            run(runner, prompts, 2, mode, args.device)  # warm-up: Triton compilation, graph capture, allocator
+        times: dict[str, list[float]] = {m: [] for m in modes}
+        last: dict[str, torch.Tensor] = {}
         for _ in range(3):
-            for batched in (False, True):
-                seconds, last[batched] = run(runner, prompts, args.steps, batched, args.device)
-                times[batched].append(seconds)
-        ref = last[False]
-        rel = float((last[True] - ref).norm() / ref.norm())
-        per_seq, ours = (batch * args.steps / statistics.median(times[b]) for b in (False, True))
-        rows.append({"batch": batch, "per_sequence_tok_s": round(per_seq, 1), "batched_tok_s": round(ours, 1),
-                     "ratio": round(ours / per_seq, 2), "logits_rel_diff": rel})
-        print(f"batch {batch:3d}: per-sequence {per_seq:9.1f} tok/s, batched {ours:9.1f} tok/s, "
-              f"x{ours / per_seq:5.2f}, first-step logits rel. diff {rel:.2e}", flush=True)
+            for mode in modes:
+                seconds, last[mode] = run(runner, prompts, args.steps, mode, args.device)
+                times[mode].append(seconds)
+        ref = last["per_sequence"]
+        row = {"batch": batch}
+        for mode in modes:
+            row[f"{mode}_tok_s"] = round(batch * args.steps / statistics.median(times[mode]), 1)
+            row[f"{mode}_logits_rel_diff"] = float((last[mode] - ref).norm() / ref.norm())
+        row["ratio"] = round(row[f"{modes[-1]}_tok_s"] / row["per_sequence_tok_s"], 2)
+        rows.append(row)
+        print(f"batch {batch:3d}: " + ", ".join(f"{m} {row[m + '_tok_s']:9.1f} tok/s" for m in modes)
+              + f"; x{row['ratio']:.2f}; first-step logits rel. diff "
+              + ", ".join(f"{row[m + '_logits_rel_diff']:.1e}" for m in modes[1:]), flush=True)
     if args.device.startswith("cuda"):
-        rows.append(profile(runner, batch=max(args.batches), gen=gen))
+        for fused in ([False, True] if runner.fused is not None else [False]):
+            rows.append(profile(runner, batch=max(args.batches), gen=gen, fused=fused))
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     out = {"device": device_name, "dtype": args.dtype, "layers": args.layers, "steps": args.steps, "rows": rows,
            "command": "python bench/paged_decode.py " + " ".join(sys.argv[1:])}

@@ -3,8 +3,9 @@
 Usage: python bench/scheduler_load.py [--device cuda] [--clients 64] [--requests 512] [--baseline-requests 128]
 Random weights of SmolLM2-135M's shape, bf16 on CUDA. Clients keep `clients` greedy requests in flight
 (prompts 64-192 tokens, 128 new tokens), as runtime.bench does over HTTP. Runs: the engine's batched
-decode (paged-attention kernel + CUDA graphs) and, for the ratio, the per-sequence decode it replaces
-(fewer requests: it is slow), then the static decoder's pure decode at batch `clients` on the same
+decode through the fused layer kernels (CUDA graphs), the same through the HF modules, the fused one
+with sampled requests (temperature, top-p, seeds: the batch sampler), and, for the ratio, the
+per-sequence decode they replace (fewer requests: it is slow), then the static decoder's pure decode at batch `clients` on the same
 token counts (the engine underneath, the ceiling the server is measured against). Writes
 artifacts/bench/scheduler_load.json.
 """
@@ -34,12 +35,16 @@ def percentile(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
 
-def load(model: torch.nn.Module, prompts: list[list[int]], clients: int, new_tokens: int, batched: bool) -> dict:
+def load(model: torch.nn.Module, prompts: list[list[int]], clients: int, new_tokens: int, mode: str,
+         params: SamplingParams | None = None, decode_steps: int = 1) -> dict:
+    """mode: per_sequence (the old path), batched (HF modules' step), fused (the fused layer kernels' step)."""
     engine = Engine(model, block_size=16, num_blocks=clients * (192 + new_tokens + 16) // 16 + 64)
+    batched = mode != "per_sequence"
     engine.runner.batched_decode = batched
     engine.runner.flat_prefill = batched and engine.runner.flat_prefill  # the baseline: everything per sequence
+    engine.runner.use_fused = engine.runner.use_fused and mode == "fused"
     scheduler = Scheduler(engine, max_context=512, max_running=clients, max_queue=len(prompts) + 1,
-                          max_batch_tokens=4096)
+                          max_batch_tokens=4096, decode_steps=decode_steps)
     slots = threading.Semaphore(clients)
     done = threading.Event()
     finished: list[Request] = []
@@ -61,7 +66,7 @@ def load(model: torch.nn.Module, prompts: list[list[int]], clients: int, new_tok
     started = time.monotonic()
     for prompt in prompts:
         slots.acquire()
-        request = Request(prompt, SamplingParams(max_new_tokens=new_tokens))
+        request = Request(prompt, params or SamplingParams(max_new_tokens=new_tokens))
         request.on_event = (lambda r: lambda event: on_event(r, event))(request)
         submitted[id(request)] = time.monotonic()
         scheduler.submit(request)
@@ -70,11 +75,14 @@ def load(model: torch.nn.Module, prompts: list[list[int]], clients: int, new_tok
     scheduler.stop()
     out_tokens = sum(len(r.outputs[0]) for r in finished)
     ttft = [token_times[id(r)][0] - submitted[id(r)] for r in finished]
+    tpot = [(token_times[id(r)][-1] - token_times[id(r)][0]) / (len(token_times[id(r)]) - 1) for r in finished
+            if len(token_times[id(r)]) > 1]  # time per output token after the first (bursts averaged out)
     itl = [b - a for r in finished for a, b in zip(token_times[id(r)], token_times[id(r)][1:], strict=False)]
-    return {"requests": len(prompts), "output_tokens": out_tokens, "seconds": round(wall, 2),
+    return {"mode": mode, "fused_step": engine.runner.use_fused, "decode_steps": decode_steps, "requests": len(prompts), "output_tokens": out_tokens, "seconds": round(wall, 2),
             "output_tok_s": round(out_tokens / wall, 1), "ttft_p50_ms": round(1e3 * statistics.median(ttft), 1),
             "ttft_p99_ms": round(1e3 * percentile(ttft, 99), 1), "itl_p50_ms": round(1e3 * statistics.median(itl), 2),
-            "itl_p99_ms": round(1e3 * percentile(itl, 99), 2)}
+            "itl_p99_ms": round(1e3 * percentile(itl, 99), 2), "tpot_p50_ms": round(1e3 * statistics.median(tpot), 2),
+            "tpot_p99_ms": round(1e3 * percentile(tpot, 99), 2)}
 
 
 def static_decode(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int) -> dict:
@@ -97,6 +105,8 @@ def main() -> None:
     parser.add_argument("--baseline-requests", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--decode-steps", type=int, default=8, help="greedy steps per device call (the server's "
+                        "default on CUDA)")
     args = parser.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -107,15 +117,24 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, SMOLLM2["vocab_size"], (int(n),), generator=gen).tolist()
                for n in torch.randint(64, 193, (args.requests,), generator=gen)]
-    load(model, prompts[:args.clients], args.clients, 8, True)  # warm-up: kernels, graphs per bucket
-    ours = load(model, prompts, args.clients, args.new_tokens, True)
-    print(f"batched + graphs: {ours}", flush=True)
-    base = load(model, prompts[:args.baseline_requests], args.clients, args.new_tokens, False)
-    print(f"per-sequence:     {base}", flush=True)
+    sampled = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.8, top_p=0.95, seed=1)
+    for mode in ("fused", "batched"):  # warm-up: kernels, graphs per bucket
+        load(model, prompts[:args.clients * 2], args.clients, 24, mode, decode_steps=args.decode_steps)
+    ours = load(model, prompts, args.clients, args.new_tokens, "fused", decode_steps=args.decode_steps)
+    print(f"fused step + graphs, {args.decode_steps} steps per device call: {ours}", flush=True)
+    single = load(model, prompts, args.clients, args.new_tokens, "fused")
+    print(f"fused step + graphs, one step per call: {single}", flush=True)
+    modules = load(model, prompts, args.clients, args.new_tokens, "batched")
+    print(f"HF modules step + graphs: {modules}", flush=True)
+    sampling = load(model, prompts, args.clients, args.new_tokens, "fused", sampled)
+    print(f"fused, sampled (T 0.8, top-p 0.95, seeded): {sampling}", flush=True)
+    base = load(model, prompts[:args.baseline_requests], args.clients, args.new_tokens, "per_sequence")
+    print(f"per-sequence:             {base}", flush=True)
     ceiling = static_decode(model, prompts[:args.clients], args.new_tokens)
     print(f"static decoder pure decode: {ceiling}", flush=True)
     result = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU",
-              "clients": args.clients, "new_tokens": args.new_tokens, "batched": ours, "per_sequence": base,
+              "clients": args.clients, "new_tokens": args.new_tokens, "batched": ours, "single_step": single, "modules_step": modules,
+              "sampled": sampling, "per_sequence": base,
               "static_decode": ceiling, "ratio_vs_per_sequence": round(ours["output_tok_s"] / base["output_tok_s"], 2),
               "share_of_static": round(ours["output_tok_s"] / ceiling["tok_s"], 3),
               "command": "python bench/scheduler_load.py " + " ".join(sys.argv[1:])}

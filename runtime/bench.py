@@ -39,7 +39,11 @@ class BenchConfig:
     time_limit_s: float = field(900.0, help="stop the load test after this long")
     device: str = field("cpu", help="device for the server and the baseline")
     max_running: int = field(16, help="server: sequences decoded together")
+    max_batch_tokens: int = field(256, help="server: tokens per forward step (decodes + prompt chunks)")
+    decode_steps: int | None = field(None, help="server: greedy decode steps per device call (default: its own)")
     baseline: bool = field(True, help="also run serial HF generate on the same requests")
+    baseline_requests: int | None = field(None, help="run the serial baseline on the first N requests only "
+                                          "(it is slow; throughput does not depend on the count)")
     out: str | None = field(None, help="JSON output (default artifacts/bench/serve-<device>.json)")
     seed: int = field(0, help="seed for the prompt mix")
 
@@ -48,6 +52,8 @@ class BenchConfig:
             raise UserError("artifact: required (the baseline and the tokenizer come from it)")
         if min(self.concurrency, self.requests, self.prompt_len, self.max_tokens) < 1:
             raise UserError("concurrency, requests, prompt_len and max_tokens must be positive")
+        if self.baseline_requests is not None and self.baseline_requests < 1:
+            raise UserError("baseline_requests: must be positive")
 
 
 def make_prompts(tokenizer: Any, cfg: BenchConfig) -> list[list[int]]:
@@ -71,7 +77,7 @@ async def load_test(url: str, model: str, prompts: list[list[int]], cfg: BenchCo
 
     gate = asyncio.Semaphore(cfg.concurrency)
     statuses: Counter[str] = Counter()
-    ttfts, latencies, tokens = [], [], []
+    ttfts, latencies, tokens, itls, decode_rates = [], [], [], [], []
 
     async def one(client: httpx.AsyncClient, prompt: list[int]) -> None:
         async with gate:
@@ -79,6 +85,7 @@ async def load_test(url: str, model: str, prompts: list[list[int]], cfg: BenchCo
                     "stream": True, "stream_options": {"include_usage": True}}
             start = time.perf_counter()
             first = None
+            arrivals: list[float] = []
             try:
                 async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
                     statuses[str(response.status_code)] += 1
@@ -89,12 +96,17 @@ async def load_test(url: str, model: str, prompts: list[list[int]], cfg: BenchCo
                         if not line.startswith("data: ") or line == "data: [DONE]":
                             continue
                         chunk = json.loads(line[6:])
-                        if first is None and chunk["choices"]:
-                            first = time.perf_counter() - start
+                        if chunk["choices"]:
+                            arrivals.append(time.perf_counter())
+                            if first is None:
+                                first = arrivals[-1] - start
                         if chunk.get("usage"):
                             tokens.append(chunk["usage"]["completion_tokens"])
                 latencies.append(time.perf_counter() - start)
                 ttfts.append(first if first is not None else latencies[-1])
+                itls.extend(b - a for a, b in zip(arrivals, arrivals[1:], strict=False))
+                if len(arrivals) > 1 and tokens:  # this request's decode rate after its first token
+                    decode_rates.append((tokens[-1] - 1) / (arrivals[-1] - arrivals[0]))
             except httpx.HTTPError as exc:
                 statuses[type(exc).__name__] += 1
 
@@ -109,7 +121,8 @@ async def load_test(url: str, model: str, prompts: list[list[int]], cfg: BenchCo
         wall = time.perf_counter() - start
     return {"wall_s": wall, "completed": len(latencies), "statuses": dict(statuses),
             "generated_tokens": int(sum(tokens)), "throughput_tok_s": sum(tokens) / wall,
-            "requests_per_s": len(latencies) / wall, "ttft_s": percentiles(ttfts), "latency_s": percentiles(latencies)}
+            "requests_per_s": len(latencies) / wall, "ttft_s": percentiles(ttfts), "latency_s": percentiles(latencies),
+            "inter_token_s": percentiles(itls), "decode_tok_s_per_request": percentiles(decode_rates)}
 
 
 def hf_serial(cfg: BenchConfig, prompts: list[list[int]], tokenizer: Any) -> dict[str, Any]:
@@ -175,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                               "tokens_per_target_step": _metric(metrics, "shrinkwrap_speculative_tokens_per_target_step")}
     if cfg.baseline:
         print("baseline: the same requests one at a time (HF generate; our ONNX engine for an export) ...", flush=True)
-        result["hf_serial"] = hf_serial(cfg, prompts, tokenizer)
+        result["hf_serial"] = hf_serial(cfg, prompts[:cfg.baseline_requests], tokenizer)
         result["throughput_ratio"] = served["throughput_tok_s"] / result["hf_serial"]["throughput_tok_s"]
     out = Path(cfg.out or f"artifacts/bench/serve-{cfg.device.split(':')[0]}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -183,7 +196,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     s = served
     print(f"server: {s['completed']}/{cfg.requests} completed, statuses {s['statuses']}, "
           f"{s['throughput_tok_s']:.1f} tok/s, TTFT p50 {s['ttft_s']['p50']:.3f} s p99 {s['ttft_s']['p99']:.3f} s, "
-          f"latency p50 {s['latency_s']['p50']:.2f} s p99 {s['latency_s']['p99']:.2f} s")
+          f"latency p50 {s['latency_s']['p50']:.2f} s p99 {s['latency_s']['p99']:.2f} s, inter-token p50 "
+          f"{1e3 * (s['inter_token_s']['p50'] or 0):.2f} ms p99 {1e3 * (s['inter_token_s']['p99'] or 0):.2f} ms, "
+          f"decode per request p50 {s['decode_tok_s_per_request']['p50'] or 0:.1f} tok/s")
     if cfg.baseline:
         h = result["hf_serial"]
         print(f"{h['baseline']}: {h['throughput_tok_s']:.1f} tok/s, service p50 {h['service_time_s']['p50']:.2f} s, "
@@ -214,7 +229,10 @@ def launch_server(cfg: BenchConfig) -> tuple[subprocess.Popen, str]:
 
     port = free_port()
     cmd = [sys.executable, "-m", "runtime.serve", "--artifact", cfg.artifact, "--port", str(port), "--device",
-           cfg.device, "--max-running", str(cfg.max_running)]
+           cfg.device, "--max-running", str(cfg.max_running), "--max-batch-tokens", str(cfg.max_batch_tokens),
+           "--max-queue", str(cfg.requests + 1)]
+    if cfg.decode_steps is not None:
+        cmd += ["--decode-steps", str(cfg.decode_steps)]
     if cfg.draft:
         cmd += ["--draft", cfg.draft, "--k", str(cfg.k)]
     proc = subprocess.Popen(cmd)

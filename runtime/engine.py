@@ -131,8 +131,9 @@ def accept_draft(ps: list[torch.Tensor], qs: list[torch.Tensor | None], tokens: 
 
 
 class Engine:
-    def __init__(self, model: torch.nn.Module, block_size: int = 16, num_blocks: int = 1024):
-        self.runner = PagedDecoder(model, block_size, num_blocks)
+    def __init__(self, model: torch.nn.Module, block_size: int = 16, num_blocks: int = 1024,
+                 fused: bool | None = None):
+        self.runner = PagedDecoder(model, block_size, num_blocks, fused)
         self.pool = self.runner.pool
 
     def _start(self, prompts: list[list[int]]) -> list[Sequence]:

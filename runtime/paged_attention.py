@@ -54,6 +54,16 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     return _triton.run(q, k_pool, v_pool, block_tables, lengths, scale, window)
 
 
+def paged_qkv_decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_pool: torch.Tensor,
+                               v_pool: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor,
+                               block_tables: torch.Tensor, lengths: torch.Tensor, heads: int, scale: float
+                               ) -> torch.Tensor:
+    """The fused decode step's attention (Triton only): qkv (B, (H + 2 KV) D) straight from the fused
+    projection, rotated at position lengths - 1 with tables (positions, D), its k/v written at (blocks,
+    offsets), attended over its block table -> (B, H D). Plain Llama layers: full rotary, no window."""
+    return _triton.run_qkv(qkv, cos, sin, k_pool, v_pool, blocks, offsets, block_tables, lengths, heads, scale)
+
+
 def _interpreting() -> bool:
     import os
 

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from runtime.triton_decode import _attend_tile
+from runtime.triton_decode import _attend_tile, _rotary
 
 
 @triton.jit
@@ -50,4 +50,62 @@ def run(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table
         k_pool.stride(2), block_tables.stride(0), out.stride(0), out.stride(1), scale, window or 2**30,
         GROUP=heads // kv_heads, D=dim, BLOCK=k_pool.shape[1],
         PRECISION="ieee" if q.dtype == torch.float32 else None, num_warps=4)
+    return out
+
+
+@triton.jit
+def _paged_qkv_decode_kernel(qkv_ptr, cos_ptr, sin_ptr, k_pool, v_pool, tables_ptr, lengths_ptr, blocks_ptr,
+                             offsets_ptr, out_ptr, qkv_stride, pool_block, pool_slot, pool_head, table_stride,
+                             out_stride, scale, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
+                             D: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+    """Sequence b, KV head h, from the fused q/k/v projection: rotate q (its group) and k at position
+    length - 1, write k/v at (block, offset), attend over the earlier positions of its table and the new
+    token (from registers: the kernel never reads what it just wrote)."""
+    b, h = tl.program_id(0), tl.program_id(1)
+    d = tl.arange(0, D)
+    partner = (d + D // 2) % D  # rotate_half: x[d + D/2] (negated) in the first half, x[d - D/2] after
+    sign = tl.where(d < D // 2, -1.0, 1.0)
+    pos = tl.load(lengths_ptr + b) - 1
+    cos = tl.load(cos_ptr + pos * D + d).to(tl.float32)
+    sin = tl.load(sin_ptr + pos * D + d).to(tl.float32)
+    g = tl.arange(0, 16)
+    g_ok = g < GROUP
+    row = qkv_ptr + b * qkv_stride
+    q_at = row + (h * GROUP + g)[:, None] * D
+    q = tl.load(q_at + d[None, :], mask=g_ok[:, None], other=0.0)
+    q = _rotary(q, tl.load(q_at + partner[None, :], mask=g_ok[:, None], other=0.0), cos[None, :], sin[None, :],
+                sign[None, :]).to(k_pool.dtype.element_ty)
+    k_at = row + HEADS * D + h * D
+    k = _rotary(tl.load(k_at + d), tl.load(k_at + partner), cos, sin, sign).to(k_pool.dtype.element_ty)
+    v = tl.load(row + (HEADS + KV_HEADS) * D + h * D + d).to(v_pool.dtype.element_ty)
+    slot = tl.load(blocks_ptr + b).to(tl.int64) * pool_block + tl.load(offsets_ptr + b) * pool_slot + h * pool_head
+    tl.store(k_pool + slot + d, k)
+    tl.store(v_pool + slot + d, v)
+    best = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], 1) * scale  # (16,)
+    total = tl.full((16,), 1.0, tl.float32)
+    acc = tl.zeros((16, D), tl.float32) + v.to(tl.float32)[None, :]
+    slots = tl.arange(0, BLOCK)
+    for j in range(0, tl.cdiv(pos, BLOCK)):
+        block = tl.load(tables_ptr + b * table_stride + j).to(tl.int64)
+        cols = j * BLOCK + slots
+        ok = cols < pos
+        at = block * pool_block + slots[:, None] * pool_slot + h * pool_head + d[None, :]
+        best, total, acc = _attend_tile(q, k_pool + at, v_pool + at, ok, ok[None, :], best, total, acc, scale,
+                                        PRECISION)
+    out = acc / total[:, None]
+    tl.store(out_ptr + b * out_stride + (h * GROUP + g)[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=g_ok[:, None])
+
+
+def run_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+            blocks: torch.Tensor, offsets: torch.Tensor, block_tables: torch.Tensor, lengths: torch.Tensor,
+            heads: int, scale: float) -> torch.Tensor:
+    batch = qkv.shape[0]
+    kv_heads, dim = k_pool.shape[2], k_pool.shape[3]
+    out = torch.empty(batch, heads * dim, device=qkv.device, dtype=qkv.dtype)
+    _paged_qkv_decode_kernel[(batch, kv_heads)](
+        qkv, cos, sin, k_pool, v_pool, block_tables, lengths, blocks, offsets, out, qkv.stride(0), k_pool.stride(0),
+        k_pool.stride(1), k_pool.stride(2), block_tables.stride(0), out.stride(0), scale, HEADS=heads,
+        KV_HEADS=kv_heads, GROUP=heads // kv_heads, D=dim, BLOCK=k_pool.shape[1],
+        PRECISION="ieee" if qkv.dtype == torch.float32 else None, num_warps=4)
     return out

@@ -9,6 +9,11 @@ lengths) in static buffers. Prefill and mixed steps run the new tokens of many s
 flat batch through the projections and MLPs and attend per sequence to their own blocks. The
 family adapter supplies what differs between architectures (fused or biased projections, q/k
 norms, sandwich norms, sliding windows, soft-capping).
+
+Where a model's layers are plain Llama layers in float weights (`StaticDecoder.unfusable` is empty)
+and Triton runs, the decode step uses the static decoder's fused layer kernels instead of the HF
+modules: five kernels per layer (norm + q/k/v, rotary + KV write + paged attention, o + residual,
+norm + gate/up + SwiGLU, down + residual), about 150 per step instead of ~1,200.
 """
 
 from __future__ import annotations
@@ -32,15 +37,31 @@ from core.family import (
     sliding_window,
 )
 from runtime.kv_cache import BlockPool, Sequence
-from runtime.paged_attention import kernel_applies, paged_decode_attention
-from runtime.static_decode import capture_graph
+from runtime.paged_attention import kernel_applies, paged_decode_attention, paged_qkv_decode_attention
+from runtime.static_decode import StaticDecoder, capture_graph
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 FLAT_LIMIT = 1 << 26  # query x key entries up to which the prompt chunks of a step attend in one call
 
 
+def fused_weights(model: torch.nn.Module, context: int) -> StaticDecoder | None:
+    """The fused kernels' weights (a `StaticDecoder`'s), where those kernels compute this model: plain
+    `nn.Linear` projections (not GPTQ/INT8 modules) of a family with nothing `unfusable`."""
+    family = require(model.config, "generate.paged")
+    layer = model.model.layers[0]
+    names = (*family.q_k_v, family.out_proj, *family.gate_up, family.down_proj)
+    if any(type(layer.get_submodule(n)) is not torch.nn.Linear for n in names) or (
+            type(model.lm_head) is not torch.nn.Linear):
+        return None
+    static = StaticDecoder(model, max_batch=1, max_len=context)
+    return None if static.unfusable else static
+
+
 class PagedDecoder:
-    def __init__(self, model: torch.nn.Module, block_size: int = 16, num_blocks: int = 1024):
+    def __init__(self, model: torch.nn.Module, block_size: int = 16, num_blocks: int = 1024,
+                 fused: bool | None = None):
+        """fused: decode steps through the fused layer kernels (None: on CUDA where they apply; True:
+        wherever they apply, Triton's interpreter included, for tests; False: never)."""
         cfg = model.config
         self.family = require(cfg, "generate.paged")
         self.model = model.eval()
@@ -59,10 +80,14 @@ class PagedDecoder:
         self.scratch = self.pool.free.pop()  # the last block, never allocated
         self.pool.num_blocks = num_blocks
         probe = torch.zeros(1, self.heads, self.head_dim, device=self.device, dtype=dtype)
-        self.use_graphs = self.device.type == "cuda" and kernel_applies(probe, self.pool.k[0], self.softcap)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor]] = {}
+        applies = kernel_applies(probe, self.pool.k[0], self.softcap, interpreter=bool(fused))
+        self.use_graphs = self.device.type == "cuda" and applies
+        self.graphs: dict[tuple[int, bool, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         context = getattr(cfg, "max_position_embeddings", None) or num_blocks * block_size
         self.max_table = min(num_blocks, -(-context // block_size))  # block-table width of the graphs' buffers
+        wanted = self.device.type == "cuda" if fused is None else fused
+        self.fused = fused_weights(model, context) if wanted and applies else None
+        self.use_fused = self.fused is not None  # False: the HF modules' step (benchmarks compare the two)
 
     @torch.inference_mode()
     def forward(self, seqs: list[Sequence], last_only: bool | list[bool] = True, ends: list[int] | None = None
@@ -91,46 +116,110 @@ class PagedDecoder:
 
     # --- decode-only steps: one batch, eager or replayed from a CUDA graph --------------------------------
 
-    def _decode_inputs(self, spans: list, rows: int, width: int) -> dict[str, torch.Tensor]:
-        """Host-built metadata of a decode step, padded to `rows` rows (padding writes to the scratch block)."""
-        pad = rows - len(spans)
-        bs = self.pool.block_size
+    META = ("ids", "positions", "blocks", "offsets", "lengths")  # one column each, then the block table
+
+    def _decode_inputs(self, spans: list, rows: int, width: int) -> torch.Tensor:
+        """Host-built metadata of a decode step in one flat int32 array (one copy to the device): the `META`
+        columns of `rows` entries each, then the (rows, width) block table; padding rows write to the
+        scratch block."""
+        bs, n = self.pool.block_size, len(spans)
+        columns = np.zeros((len(self.META), rows), dtype=np.int32)
+        columns[:, :n] = np.array([(s.tokens[a], a, s.block_table[a // bs], a % bs, b) for s, a, b in spans],
+                                  dtype=np.int32).reshape(n, len(self.META)).T
+        columns[2, n:], columns[4, n:] = self.scratch, 1
         tables = np.zeros((rows, width), dtype=np.int32)
+        tables[n:] = self.scratch  # every column: a multi-step decode advances padding rows too
         for i, (s, _, _) in enumerate(spans):
             tables[i, :len(s.block_table)] = s.block_table
-        tables[len(spans):, 0] = self.scratch
-        return {"ids": torch.tensor([s.tokens[a] for s, a, _ in spans] + [0] * pad),
-                "positions": torch.tensor([a for _, a, _ in spans] + [0] * pad),
-                "blocks": torch.tensor([s.block_table[a // bs] for s, a, _ in spans] + [self.scratch] * pad),
-                "offsets": torch.tensor([a % bs for _, a, _ in spans] + [0] * pad),
-                "block_tables": torch.from_numpy(tables),
-                "lengths": torch.tensor([b for _, _, b in spans] + [1] * pad)}
+        return torch.from_numpy(np.concatenate([columns.ravel(), tables.ravel()]))
+
+    def _step_args(self, meta: torch.Tensor, rows: int) -> dict[str, torch.Tensor]:
+        """`_decode_step`'s keyword arguments: contiguous views of the flat metadata."""
+        args = {name: meta[i * rows:(i + 1) * rows] for i, name in enumerate(self.META)}
+        args["block_tables"] = meta[len(self.META) * rows:].view(rows, -1)
+        return args
 
     def _decode(self, spans: list) -> torch.Tensor:
         n = len(spans)
         rows = next((b for b in BUCKETS if b >= n), None)
         width = max(len(s.block_table) for s, _, _ in spans)
         if not self.use_graphs or rows is None or width > self.max_table:
-            inputs = {k: v.to(self.device) for k, v in self._decode_inputs(spans, n, width).items()}
-            return self._decode_step(**inputs)
-        if rows not in self.graphs:
-            self.graphs[rows] = self._capture(rows)
-        graph, static, logits = self.graphs[rows]
-        for name, value in self._decode_inputs(spans, rows, static["block_tables"].shape[1]).items():
-            static[name].copy_(value, non_blocking=True)
+            return self._decode_step(**self._step_args(self._decode_inputs(spans, n, width).to(self.device), n))
+        graph, meta, logits = self._graph(rows, advance=False)
+        meta.copy_(self._decode_inputs(spans, rows, self.max_table), non_blocking=True)
         graph.replay()
         return logits[:n].clone()  # the graph's output buffer is overwritten by the next replay
 
-    def _capture(self, rows: int) -> tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor]:
-        """A CUDA graph of one decode step of `rows` rows over static metadata buffers (`max_table` blocks wide);
-        its warm-up runs write only to the scratch block, so no state needs putting back."""
-        static = {k: v.to(self.device) for k, v in self._decode_inputs([], rows, self.max_table).items()}
+    def _graph(self, rows: int, advance: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+        key = (rows, self.use_fused, advance)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(rows, advance)
+        return self.graphs[key]
+
+    @torch.inference_mode()
+    def decode_greedy(self, seqs: list[Sequence], steps: int) -> list[list[int]]:
+        """`steps` greedy decode steps of sequences that each have one uncached token, without a host round
+        trip between steps: each step's argmax becomes the next step's input on the device, and positions,
+        lengths and KV slots advance there (vLLM's multi-step scheduling). The new tokens per sequence;
+        afterwards each cache holds the input token and the first steps - 1 new ones (cached += steps)."""
+        spans = [(s, s.cached, s.cached + 1) for s in seqs]
+        for s, a, _ in spans:
+            self.pool.reserve(s, a + steps)
+        n = len(spans)
+        rows = next((b for b in BUCKETS if b >= n), None)
+        width = max(len(s.block_table) for s in seqs)
+        tokens = torch.empty(steps, n, dtype=torch.int32, device=self.device)
+        if self.use_graphs and rows is not None and width <= self.max_table:
+            graph, meta, _ = self._graph(rows, advance=True)
+            meta.copy_(self._decode_inputs(spans, rows, self.max_table), non_blocking=True)
+            for j in range(steps):
+                graph.replay()
+                tokens[j].copy_(meta[:n])  # the ids column: this step's argmax
+        else:
+            meta = self._decode_inputs(spans, n, width).to(self.device)
+            for j in range(steps):
+                self._advance_step(meta, n)
+                tokens[j].copy_(meta[:n])
+        for s in seqs:
+            s.cached += steps
+        return tokens.t().tolist()
+
+    def _advance_step(self, meta: torch.Tensor, rows: int) -> torch.Tensor:
+        """One decode step over the flat metadata, then the metadata of the next: its argmax as the input ids,
+        positions and lengths + 1, and the KV slot of the new position from the block table."""
+        args = self._step_args(meta, rows)
+        logits = self._decode_step(**args)
+        args["ids"].copy_(logits.argmax(-1))
+        args["positions"].add_(1)
+        args["lengths"].add_(1)
+        bs = self.pool.block_size
+        tables = args["block_tables"]  # (the last step's advance may point past the reserved blocks: unused)
+        column = (args["positions"] // bs).long().clamp(max=tables.shape[1] - 1)
+        args["blocks"].copy_(tables.gather(1, column[:, None])[:, 0])
+        args["offsets"].copy_(args["positions"] % bs)
+        return logits
+
+    def warm_up(self, max_rows: int) -> None:
+        """Capture the decode graphs of every bucket up to `max_rows` now (a server, before its first
+        request), so no request waits for a capture or a kernel compilation."""
+        if self.use_graphs:
+            for rows in BUCKETS:
+                if rows < max_rows * 2 or rows == BUCKETS[0]:
+                    for advance in (False, True):
+                        self._graph(rows, advance)
+
+    def _capture(self, rows: int, advance: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+        """A CUDA graph of one decode step of `rows` rows over a static metadata buffer (`max_table` blocks
+        wide), with `advance` also the next step's metadata (`_advance_step`); its warm-up runs write only
+        to the scratch block, so no state needs putting back."""
+        meta = self._decode_inputs([], rows, self.max_table).to(self.device)
         output: dict[str, torch.Tensor] = {}
 
-        def step() -> None:
-            output["logits"] = self._decode_step(**static)  # the last call, inside the capture, is the graph's
+        def step() -> None:  # the last call, inside the capture, is the graph's
+            output["logits"] = (self._advance_step(meta, rows) if advance else
+                                self._decode_step(**self._step_args(meta, rows)))
 
-        return capture_graph(step, []), static, output["logits"]
+        return capture_graph(step, []), meta, output["logits"]
 
     def _qkv(self, li: int, layer: torch.nn.Module, x: torch.Tensor, tables: dict
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -143,6 +232,8 @@ class PagedDecoder:
     def _decode_step(self, ids: torch.Tensor, positions: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor,
                      block_tables: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Logits (rows, vocab) of one new token per row; writes its K/V at (blocks, offsets)."""
+        if self.use_fused:
+            return self._fused_decode_step(ids, blocks, offsets, block_tables, lengths)
         inner = self.model.model
         rows = ids.shape[0]
         x = inner.embed_tokens(ids)[None]
@@ -156,6 +247,18 @@ class PagedDecoder:
                                        lengths, attn.scaling, self.windows[li], self.softcap)
             x = layer_tail(self.family, layer, x, o.reshape(1, rows, self.heads * self.head_dim).to(x.dtype))
         return final_logits(self.model, inner.norm(x)[0])
+
+    def _fused_decode_step(self, ids: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor,
+                           block_tables: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        from runtime.triton_decode import fused_linear
+
+        f = self.fused
+        pools = [(self.pool.k[li], self.pool.v[li]) for li in range(len(f.layers))]
+
+        def attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
+            return paged_qkv_decode_attention(qkv, f.cos, f.sin, k_pool, v_pool, blocks, offsets, block_tables,
+                                              lengths, self.heads, f.scale)
+        return fused_linear(f._fused_layers(ids, pools, attention), f.lm_head, norm=f.norm, eps=f.eps)
 
     # --- prefill and mixed steps ----------------------------------------------------------------------
 

@@ -18,12 +18,17 @@ step: the draft proposes up to k tokens for all of them, the target scores each 
 positions in the one forward, and the exact rejection rule decides per sequence (greedy output
 equals the target's; sampled output has the target's distribution); rejected tokens are rolled
 back in both caches.
+
+The next tokens of all other rows (greedy or sampled, any temperature / top-k / top-p / seed)
+come from one `runtime.sampling.sample_rows` call on the logits' device: one host synchronisation
+per step, and a seeded request draws the same tokens whatever shares its batch.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -38,11 +43,11 @@ from runtime.engine import (
     accept_draft,
     adjust_logits,
     draw,
-    next_token,
     probabilities,
     token_logprobs,
 )
 from runtime.kv_cache import Sequence
+from runtime.sampling import sample_rows
 
 
 class QueueFull(RuntimeError):
@@ -105,8 +110,9 @@ class _Sample:
     request: Request
     index: int
     seq: Sequence
-    generator: torch.Generator | None
+    generator: torch.Generator | None  # the speculative path's draws
     prompt_len: int
+    seed: int  # the batch sampler's key (with the count of generated tokens)
     draft_seq: Sequence | None = None
 
     @property
@@ -140,7 +146,10 @@ class SchedulerStats:
 class Scheduler:
     def __init__(self, engine: Engine, max_context: int, max_running: int = 16, max_queue: int = 64,
                  max_batch_tokens: int = 256, response_cache_size: int = 0, draft: Engine | None = None,
-                 k: int = 4):
+                 k: int = 4, decode_steps: int = 1):
+        """decode_steps: when every running sequence is past its prompt and plainly greedy, run up to this many
+        decode steps on the device before coming back to the host (`PagedDecoder.decode_greedy`): new
+        requests then wait at most that many steps to be admitted, and their tokens stream in bursts."""
         self.pool, self.runner = engine.pool, engine.runner
         if draft is not None and (draft.pool.num_blocks, draft.pool.block_size) != (self.pool.num_blocks,
                                                                                      self.pool.block_size):
@@ -148,6 +157,7 @@ class Scheduler:
         self.draft, self.k = draft, (k if draft is not None else 0)
         self.max_context, self.max_running, self.max_queue = max_context, max_running, max_queue
         self.max_batch_tokens = max_batch_tokens
+        self.decode_steps = decode_steps
         self.waiting: list[tuple[int, float, int, Request]] = []
         self.running: list[_Sample] = []
         self.pending_siblings: list[tuple[_Sample, Request, int]] = []
@@ -235,7 +245,9 @@ class Scheduler:
     def _new_sample(self, request: Request, index: int) -> _Sample:
         seq = Sequence(list(request.prompt))
         self.pool.admit(seq, reuse_prefix=not (request.prompt_logprobs and index == 0))
-        sample = _Sample(request, index, seq, self._generator(request, index), len(request.prompt))
+        seed = request.params.seed
+        sample = _Sample(request, index, seq, self._generator(request, index), len(request.prompt),
+                         (seed + index) % 2**63 if seed is not None else secrets.randbits(63))
         if self.draft is not None:
             sample.draft_seq = Sequence(list(request.prompt))
             self.draft.pool.admit(sample.draft_seq)
@@ -298,6 +310,10 @@ class Scheduler:
                 self.pending_siblings.remove((parent, request, index))
                 self.running.append(self._new_sample(request, index))  # shares the parent's full blocks
         self._admit()
+        if self.decode_steps > 1 and self.draft is None:
+            ran = self._multi_step()
+            if ran:
+                return ran
         decoding = [s for s in self.running if not s.prefilling]
         proposals = self._propose(decoding) if self.draft is not None else {}
         batch = list(decoding)
@@ -320,7 +336,7 @@ class Scheduler:
         logits = self.runner.forward([s.seq for s in batch], last_only=last_only, ends=ends)
         if chunks:  # the draft reads the same prompt chunks
             self.draft.runner.forward([s.draft_seq for s, _ in chunks], ends=[e for _, e in chunks])
-        greedy = self._batch_greedy(batch, ends, logits, proposals)
+        chosen = self._next_tokens(batch, ends, logits, proposals)
         decoded = 0
         for sample, start, end, rows, full in zip(batch, starts, ends, logits, scored, strict=True):
             request = sample.request
@@ -340,9 +356,7 @@ class Scheduler:
                 rows = rows[: len(new)]
             else:
                 rows = rows[-1:]
-                generated = request.outputs[sample.index]
-                new = [greedy[id(sample)] if id(sample) in greedy else
-                       next_token(adjust_logits(rows[0], request.params, generated), request.params, sample.generator)]
+                new = [chosen[id(sample)]]
                 for seq in (sample.seq, sample.draft_seq):
                     if seq is not None:
                         seq.tokens.append(new[0])
@@ -359,18 +373,55 @@ class Scheduler:
         self.stats.decode_tokens_per_s = 0.9 * self.stats.decode_tokens_per_s + 0.1 * rate
         return self.max_batch_tokens - budget
 
+    def _multi_step(self) -> int:
+        """Several greedy decode steps in one device call, when nothing else needs the host: no prompt chunk
+        to run, every row plainly greedy (no sampling, penalties or logprobs). Tokens run the target's forward
+        (0: not taken)."""
+        if not self.running or any(s.prefilling for s in self.running):
+            return 0
+        if any(s.request.params.temperature > 0 or s.request.params.adjusts_logits or s.request.logprobs is not None
+               for s in self.running):
+            return 0
+        steps = min(self.decode_steps, *(min(s.request.params.max_new_tokens - len(s.request.outputs[s.index]),
+                                             self.max_context - len(s.seq.tokens)) for s in self.running))
+        if steps < 2:
+            return 0
+        started = time.perf_counter()
+        batch = list(self.running)
+        decoded = 0
+        for sample, tokens in zip(batch, self.runner.decode_greedy([s.seq for s in batch], steps), strict=True):
+            cached = sample.seq.cached
+            for token in tokens:
+                sample.seq.tokens.append(token)
+                sample.seq.cached = min(cached, len(sample.seq.tokens) - 1)  # what stands if this token ends it
+                decoded += 1
+                if self._deliver(sample, token):
+                    break
+        self.stats.steps += 1
+        self.stats.generated_tokens += decoded
+        rate = decoded / (time.perf_counter() - started)
+        self.stats.decode_tokens_per_s = 0.9 * self.stats.decode_tokens_per_s + 0.1 * rate
+        return len(batch) * steps
+
     @staticmethod
-    def _batch_greedy(batch: list[_Sample], ends: list[int], logits: list[torch.Tensor],
-                      proposals: dict) -> dict[int, int]:
-        """The next token of every plainly greedy row, from one argmax over the batch (one device sync, not one
-        per row): greedy, no penalties or bias, no logprobs, no draft, past its prompt."""
-        picked = [(sample, rows) for sample, end, rows in zip(batch, ends, logits, strict=True)
-                  if end >= sample.prompt_len and sample.request.params.temperature <= 0
-                  and not sample.request.params.adjusts_logits and sample.request.logprobs is None
-                  and id(sample) not in proposals]
+    def _next_tokens(batch: list[_Sample], ends: list[int], logits: list[torch.Tensor], proposals: dict
+                     ) -> dict[int, int]:
+        """The next token of every row past its prompt without draft proposals, from one batched sampler call."""
+        picked = [(sample, rows[-1]) for sample, end, rows in zip(batch, ends, logits, strict=True)
+                  if end >= sample.prompt_len and id(sample) not in proposals]
         if not picked:
             return {}
-        tokens = torch.stack([rows[-1] for _, rows in picked]).argmax(-1).tolist()
+        last = torch.stack([row for _, row in picked])
+        adjusted = [i for i, (sample, _) in enumerate(picked) if sample.request.params.adjusts_logits]
+        if adjusted:  # penalties and bias: per row, in float32
+            last = last.float()
+            for i in adjusted:
+                sample = picked[i][0]
+                last[i] = adjust_logits(last[i], sample.request.params, sample.request.outputs[sample.index])
+        params = [s.request.params for s, _ in picked]
+        tokens = sample_rows(last, [p.temperature for p in params], [p.top_k for p in params],
+                             [p.top_p for p in params], [s.seed for s, _ in picked],
+                             [len(s.request.outputs[s.index]) for s, _ in picked]).tolist()
         return {id(sample): token for (sample, _), token in zip(picked, tokens, strict=True)}
 
     def _score_prompt(self, request: Request, start: int, end: int, rows: torch.Tensor) -> None:

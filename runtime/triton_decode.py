@@ -206,6 +206,8 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, norm: torch.Tensor | Non
                                                  **_launch_options(warps, 1))
         return out
     block_n, block_k, warps = TILES["gemm_small" if m <= 16 else "gemm"]
+    if x.dtype == torch.float32:  # 4-byte tiles: a shorter K step keeps the pipelined stages in shared memory
+        block_k = min(block_k, 64)
     block_m = min(64, max(16, triton.next_power_of_2(m)))
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
     _linear_kernel[grid](x, weight, out, norm_arg, res_arg, m, n, k, eps, **flags, BLOCK_M=block_m, BLOCK_N=block_n,

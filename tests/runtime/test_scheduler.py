@@ -186,3 +186,47 @@ def test_speculative_sampling_runs_and_respects_max_tokens(model):
     drain(scheduler, [request])
     assert [len(o) for o in request.outputs] == [9, 9]
     assert 0 <= scheduler.stats.acceptance_rate <= 1
+
+
+def test_concurrent_requests_through_the_fused_step_match_greedy_reference():
+    """The serving loop over the fused layer kernels (Triton's interpreter here; compiled with CUDA graphs on
+    a GPU: tests/runtime/test_paged_attention.py): mixed lengths, chunked prefill, rows joining mid-run."""
+    pytest.importorskip("triton")
+    from tests.conftest import make_tiny_family
+
+    model = make_tiny_family("llama").to("cuda" if torch.cuda.is_available() else "cpu")
+    engine = Engine(model, block_size=16, num_blocks=64, fused=True)
+    assert engine.runner.use_fused
+    gen = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (4, 19, 1, 35, 12, 27)]
+    run_greedy(Scheduler(engine, max_context=256, max_batch_tokens=24), model, prompts, 8)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_multi_step_decoding_matches_greedy_and_stops_mid_burst(model, fused):
+    """decode_steps > 1: bursts of greedy steps fed back on the device; a stop token or max_tokens inside a
+    burst ends the answer there, later arrivals still get admitted, and every block comes back."""
+    if fused:
+        pytest.importorskip("triton")
+        from tests.conftest import make_tiny_family
+
+        model = make_tiny_family("llama").to("cuda" if torch.cuda.is_available() else "cpu")
+    engine = Engine(model, block_size=16, num_blocks=128, fused=fused)
+    scheduler = Scheduler(engine, max_context=256, max_batch_tokens=64, decode_steps=5)
+    gen = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, 300, (n,), generator=gen).tolist() for n in (6, 23, 1, 40)]
+    expected = [greedy_reference(model, p, 13) for p in prompts]
+    stop = expected[1][6]  # ends the second answer inside a burst
+    requests = [Request(p, SamplingParams(max_new_tokens=13 if i != 2 else 7, stop_ids=(stop,) if i == 1 else ()))
+                for i, p in enumerate(prompts)]
+    for r in requests[:3]:
+        scheduler.submit(r)
+    for _ in range(4):
+        scheduler.step()
+    scheduler.submit(requests[3])
+    steps = 4 + drain(scheduler, requests)
+    assert steps < 13  # one token per step would take at least 13 steps (plus prefill)
+    assert requests[0].outputs[0] == expected[0] and requests[3].outputs[0] == expected[3]
+    assert requests[1].outputs[0] == expected[1][:expected[1].index(stop) + 1]
+    assert requests[1].finish_reasons == ["stop"] and requests[2].outputs[0] == expected[2][:7]
+    assert scheduler.pool.used == 0 and scheduler.reserved_blocks == 0

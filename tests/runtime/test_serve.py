@@ -140,3 +140,29 @@ def test_speculative_server_matches_the_plain_one(artifact, tmp_path_factory):
         spec = httpx.post(f"{url}/v1/completions", json=body).json()["choices"][0]["text"]
         assert metric(url, "shrinkwrap_speculative_acceptance_rate") == 1.0
     assert spec == plain
+
+
+def test_multi_step_bursts_stream_the_same_answers(artifact):
+    """--decode-steps 6: tokens arrive in bursts (several per SSE chunk) and the answers, streamed or not,
+    equal the one-step server's, also with concurrent clients."""
+    prompts = ["The river", "A new report on the", "Fire crews said", "It was"]
+
+    def answers(url: str) -> list[tuple[str, str]]:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x")
+
+        def one(prompt: str) -> tuple[str, str]:
+            plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=17, temperature=0)
+            chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=17, temperature=0,
+                                                    stream=True))
+            return plain.choices[0].text, "".join(c.choices[0].text for c in chunks if c.choices)
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            return list(pool.map(one, prompts))
+
+    with running_server(str(artifact.path), model_name=MODEL, response_cache=0) as (url, _):
+        single = answers(url)
+    with running_server(str(artifact.path), model_name=MODEL, response_cache=0, decode_steps=6) as (url, srv):
+        bursts = answers(url)
+        stats = srv.scheduler.stats
+        assert stats.generated_tokens > 1.5 * stats.steps  # one token per step without the bursts
+    assert bursts == single and all(plain == streamed for plain, streamed in single)
