@@ -5,7 +5,7 @@
 #   2: join the model, build the reference, gradient-checkpointing memory, GPTQ wall time on CUDA
 #   3: distillation of the 15-layer student on the H200 (bf16-mixed), held-out metrics
 #   paged: CUDA tests of the batched paged decode attention; engine decode steps, batched vs per sequence
-#   serve1 / serve2: GPU serving (issue 17), in two calls: CUDA tests of the paged kernels, fused step, scheduler and
+#   serve1 / serve2 / serve3: GPU serving (issue 17), in two calls (serve3: the final figures, shorter): CUDA tests of the paged kernels, fused step, scheduler and
 #          sampler; engine decode steps three ways + profile; the serving core in-process (greedy and
 #          sampled); then HTTP with runtime.bench (random weights of the real shape, artifacts/gpu_like
 #          carried: config, tokenizer, corpus; .whl carried: fastapi, uvicorn, pydantic) at 64 clients and
@@ -100,6 +100,24 @@ case "$1" in
       python3 -m runtime.generate --artifact "$W/random" --static --device cuda --max-tokens 128 \
         --prompt "The fire service says the blaze near the town is now under control, and residents" 2>&1 | tail -1
     done
+    ;;
+  serve3)
+    # the final measurement of issue 17 in one short call (the device budget's last minutes)
+    python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/runtime/test_paged_attention.py \
+      tests/runtime/test_scheduler.py 2>&1 | grep -E "^E |passed|failed" | head -20 || true
+    python3 bench/paged_decode.py --device cuda --batches 1 64 --steps 16 2>&1 | grep -v Warning
+    cp artifacts/bench/paged_decode.json "$OUT"/
+    python3 bench/scheduler_load.py --device cuda --clients 64 --requests 512 --baseline-requests 8 2>&1 \
+      | grep -v Warning
+    cp artifacts/bench/scheduler_load.json "$OUT"/
+    python3 bench/random_artifact.py --like artifacts/gpu_like --out "$W/random" 2>&1 | tail -1
+    python3 -m runtime.bench --artifact "$W/random" --device cuda --concurrency 64 --requests 512 --prompt-len 128 \
+      --max-tokens 128 --max-running 64 --max-batch-tokens 1024 --baseline-requests 2 \
+      --out "$OUT/serve-cuda-64.json" 2>&1 | grep -v -i "warn\|it/s"
+    python3 -m runtime.bench --artifact "$W/random" --device cuda --concurrency 1 --requests 8 --prompt-len 128 \
+      --max-tokens 128 --max-running 64 --no-baseline --out "$OUT/serve-cuda-1.json" 2>&1 | grep -v -i "warn\|it/s"
+    python3 -m runtime.generate --artifact "$W/random" --static --device cuda --max-tokens 128 \
+      --prompt "The fire service says the blaze near the town is now under control, and residents" 2>&1 | tail -1
     ;;
   decode)
     # the decode benchmark alone (SmolLM2-shaped random weights: speed does not depend on their values)

@@ -57,7 +57,7 @@ def run(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table
 def _paged_qkv_decode_kernel(qkv_ptr, cos_ptr, sin_ptr, k_pool, v_pool, tables_ptr, lengths_ptr, blocks_ptr,
                              offsets_ptr, out_ptr, qkv_stride, pool_block, pool_slot, pool_head, table_stride,
                              out_stride, scale, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
-                             D: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+                             D: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr):
     """Sequence b, KV head h, from the fused q/k/v projection: rotate q (its group) and k at position
     length - 1, write k/v at (block, offset), attend over the earlier positions of its table and the new
     token (from registers: the kernel never reads what it just wrote)."""
@@ -84,17 +84,21 @@ def _paged_qkv_decode_kernel(qkv_ptr, cos_ptr, sin_ptr, k_pool, v_pool, tables_p
     best = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], 1) * scale  # (16,)
     total = tl.full((16,), 1.0, tl.float32)
     acc = tl.zeros((16, D), tl.float32) + v.to(tl.float32)[None, :]
-    slots = tl.arange(0, BLOCK)
-    for j in range(0, tl.cdiv(pos, BLOCK)):
-        block = tl.load(tables_ptr + b * table_stride + j).to(tl.int64)
-        cols = j * BLOCK + slots
-        ok = cols < pos
-        at = block * pool_block + slots[:, None] * pool_slot + h * pool_head + d[None, :]
+    # TILE positions per step, gathered from TILE // BLOCK blocks of the table (fewer, longer steps than
+    # one block at a time: a short sequence's program is latency-bound on its serial loop)
+    cols = tl.arange(0, TILE)
+    for start in range(0, pos, TILE):
+        ok = start + cols < pos
+        block = tl.load(tables_ptr + b * table_stride + (start + cols) // BLOCK, mask=ok, other=0).to(tl.int64)
+        at = block[:, None] * pool_block + ((start + cols) % BLOCK)[:, None] * pool_slot + h * pool_head + d[None, :]
         best, total, acc = _attend_tile(q, k_pool + at, v_pool + at, ok, ok[None, :], best, total, acc, scale,
                                         PRECISION)
     out = acc / total[:, None]
     tl.store(out_ptr + b * out_stride + (h * GROUP + g)[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=g_ok[:, None])
+
+
+QKV_TILE = 64  # positions per step of the fused step's attention (a multiple of the block size)
 
 
 def run_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
@@ -106,6 +110,6 @@ def run_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_pool: tor
     _paged_qkv_decode_kernel[(batch, kv_heads)](
         qkv, cos, sin, k_pool, v_pool, block_tables, lengths, blocks, offsets, out, qkv.stride(0), k_pool.stride(0),
         k_pool.stride(1), k_pool.stride(2), block_tables.stride(0), out.stride(0), scale, HEADS=heads,
-        KV_HEADS=kv_heads, GROUP=heads // kv_heads, D=dim, BLOCK=k_pool.shape[1],
+        KV_HEADS=kv_heads, GROUP=heads // kv_heads, D=dim, BLOCK=k_pool.shape[1], TILE=max(QKV_TILE, k_pool.shape[1]),
         PRECISION="ieee" if qkv.dtype == torch.float32 else None, num_warps=4)
     return out

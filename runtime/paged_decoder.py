@@ -229,6 +229,30 @@ class PagedDecoder:
                                                          self.heads, self.kv_heads, self.head_dim))
         return rotate(q, cos, sin), rotate(k, cos, sin), v
 
+    def _fused_qkv(self, li: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`_qkv` through the fused kernels (prompt chunks: one norm + q/k/v GEMM over all their tokens)."""
+        from runtime.triton_decode import fused_linear
+
+        f, n = self.fused, x.shape[1]
+        p = f.layers[li]
+        qkv = fused_linear(x[0], p["wqkv"], norm=p["attn_norm"], eps=f.eps)
+        q, k, v = (t.view(1, n, -1, self.head_dim).transpose(1, 2) for t in qkv.split(
+            [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1))
+        return rotate(q, *rope), rotate(k, *rope), v
+
+    def _tail(self, li: int, layer: torch.nn.Module, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """o-projection, residual and MLP of layer li: fused kernels where they apply, else the HF modules."""
+        if not self.use_fused:
+            return layer_tail(self.family, layer, x, o)
+        from runtime.triton_decode import fused_linear
+
+        f = self.fused
+        p = f.layers[li]
+        h = fused_linear(o[0].contiguous(), p["wo"], residual=x[0])
+        return fused_linear(fused_linear(h, p["w13"], norm=p["mlp_norm"], eps=f.eps, swiglu=True), p["w2"],
+                            residual=h)[None]
+
     def _decode_step(self, ids: torch.Tensor, positions: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor,
                      block_tables: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Logits (rows, vocab) of one new token per row; writes its K/V at (blocks, offsets)."""
@@ -291,15 +315,17 @@ class PagedDecoder:
                                         w) for _, a, b in spans] for w in set(self.windows)}
         x = inner.embed_tokens(ids)[None]
         tables = rotary_tables(self.model, x, positions[None])
+        if self.use_fused:
+            tables = (self.fused.cos[positions][None, None], self.fused.sin[positions][None, None])
         for li, layer in enumerate(inner.layers):
             attn = layer.self_attn
-            q, k, v = self._qkv(li, layer, x, tables)
+            q, k, v = self._fused_qkv(li, x, tables) if self.use_fused else self._qkv(li, layer, x, tables)
             if flat:
                 self.pool.write(li, new_at, k[0].transpose(0, 1), v[0].transpose(0, 1))
                 keys, values = self.pool.read(li, all_at)
                 o = attend(q, keys.transpose(0, 1)[None].to(q.dtype), values.transpose(0, 1)[None].to(q.dtype),
                            flat_masks[self.windows[li]], attn.scaling, self.softcap)
-                x = layer_tail(self.family, layer, x, o.transpose(1, 2).reshape(1, n, self.heads * self.head_dim))
+                x = self._tail(li, layer, x, o.transpose(1, 2).reshape(1, n, self.heads * self.head_dim))
                 continue
             outs, offset = [], 0
             for i, (_, a, b) in enumerate(spans):
@@ -312,7 +338,7 @@ class PagedDecoder:
                                    attn.scaling, self.softcap))
                 offset += m
             o = torch.cat(outs, dim=2).transpose(1, 2).reshape(1, n, self.heads * self.head_dim)
-            x = layer_tail(self.family, layer, x, o)
+            x = self._tail(li, layer, x, o)
         x = inner.norm(x)[0]
         results, offset = [], 0
         for i, (s, a, b) in enumerate(spans):

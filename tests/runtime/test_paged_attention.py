@@ -109,8 +109,9 @@ def _greedy_with(runner, prompts: list[list[int]], steps: int) -> list[list[int]
 
 
 def test_fused_decode_step_equals_the_module_step_and_transformers():
-    """The fused layer kernels over the paged pool (Triton's interpreter here, compiled on CUDA): the same
-    logits as the HF modules' step, and greedy = HF greedy on ragged prompts crossing block boundaries."""
+    """The fused layer kernels over the paged pool (Triton's interpreter here, compiled on CUDA), decode steps
+    and prompt chunks: the same logits as the HF modules' path, and greedy = HF greedy on ragged prompts
+    crossing block boundaries."""
     pytest.importorskip("triton")
     from runtime.kv_cache import Sequence
     from runtime.paged_decoder import PagedDecoder
@@ -118,18 +119,20 @@ def test_fused_decode_step_equals_the_module_step_and_transformers():
 
     model = make_tiny_family("llama").to("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (5, 17, 1, 31)]
+    prompts = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (5, 17, 1, 71)]  # 71: two 64-tiles
     fused = PagedDecoder(model, block_size=16, num_blocks=32, fused=True)
     plain = PagedDecoder(model, block_size=16, num_blocks=32, fused=False)
     assert fused.use_fused and not plain.use_fused
+    fused.flat_prefill = True  # CUDA's default: the prompt chunks of a step in one attention call
     steps = []
     for runner in (plain, fused):
         seqs = [Sequence(list(p)) for p in prompts]
-        runner.forward(seqs)
+        prefill = runner.forward(seqs, last_only=False)
         for s in seqs:
             s.tokens.append(7)
-        steps.append(torch.cat(runner.forward(seqs)))
-    torch.testing.assert_close(steps[1], steps[0], rtol=1e-4, atol=1e-4)
+        steps.append((torch.cat(prefill), torch.cat(runner.forward(seqs))))
+    for got, want in zip(steps[1], steps[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert _greedy_with(fused, prompts, 12) == [greedy_reference(model, p, 12) for p in prompts]
 
 
