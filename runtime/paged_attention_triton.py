@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from runtime.triton_decode import _attend_tile, _rotary
+from runtime.triton_decode import _attend_tile, _launch_options, _rotary, gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
@@ -57,10 +57,15 @@ def run(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table
 def _paged_qkv_decode_kernel(qkv_ptr, cos_ptr, sin_ptr, k_pool, v_pool, tables_ptr, lengths_ptr, blocks_ptr,
                              offsets_ptr, out_ptr, qkv_stride, pool_block, pool_slot, pool_head, table_stride,
                              out_stride, scale, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
-                             D: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr):
+                             D: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr,
+                             PDL: tl.constexpr):
     """Sequence b, KV head h, from the fused q/k/v projection: rotate q (its group) and k at position
     length - 1, write k/v at (block, offset), attend over the earlier positions of its table and the new
-    token (from registers: the kernel never reads what it just wrote)."""
+    token (from registers: the kernel never reads what it just wrote). With PDL (batch 1 on Hopper, as the
+    fused projections around it) the next kernel may start loading its weights while this one runs."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     b, h = tl.program_id(0), tl.program_id(1)
     d = tl.arange(0, D)
     partner = (d + D // 2) % D  # rotate_half: x[d + D/2] (negated) in the first half, x[d - D/2] after
@@ -111,5 +116,5 @@ def run_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_pool: tor
         qkv, cos, sin, k_pool, v_pool, block_tables, lengths, blocks, offsets, out, qkv.stride(0), k_pool.stride(0),
         k_pool.stride(1), k_pool.stride(2), block_tables.stride(0), out.stride(0), scale, HEADS=heads,
         KV_HEADS=kv_heads, GROUP=heads // kv_heads, D=dim, BLOCK=k_pool.shape[1], TILE=max(QKV_TILE, k_pool.shape[1]),
-        PRECISION="ieee" if qkv.dtype == torch.float32 else None, num_warps=4)
+        PRECISION="ieee" if qkv.dtype == torch.float32 else None, **_launch_options(4, batch))
     return out
