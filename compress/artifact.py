@@ -29,7 +29,7 @@ from core.errors import UserError
 MANIFEST = "shrinkwrap.json"
 CARD = "README.md"
 FORMAT_VERSION = 1
-KINDS = ("reference", "distilled", "pruned", "quantized", "onnx", "tensorrt-llm")
+KINDS = ("reference", "distilled", "pruned", "quantized", "onnx", "tensorrt-llm", "draft")
 _SELF_FILES = {MANIFEST, CARD}
 _TRACKED_LIBRARIES = ("torch", "transformers", "safetensors", "tokenizers", "lightning", "datasets",
                       "gguf", "onnx", "onnxruntime", "onnxruntime-genai", "numpy", "lm-shrinkwrap")

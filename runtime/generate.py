@@ -14,7 +14,7 @@ import torch
 from core.config import field, parse_config
 from core.errors import UserError, run_main
 from runtime.engine import Engine, GenerationStats, PromptLookupDraft, SamplingParams
-from runtime.loading import load_model, load_tokenizer, open_engine
+from runtime.loading import check_draft_target, load_model, load_tokenizer, open_engine
 
 
 @dataclass
@@ -23,6 +23,7 @@ class GenerateConfig:
     prompt: str = field(None, help="prompt text")
     draft: str | None = field(None, help="draft artifact for speculative decoding (same tokenizer)")
     k: int = field(4, help="draft tokens proposed per target step")
+    force: bool = field(False, help="use a draft artifact made for another target")
     adaptive_k: bool = field(False, help="grow k after full acceptance, shrink it after a miss")
     prompt_lookup: int = field(0, help="draft by prompt lookup instead of a model: the longest n-gram (n <= this) "
                                "of the context's end found earlier proposes what followed it (0: off)")
@@ -97,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                             "engine (no --static/--prompt-lookup)")
     tokenizer = load_tokenizer(cfg.artifact)
     if cfg.draft is not None:
+        check_draft_target(cfg.draft, cfg.artifact, cfg.force)
         draft_tok = load_tokenizer(cfg.draft)
         if draft_tok.get_vocab() != tokenizer.get_vocab():
             raise UserError(f"draft: {cfg.draft} does not share the target's tokenizer")

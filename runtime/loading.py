@@ -28,6 +28,31 @@ def read_config(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{config_file}: not valid JSON ({exc})") from None
 
 
+def read_manifest(path: str | Path) -> dict[str, Any] | None:
+    """An artifact's shrinkwrap.json (None for a plain model folder); unreadable is a one-line error."""
+    manifest = Path(path) / "shrinkwrap.json"
+    if not manifest.is_file():
+        return None
+    try:
+        return json.loads(manifest.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{manifest}: not valid JSON ({exc})") from None
+
+
+def check_draft_target(draft_path: str | Path, target_path: str | Path, force: bool) -> None:
+    """Refuse (one line) a `draft` artifact (`python -m compress.draft`) made for another target, unless
+    `force`: its acceptance, and the layers it shares, are the target's it was made from."""
+    draft = read_manifest(draft_path)
+    if draft is None or draft.get("kind") != "draft" or force:
+        return
+    target = read_manifest(target_path) or {}
+    made = draft.get("draft", {})
+    if made.get("target_content_hash") != target.get("content_hash"):
+        raise UserError(f"draft: {draft_path} was made for target {made.get('target')} (content "
+                        f"{str(made.get('target_content_hash'))[:16]}…), not {target_path}; pass --force to use it "
+                        "anyway")
+
+
 def load_tokenizer(path: str | Path) -> Any:
     from transformers import AutoTokenizer
 

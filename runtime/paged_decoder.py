@@ -202,11 +202,28 @@ class PagedDecoder:
     def warm_up(self, max_rows: int) -> None:
         """Capture the decode graphs of every bucket up to `max_rows` now (a server, before its first
         request), so no request waits for a capture or a kernel compilation."""
+        if self.use_graphs and self.fused is not None:
+            self.compile_fused_shapes()
         if self.use_graphs:
             for rows in BUCKETS:
                 if rows < max_rows * 2 or rows == BUCKETS[0]:
                     for advance in (False, True):
                         self._graph(rows, advance)
+
+    def compile_fused_shapes(self) -> None:
+        """Run the fused projections once at every row count whose Triton variant differs (GEMV for 1-8 rows,
+        GEMM row tiles 16/32/64), so a prompt chunk of a new size never stalls the running batch for a
+        kernel compilation."""
+        from runtime.triton_decode import GEMV_MAX_ROWS, fused_linear
+
+        f = self.fused
+        p = f.layers[0]
+        for rows in (*range(1, GEMV_MAX_ROWS + 1), 16, 32, 64):
+            x = torch.zeros(rows, f.embed.shape[1], device=self.device, dtype=f.dtype)
+            fused_linear(x, p["wqkv"], norm=p["attn_norm"], eps=f.eps)
+            h = fused_linear(torch.zeros(rows, self.heads * self.head_dim, device=self.device, dtype=f.dtype),
+                             p["wo"], residual=x)
+            fused_linear(fused_linear(h, p["w13"], norm=p["mlp_norm"], eps=f.eps, swiglu=True), p["w2"], residual=h)
 
     def _capture(self, rows: int, advance: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
         """A CUDA graph of one decode step of `rows` rows over a static metadata buffer (`max_table` blocks

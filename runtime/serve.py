@@ -32,7 +32,7 @@ from core.config import field, parse_config
 from core.errors import UserError, run_main
 from core.family import require
 from runtime.engine import Engine, SamplingParams
-from runtime.loading import is_onnx_export, load_model, load_tokenizer, read_config
+from runtime.loading import check_draft_target, is_onnx_export, load_model, load_tokenizer, read_config
 from runtime.metrics import SchedulerCollector
 from runtime.onnx_backend import OnnxDecoder
 from runtime.onnx_batch import OnnxBatchRunner
@@ -58,6 +58,7 @@ class ServeConfig:
     model_name: str | None = field(None, help="the model id clients must send (default: the artifact's folder name)")
     draft: str | None = field(None, help="draft artifact for speculative decoding (same tokenizer)")
     k: int = field(4, help="draft tokens proposed per target step")
+    force: bool = field(False, help="use a draft artifact made for another target")
     device: str = field("cpu", help="cpu or cuda")
     threads: int | None = field(None, help="torch intra-op threads")
     max_running: int = field(16, help="sequences decoded together at most")
@@ -473,6 +474,7 @@ def build_server(cfg: ServeConfig) -> Server:
         engine = Engine(model, cfg.block_size, cfg.num_blocks)
         engine.runner.warm_up(cfg.max_running)
         if cfg.draft is not None:
+            check_draft_target(cfg.draft, cfg.artifact, cfg.force)
             if load_tokenizer(cfg.draft).get_vocab() != tokenizer.get_vocab():
                 raise UserError(f"draft: {cfg.draft} does not share the target's tokenizer")
             draft = Engine(load_model(cfg.draft, cfg.device), cfg.block_size, cfg.num_blocks)
