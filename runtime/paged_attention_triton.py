@@ -6,7 +6,14 @@ import torch
 import triton
 import triton.language as tl
 
-from runtime.triton_decode import _attend_tile, _launch_options, _rotary, gdc_launch_dependents, gdc_wait
+from runtime.triton_decode import (
+    _attend_tile,
+    _launch_options,
+    _new_token,
+    _start_softmax,
+    gdc_launch_dependents,
+    gdc_wait,
+)
 
 
 @triton.jit
@@ -67,28 +74,16 @@ def _paged_qkv_decode_kernel(qkv_ptr, cos_ptr, sin_ptr, k_pool, v_pool, tables_p
         gdc_launch_dependents()
         gdc_wait()
     b, h = tl.program_id(0), tl.program_id(1)
-    d = tl.arange(0, D)
-    partner = (d + D // 2) % D  # rotate_half: x[d + D/2] (negated) in the first half, x[d - D/2] after
-    sign = tl.where(d < D // 2, -1.0, 1.0)
     pos = tl.load(lengths_ptr + b) - 1
-    cos = tl.load(cos_ptr + pos * D + d).to(tl.float32)
-    sin = tl.load(sin_ptr + pos * D + d).to(tl.float32)
+    q, k, v = _new_token(qkv_ptr, qkv_stride, cos_ptr, sin_ptr, b, h, pos, HEADS, KV_HEADS, GROUP, D)
+    q, k, v = q.to(k_pool.dtype.element_ty), k.to(k_pool.dtype.element_ty), v.to(v_pool.dtype.element_ty)
+    d = tl.arange(0, D)
     g = tl.arange(0, 16)
     g_ok = g < GROUP
-    row = qkv_ptr + b * qkv_stride
-    q_at = row + (h * GROUP + g)[:, None] * D
-    q = tl.load(q_at + d[None, :], mask=g_ok[:, None], other=0.0)
-    q = _rotary(q, tl.load(q_at + partner[None, :], mask=g_ok[:, None], other=0.0), cos[None, :], sin[None, :],
-                sign[None, :]).to(k_pool.dtype.element_ty)
-    k_at = row + HEADS * D + h * D
-    k = _rotary(tl.load(k_at + d), tl.load(k_at + partner), cos, sin, sign).to(k_pool.dtype.element_ty)
-    v = tl.load(row + (HEADS + KV_HEADS) * D + h * D + d).to(v_pool.dtype.element_ty)
     slot = tl.load(blocks_ptr + b).to(tl.int64) * pool_block + tl.load(offsets_ptr + b) * pool_slot + h * pool_head
     tl.store(k_pool + slot + d, k)
     tl.store(v_pool + slot + d, v)
-    best = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], 1) * scale  # (16,)
-    total = tl.full((16,), 1.0, tl.float32)
-    acc = tl.zeros((16, D), tl.float32) + v.to(tl.float32)[None, :]
+    best, total, acc = _start_softmax(q, k, v, scale, D)
     # TILE positions per step, gathered from TILE // BLOCK blocks of the table (fewer, longer steps than
     # one block at a time: a short sequence's program is latency-bound on its serial loop)
     cols = tl.arange(0, TILE)

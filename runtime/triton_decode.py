@@ -223,6 +223,38 @@ def _rotary(x, x_partner, cos, sin, sign):
 
 
 @triton.jit
+def _new_token(qkv_ptr, qkv_stride, cos_ptr, sin_ptr, b, h, pos, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
+               GROUP: tl.constexpr, D: tl.constexpr):
+    """Row b's new token for KV head h, from the fused q/k/v row: its query group (padded to 16 rows) and k
+    rotated at `pos` (tables (positions, D)), and v; in the row's dtype."""
+    d = tl.arange(0, D)
+    partner = (d + D // 2) % D  # rotate_half: x[d + D/2] (negated) in the first half, x[d - D/2] after
+    sign = tl.where(d < D // 2, -1.0, 1.0)
+    cos = tl.load(cos_ptr + pos * D + d).to(tl.float32)
+    sin = tl.load(sin_ptr + pos * D + d).to(tl.float32)
+    g = tl.arange(0, 16)
+    g_ok = g < GROUP
+    row = qkv_ptr + b * qkv_stride
+    q_at = row + (h * GROUP + g)[:, None] * D
+    q = tl.load(q_at + d[None, :], mask=g_ok[:, None], other=0.0)
+    q = _rotary(q, tl.load(q_at + partner[None, :], mask=g_ok[:, None], other=0.0), cos[None, :], sin[None, :],
+                sign[None, :]).to(qkv_ptr.dtype.element_ty)
+    k_at = row + HEADS * D + h * D
+    k = _rotary(tl.load(k_at + d), tl.load(k_at + partner), cos, sin, sign).to(qkv_ptr.dtype.element_ty)
+    v = tl.load(row + (HEADS + KV_HEADS) * D + h * D + d)
+    return q, k, v
+
+
+@triton.jit
+def _start_softmax(q, k, v, scale, D: tl.constexpr):
+    """Online-softmax state after the new token alone (from registers: never read what was just written)."""
+    best = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], 1) * scale  # (16,)
+    total = tl.full((16,), 1.0, tl.float32)
+    acc = tl.zeros((16, D), tl.float32) + v.to(tl.float32)[None, :]
+    return best, total, acc
+
+
+@triton.jit
 def _attend_tile(q, key_ptrs, value_ptrs, ok, allowed, best, total, acc, scale, PRECISION: tl.constexpr):
     """One online-softmax step over a tile of cache columns (loaded where `ok`, scored where `allowed`)."""
     keys = tl.load(key_ptrs, mask=ok[:, None], other=0.0)
@@ -251,32 +283,17 @@ def _decode_attention_kernel(qkv_ptr, k_cache, v_cache, cos_ptr, sin_ptr, pos_pt
         gdc_launch_dependents()
         gdc_wait()
     b, h = tl.program_id(0), tl.program_id(1)
+    col = tl.load(col_ptr)
+    q, k, v = _new_token(qkv_ptr, qkv_stride, cos_ptr, sin_ptr, b, h, tl.load(pos_ptr + b), HEADS, KV_HEADS, GROUP, D)
     d = tl.arange(0, D)
-    partner = (d + D // 2) % D  # rotate_half: x[d + D/2] (negated) in the first half, x[d - D/2] after
-    sign = tl.where(d < D // 2, -1.0, 1.0)
-    pos, col = tl.load(pos_ptr + b), tl.load(col_ptr)
-    cos = tl.load(cos_ptr + pos * D + d).to(tl.float32)
-    sin = tl.load(sin_ptr + pos * D + d).to(tl.float32)
     g = tl.arange(0, 16)
     g_ok = g < GROUP
-    row = qkv_ptr + b * qkv_stride
-    q_at = row + (h * GROUP + g)[:, None] * D
-    q = tl.load(q_at + d[None, :], mask=g_ok[:, None], other=0.0)
-    q_partner = tl.load(q_at + partner[None, :], mask=g_ok[:, None], other=0.0)
-    q = _rotary(q, q_partner, cos[None, :], sin[None, :], sign[None, :]).to(q.dtype)
-    k_at = row + HEADS * D + h * D
-    k = tl.load(k_at + d)
-    k = _rotary(k, tl.load(k_at + partner), cos, sin, sign).to(k.dtype)
-    v = tl.load(row + (HEADS + KV_HEADS) * D + h * D + d)
     slot = b * cache_b + h * cache_h + col * cache_l
     tl.store(k_cache + slot + d, k)
     tl.store(v_cache + slot + d, v)
     if h == 0:
         tl.store(valid_ptr + b * valid_stride + col, 1)
-    # online softmax, started from the new token itself (from registers: never read what was just written)
-    best = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], 1) * scale  # (16,)
-    total = tl.full((16,), 1.0, tl.float32)
-    acc = tl.zeros((16, D), tl.float32) + v.to(tl.float32)[None, :]
+    best, total, acc = _start_softmax(q, k, v, scale, D)
     base = b * cache_b + h * cache_h
     for start in range(0, col, BLOCK_L):
         cols = start + tl.arange(0, BLOCK_L)
