@@ -19,24 +19,22 @@ def model_dir(path: str | Path) -> Path:
     return path
 
 
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{file}: not valid JSON ({exc})") from None
+
+
 def read_config(path: str | Path) -> dict[str, Any]:
     """A model folder's config.json; missing or unreadable is a one-line error naming the file."""
-    config_file = model_dir(path) / "config.json"
-    try:
-        return json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{config_file}: not valid JSON ({exc})") from None
+    return _read_json(model_dir(path) / "config.json")
 
 
 def read_manifest(path: str | Path) -> dict[str, Any] | None:
     """An artifact's shrinkwrap.json (None for a plain model folder); unreadable is a one-line error."""
     manifest = Path(path) / "shrinkwrap.json"
-    if not manifest.is_file():
-        return None
-    try:
-        return json.loads(manifest.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{manifest}: not valid JSON ({exc})") from None
+    return _read_json(manifest) if manifest.is_file() else None
 
 
 def check_draft_target(draft_path: str | Path, target_path: str | Path, force: bool) -> None:

@@ -44,6 +44,11 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 FLAT_LIMIT = 1 << 26  # query x key entries up to which the prompt chunks of a step attend in one call
 
 
+def bucket(n: int) -> int | None:
+    """The smallest graph bucket holding n rows (None: more rows than the largest)."""
+    return next((b for b in BUCKETS if b >= n), None)
+
+
 def fused_weights(model: torch.nn.Module, context: int) -> StaticDecoder | None:
     """The fused kernels' weights (a `StaticDecoder`'s), where those kernels compute this model: plain
     `nn.Linear` projections (not GPTQ/INT8 modules) of a family with nothing `unfusable`."""
@@ -139,11 +144,15 @@ class PagedDecoder:
         args["block_tables"] = meta[len(self.META) * rows:].view(rows, -1)
         return args
 
+    def _graph_rows(self, n: int, width: int) -> int | None:
+        """The graph bucket a decode step of n rows, `width` blocks wide, replays in (None: run it eagerly)."""
+        rows = bucket(n)
+        return rows if self.use_graphs and rows is not None and width <= self.max_table else None
+
     def _decode(self, spans: list) -> torch.Tensor:
-        n = len(spans)
-        rows = next((b for b in BUCKETS if b >= n), None)
-        width = max(len(s.block_table) for s, _, _ in spans)
-        if not self.use_graphs or rows is None or width > self.max_table:
+        n, width = len(spans), max(len(s.block_table) for s, _, _ in spans)
+        rows = self._graph_rows(n, width)
+        if rows is None:
             return self._decode_step(**self._step_args(self._decode_inputs(spans, n, width).to(self.device), n))
         graph, meta, logits = self._graph(rows, advance=False)
         meta.copy_(self._decode_inputs(spans, rows, self.max_table), non_blocking=True)
@@ -166,10 +175,10 @@ class PagedDecoder:
         for s, a, _ in spans:
             self.pool.reserve(s, a + steps)
         n = len(spans)
-        rows = next((b for b in BUCKETS if b >= n), None)
         width = max(len(s.block_table) for s in seqs)
+        rows = self._graph_rows(n, width)
         tokens = torch.empty(steps, n, dtype=torch.int32, device=self.device)
-        if self.use_graphs and rows is not None and width <= self.max_table:
+        if rows is not None:
             graph, meta, _ = self._graph(rows, advance=True)
             meta.copy_(self._decode_inputs(spans, rows, self.max_table), non_blocking=True)
             for j in range(steps):
@@ -205,25 +214,22 @@ class PagedDecoder:
         if self.use_graphs and self.fused is not None:
             self.compile_fused_shapes()
         if self.use_graphs:
-            for rows in BUCKETS:
-                if rows < max_rows * 2 or rows == BUCKETS[0]:
-                    for advance in (False, True):
-                        self._graph(rows, advance)
+            for rows in BUCKETS[:BUCKETS.index(bucket(max_rows) or BUCKETS[-1]) + 1]:
+                for advance in (False, True):
+                    self._graph(rows, advance)
 
     def compile_fused_shapes(self) -> None:
         """Run the fused projections once at every row count whose Triton variant differs (GEMV for 1-8 rows,
         GEMM row tiles 16/32/64), so a prompt chunk of a new size never stalls the running batch for a
         kernel compilation."""
-        from runtime.triton_decode import GEMV_MAX_ROWS, fused_linear
+        from runtime.triton_decode import GEMV_MAX_ROWS
 
         f = self.fused
         p = f.layers[0]
         for rows in (*range(1, GEMV_MAX_ROWS + 1), 16, 32, 64):
             x = torch.zeros(rows, f.embed.shape[1], device=self.device, dtype=f.dtype)
-            fused_linear(x, p["wqkv"], norm=p["attn_norm"], eps=f.eps)
-            h = fused_linear(torch.zeros(rows, self.heads * self.head_dim, device=self.device, dtype=f.dtype),
-                             p["wo"], residual=x)
-            fused_linear(fused_linear(h, p["w13"], norm=p["mlp_norm"], eps=f.eps, swiglu=True), p["w2"], residual=h)
+            f.fused_qkv(p, x)
+            f.fused_tail(p, x, torch.zeros(rows, self.heads * self.head_dim, device=self.device, dtype=f.dtype))
 
     def _capture(self, rows: int, advance: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
         """A CUDA graph of one decode step of `rows` rows over a static metadata buffer (`max_table` blocks
@@ -249,11 +255,8 @@ class PagedDecoder:
     def _fused_qkv(self, li: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`_qkv` through the fused kernels (prompt chunks: one norm + q/k/v GEMM over all their tokens)."""
-        from runtime.triton_decode import fused_linear
-
-        f, n = self.fused, x.shape[1]
-        p = f.layers[li]
-        qkv = fused_linear(x[0], p["wqkv"], norm=p["attn_norm"], eps=f.eps)
+        n = x.shape[1]
+        qkv = self.fused.fused_qkv(self.fused.layers[li], x[0])
         q, k, v = (t.view(1, n, -1, self.head_dim).transpose(1, 2) for t in qkv.split(
             [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1))
         return rotate(q, *rope), rotate(k, *rope), v
@@ -262,13 +265,7 @@ class PagedDecoder:
         """o-projection, residual and MLP of layer li: fused kernels where they apply, else the HF modules."""
         if not self.use_fused:
             return layer_tail(self.family, layer, x, o)
-        from runtime.triton_decode import fused_linear
-
-        f = self.fused
-        p = f.layers[li]
-        h = fused_linear(o[0].contiguous(), p["wo"], residual=x[0])
-        return fused_linear(fused_linear(h, p["w13"], norm=p["mlp_norm"], eps=f.eps, swiglu=True), p["w2"],
-                            residual=h)[None]
+        return self.fused.fused_tail(self.fused.layers[li], x[0], o[0].contiguous())[None]
 
     def _decode_step(self, ids: torch.Tensor, positions: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor,
                      block_tables: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -331,9 +328,8 @@ class PagedDecoder:
             masks = {w: [attention_mask(torch.arange(a, b, device=self.device), torch.arange(b, device=self.device),
                                         w) for _, a, b in spans] for w in set(self.windows)}
         x = inner.embed_tokens(ids)[None]
-        tables = rotary_tables(self.model, x, positions[None])
-        if self.use_fused:
-            tables = (self.fused.cos[positions][None, None], self.fused.sin[positions][None, None])
+        tables = ((self.fused.cos[positions][None, None], self.fused.sin[positions][None, None]) if self.use_fused
+                  else rotary_tables(self.model, x, positions[None]))
         for li, layer in enumerate(inner.layers):
             attn = layer.self_attn
             q, k, v = self._fused_qkv(li, x, tables) if self.use_fused else self._qkv(li, layer, x, tables)

@@ -366,12 +366,16 @@ class Scheduler:
                 decoded += 1
                 if self._deliver(sample, token, logprob, top):
                     break
+        self._record_step(decoded, started)
+        return self.max_batch_tokens - budget
+
+    def _record_step(self, decoded: int, started: float) -> None:
+        """Step counters and the smoothed decode rate of a step that began at `started` (perf_counter)."""
         elapsed = time.perf_counter() - started
         self.stats.steps += 1
         self.stats.generated_tokens += decoded
         rate = decoded / elapsed if elapsed > 0 else 0.0
         self.stats.decode_tokens_per_s = 0.9 * self.stats.decode_tokens_per_s + 0.1 * rate
-        return self.max_batch_tokens - budget
 
     def _multi_step(self) -> int:
         """Several greedy decode steps in one device call, when nothing else needs the host: no prompt chunk
@@ -397,10 +401,7 @@ class Scheduler:
                 decoded += 1
                 if self._deliver(sample, token):
                     break
-        self.stats.steps += 1
-        self.stats.generated_tokens += decoded
-        rate = decoded / (time.perf_counter() - started)
-        self.stats.decode_tokens_per_s = 0.9 * self.stats.decode_tokens_per_s + 0.1 * rate
+        self._record_step(decoded, started)
         return len(batch) * steps
 
     @staticmethod

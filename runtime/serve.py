@@ -468,15 +468,16 @@ def build_server(cfg: ServeConfig) -> Server:
         engine: Any = OnnxBatchRunner(decoder, cfg.max_running, max_context)
     else:
         require(read_config(cfg.artifact), "serve")
+        if cfg.draft is not None:  # before any model is loaded or graph captured
+            check_draft_target(cfg.draft, cfg.artifact, cfg.force)
+            if load_tokenizer(cfg.draft).get_vocab() != tokenizer.get_vocab():
+                raise UserError(f"draft: {cfg.draft} does not share the target's tokenizer")
         model = load_model(cfg.artifact, cfg.device)
         if not isinstance(model, torch.nn.Module) or not hasattr(model, "model"):
             raise UserError(f"{cfg.artifact}: the server runs decoder-only PyTorch or ONNX artifacts")
         engine = Engine(model, cfg.block_size, cfg.num_blocks)
         engine.runner.warm_up(cfg.max_running)
         if cfg.draft is not None:
-            check_draft_target(cfg.draft, cfg.artifact, cfg.force)
-            if load_tokenizer(cfg.draft).get_vocab() != tokenizer.get_vocab():
-                raise UserError(f"draft: {cfg.draft} does not share the target's tokenizer")
             draft = Engine(load_model(cfg.draft, cfg.device), cfg.block_size, cfg.num_blocks)
         limit = getattr(model.config, "max_position_embeddings", None) or cfg.block_size * cfg.num_blocks
         max_context = min(cfg.max_model_len or limit, limit, cfg.block_size * cfg.num_blocks)

@@ -174,15 +174,24 @@ class StaticDecoder(nn.Module):
 
     def _fused_layers(self, tokens: torch.Tensor, caches: list, attention) -> torch.Tensor:
         """Embedding, then each layer in five Triton kernels; `attention(qkv, k_cache, v_cache)` is the varying one."""
-        from runtime.triton_decode import fused_linear
-
         x = F.embedding(tokens, self.embed)
         for p, (k_cache, v_cache) in zip(self.layers, caches, strict=True):
-            o = attention(fused_linear(x, p["wqkv"], norm=p["attn_norm"], eps=self.eps), k_cache, v_cache)
-            x = fused_linear(o, p["wo"], residual=x)
-            x = fused_linear(fused_linear(x, p["w13"], norm=p["mlp_norm"], eps=self.eps, swiglu=True), p["w2"],
-                             residual=x)
+            x = self.fused_tail(p, x, attention(self.fused_qkv(p, x), k_cache, v_cache))
         return x
+
+    def fused_qkv(self, p: dict, x: torch.Tensor) -> torch.Tensor:
+        """Layer p's RMSNorm + fused q/k/v projection of x (M, hidden) -> (M, (H + 2 KV) D), one kernel."""
+        from runtime.triton_decode import fused_linear
+
+        return fused_linear(x, p["wqkv"], norm=p["attn_norm"], eps=self.eps)
+
+    def fused_tail(self, p: dict, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """Layer p after attention: o-projection + residual, RMSNorm + gate/up + SwiGLU, down + residual."""
+        from runtime.triton_decode import fused_linear
+
+        h = fused_linear(o, p["wo"], residual=x)
+        return fused_linear(fused_linear(h, p["w13"], norm=p["mlp_norm"], eps=self.eps, swiglu=True), p["w2"],
+                            residual=h)
 
     def fused_step(self, batch: int, tokens: torch.Tensor | None = None, next_tokens: torch.Tensor | None = None
                    ) -> None:
