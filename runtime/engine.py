@@ -200,7 +200,7 @@ class Engine:
             p_first = None
             accepted, final = accept_draft(ps, qs, proposals, gen)
             new = proposals[:accepted] + [final]
-            stats.target_steps += 1
+            stats.target_steps += bool(scored)  # a first token drawn from the prefill's distribution costs no pass
             stats.proposed += len(proposals)
             stats.accepted += accepted
             stats.per_step_accepted.append(accepted)

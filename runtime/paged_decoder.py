@@ -18,6 +18,8 @@ norm + gate/up + SwiGLU, down + residual), about 150 per step instead of ~1,200.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 
@@ -75,6 +77,8 @@ class PagedDecoder:
         self.windows = [sliding_window(cfg, i) for i in range(cfg.num_hidden_layers)]
         self.softcap = attn_softcap(cfg)
         self.batched_decode = True  # decode-only steps in one attention call (False: per sequence, for benchmarks)
+        self.keep_features = False  # every step through `_general`, which leaves `features` (an EAGLE draft's input)
+        self.features: list[torch.Tensor] = []  # per sequence of the last `_general` call: its new rows' final-norm states
         param = next(model.parameters())
         dtype = param.dtype if param.dtype.is_floating_point else torch.float32
         self.device = param.device
@@ -102,7 +106,7 @@ class PagedDecoder:
         spans = [(s, s.cached, len(s.tokens) if ends is None else ends[i]) for i, s in enumerate(seqs)]
         for s, _, end in spans:
             self.pool.reserve(s, end)
-        if not self.batched_decode:
+        if not self.batched_decode or self.keep_features:
             return self._general(spans, last_only)
         # one new token: the batched decode step; longer spans (prompt chunks): the general pass
         single = [i for i, (_, a, b) in enumerate(spans) if b - a == 1]
@@ -354,6 +358,8 @@ class PagedDecoder:
             x = self._tail(li, layer, x, o)
         x = inner.norm(x)[0]
         results, offset = [], 0
+        self.features = [x[o:o + b - a] for o, (_, a, b) in zip(
+            [0, *itertools.accumulate(b - a for _, a, b in spans)], spans, strict=False)]
         for i, (s, a, b) in enumerate(spans):
             last = last_only[i] if isinstance(last_only, list) else last_only
             rows = x[offset + (b - a) - 1: offset + (b - a)] if last else x[offset: offset + (b - a)]

@@ -125,10 +125,25 @@ class StaticDecoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
         """tokens/pos (B, T); col (T,) cache columns shared by the rows -> logits (B, T, vocab)."""
-        b, t = tokens.shape
+        return self.logits(self.features(self.hidden(self.embed_tokens(tokens), pos, col)))
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         x = F.embedding(tokens, self.embed)
-        if self.embed_scale is not None:
-            x = x * self.embed_scale
+        return x if self.embed_scale is None else x * self.embed_scale
+
+    def features(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The final norm of the last layer's output: what the LM head reads (and an EAGLE head too)."""
+        return self._rms(hidden, self.norm)
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        logits = features @ self.lm_head.t()
+        if self.final_softcap is not None:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits
+
+    def hidden(self, x: torch.Tensor, pos: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+        """Input embeddings x (B, T, hidden) through every layer, eagerly -> the last layer's output."""
+        b, t = x.shape[:2]
         rope = {kind: (cos[pos][:, None], sin[pos][:, None]) for kind, (cos, sin) in self.rope.items()}  # (B,1,T,R)
         columns = torch.arange(self.max_len, device=self.device)
         causal = columns[None, None, None, :] <= col[None, None, :, None]
@@ -153,10 +168,7 @@ class StaticDecoder(nn.Module):
             gate, up = (self._rms(x, p["mlp_norm"]) @ p["w13"].t()).chunk(2, dim=-1)
             m = ((F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)) * up) @ p["w2"].t()
             x = x + (self._rms(m, p["post_mlp_norm"]) if "post_mlp_norm" in p else m)
-        logits = self._rms(x, self.norm) @ self.lm_head.t()
-        if self.final_softcap is not None:
-            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
-        return logits
+        return x
 
     def decode_step(self, batch: int, tokens: torch.Tensor | None = None, next_tokens: torch.Tensor | None = None
                     ) -> None:
@@ -172,9 +184,11 @@ class StaticDecoder(nn.Module):
         self.pos[:batch].add_(1)
         self.col.add_(1)
 
-    def _fused_layers(self, tokens: torch.Tensor, caches: list, attention) -> torch.Tensor:
-        """Embedding, then each layer in five Triton kernels; `attention(qkv, k_cache, v_cache)` is the varying one."""
-        x = F.embedding(tokens, self.embed)
+    def _fused_layers(self, tokens: torch.Tensor | None, caches: list, attention, x: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """Embedding (or the given inputs x), then each layer in five Triton kernels; `attention(qkv, k_cache,
+        v_cache)` is the varying one."""
+        x = F.embedding(tokens, self.embed) if x is None else x
         for p, (k_cache, v_cache) in zip(self.layers, caches, strict=True):
             x = self.fused_tail(p, x, attention(self.fused_qkv(p, x), k_cache, v_cache))
         return x
@@ -207,28 +221,45 @@ class StaticDecoder(nn.Module):
         fused_linear(x, self.lm_head, norm=self.norm, eps=self.eps, argmax_into=self.best[:batch])
         finish_step(self.best[:batch], tokens if next_tokens is None else next_tokens, self.pos[:batch], self.col)
 
-    def verify_step(self, tokens: torch.Tensor) -> torch.Tensor:
+    def verify_step(self, tokens: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         """Row 0's greedy next token after each of T consecutive tokens (T, 1) -> (T,); their k/v enter the cache.
 
         They sit at positions `pos[0]..` and cache columns `col..`; neither is advanced (the caller
-        moves them past what it accepts).
+        moves them past what it accepts). `features` (T, hidden), if given, receives their final-norm
+        hidden states (an EAGLE head's input).
         """
-        count = tokens.shape[0]
-        if self.step_fn != self.fused_step:
-            offsets = torch.arange(count, device=self.device)
-            self.valid[:1].index_fill_(1, self.col + offsets, True)
-            return self.forward(tokens.view(1, count), self.pos[:1] + offsets, self.col + offsets)[0].argmax(-1)
+        if self.step_fn != self.fused_step or features is not None:
+            f = self.features(self.run_rows(self.embed_tokens(tokens[:, 0])))
+            if features is not None:
+                features.copy_(f)
+            return self.logits(f).argmax(-1)
         from runtime.triton_decode import ARGMAX_EMPTY, fused_linear, unpack_argmax, verify_attention
 
         def attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
             return verify_attention(qkv, k_cache, v_cache, self.cos, self.sin, self.pos[0], self.col, self.valid[:1],
                                     self.heads, self.kv_heads, self.head_dim)
         x = self._fused_layers(tokens[:, 0], self.cache(1), attention)
-        best = self.best[:count]
+        best = self.best[:tokens.shape[0]]
         fused_linear(x, self.lm_head, norm=self.norm, eps=self.eps, argmax_into=best)
         argmax = unpack_argmax(best)
         best.fill_(ARGMAX_EMPTY)
         return argmax
+
+    def run_rows(self, x: torch.Tensor, eager: bool = False) -> torch.Tensor:
+        """Row 0's T consecutive inputs x (T, hidden) at positions `pos[0]..`, cache columns `col..` -> the last
+        layer's output (T, hidden); their k/v enter the cache, pos/col are not advanced. The fused kernels when
+        in use (small T), else (or `eager`) the PyTorch layers."""
+        count = x.shape[0]
+        if eager or self.step_fn != self.fused_step:
+            offsets = torch.arange(count, device=self.device)
+            self.valid[:1].index_fill_(1, self.col + offsets, True)
+            return self.hidden(x[None], self.pos[:1] + offsets, self.col + offsets)[0]
+        from runtime.triton_decode import verify_attention
+
+        def attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+            return verify_attention(qkv, k_cache, v_cache, self.cos, self.sin, self.pos[0], self.col, self.valid[:1],
+                                    self.heads, self.kv_heads, self.head_dim)
+        return self._fused_layers(None, self.cache(1), attention, x=x)
 
     def use_fused_kernels(self) -> None:
         """Decode with `fused_step` (needs Triton; on the CPU only under TRITON_INTERPRET=1)."""
@@ -269,8 +300,10 @@ class StaticDecoder(nn.Module):
             pos[i, pad:] = torch.arange(len(p))
             self.valid[i, pad:width] = True
         col = torch.arange(width, device=self.device)
-        logits = self.forward(padded.to(self.device), pos.to(self.device), col)
-        self.tokens[:batch] = logits[:, -1:].argmax(-1)
+        x = self.embed_tokens(padded.to(self.device))
+        self.prompt_features = self.features(self.hidden(x, pos.to(self.device), col))  # (batch, width, hidden)
+        logits = self.logits(self.prompt_features[:, -1:])
+        self.tokens[:batch] = logits.argmax(-1)
         self.pos[:batch] = pos[:, -1:].to(self.device) + 1
         self.col.fill_(width)
         return batch

@@ -75,6 +75,9 @@ class StaticSpeculator:
         self.count += advance
         self.accepted += accepted
 
+    def _prefill_draft(self, prompt: list[int], new_tokens: int) -> None:
+        self.draft.prefill([prompt], new_tokens)  # its own first token is not used: the target's is
+
     def _state(self) -> list[torch.Tensor]:
         return [self.tokens, self.out, self.count, self.accepted, *self.target.state(1), *self.draft.state(1)]
 
@@ -89,7 +92,7 @@ class StaticSpeculator:
         use_graph = target.device.type == "cuda" if use_graph is None else use_graph
         started = time.perf_counter()
         target.prefill([prompt], new_tokens)
-        draft.prefill([prompt], new_tokens)  # its own first token is not used: the target's is
+        self._prefill_draft(prompt, new_tokens)
         self.tokens[0].copy_(target.tokens[0])
         self.out[0] = target.tokens[0, 0]
         self.count.fill_(1)
@@ -113,3 +116,81 @@ class StaticSpeculator:
         self.stats = SpeculativeStats(new_tokens=cut, cycles=cycles, accepted=int(self.accepted.item()), k=k,
                                       prefill_s=prefilled - started, decode_s=time.perf_counter() - prefilled)
         return out[:cut]
+
+
+class StaticEagleSpeculator(StaticSpeculator):
+    """The same cycle with an EAGLE head (runtime/eagle.py) as the draft, on a `StaticDecoder` of the head.
+
+    A cycle: the head first catches up on the previous verify pass's k + 1 rows (the target's
+    features there and its argmax after each: for the accepted rows exactly the head's next inputs;
+    the rows past them are overwritten later, as the target's), takes its first proposal from the
+    row of the last accepted token, drafts k - 1 more one row at a time, then the target verifies
+    and hands back the features of all k + 1 rows. Every shape is fixed, so the cycle is one graph.
+    """
+
+    def __init__(self, target: StaticDecoder, head, k: int = 4):
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        head_decoder = StaticDecoder(head, max_batch=1, max_len=target.max_len + k + 1, dtype=target.dtype)
+        if target.embed.shape[0] != head_decoder.embed.shape[0] or target.device != head_decoder.device:
+            raise ValueError("the EAGLE head and the target need the same vocabulary and device")
+        super().__init__(target, head_decoder, k)
+        if target.step_fn == target.fused_step and not head_decoder.unfusable:
+            head_decoder.use_fused_kernels()
+        device, hidden = target.device, target.embed.shape[1]
+        self.fc = head.fc.weight.detach().to(device=device, dtype=target.dtype)
+        self.vocab_ids = None if head.vocab_ids is None else head.vocab_ids.to(device)
+        self.features = torch.zeros(k + 1, hidden, dtype=target.dtype, device=device)  # the last verify's rows
+        self.targets = torch.zeros(k + 1, dtype=torch.long, device=device)  # the target's argmax after each
+        self.last = torch.zeros(1, dtype=torch.long, device=device)  # proposals the last verify accepted
+
+    def _prefill_draft(self, prompt: list[int], new_tokens: int) -> None:
+        from runtime.eagle import draft_rows
+
+        target, head = self.target, self.draft
+        features = target.prompt_features[0]  # (len(prompt), hidden)
+        head.valid.zero_()
+        head.pos.zero_()
+        head.col.zero_()
+        if len(prompt) > 1:  # entries 0..n-2: the feature of position i and prompt token i + 1
+            ids = torch.tensor(prompt[1:], device=target.device)
+            draft_rows(head, self.fc, self.vocab_ids, features[:-1], ids, eager=True)
+        # the first cycle's catch-up: entry n - 1 reads the last prompt feature and the target's first token
+        self.features.zero_()
+        self.features[0].copy_(features[-1])
+        self.targets.zero_()
+        self.targets[0] = target.tokens[0, 0]
+        self.last.zero_()
+        head.pos.fill_(len(prompt) - 1)
+        head.col.fill_(len(prompt) - 1)
+
+    def cycle(self) -> None:
+        from runtime.eagle import draft_rows
+
+        target, head, k = self.target, self.draft, self.k
+        predicted, proposals = draft_rows(head, self.fc, self.vocab_ids, self.features, self.targets)
+        feature = predicted.index_select(0, self.last)  # the row of the last accepted token
+        self.tokens[1].copy_(proposals.index_select(0, self.last))
+        head.pos[:1] += self.last + 1
+        head.col += self.last + 1
+        for i in range(1, k):
+            feature, token = draft_rows(head, self.fc, self.vocab_ids, feature, self.tokens[i])
+            self.tokens[i + 1].copy_(token)
+            head.pos[:1] += 1
+            head.col += 1
+        argmax = target.verify_step(self.tokens[:k + 1], features=self.features)
+        accepted = (argmax[:k] == self.tokens[1:k + 1, 0]).long().cumprod(0).sum()
+        self.out.index_copy_(0, self.count + self.offsets, argmax)
+        self.tokens[0].copy_(argmax.gather(0, accepted.view(1)))
+        self.targets.copy_(argmax)
+        self.last.copy_(accepted.view(1))
+        head.pos[:1].copy_(target.pos[:1])  # the next catch-up starts at this verify pass's first position
+        head.col.copy_(target.col)
+        advance = accepted + 1
+        target.pos[:1] += advance
+        target.col += advance
+        self.count += advance
+        self.accepted += accepted
+
+    def _state(self) -> list[torch.Tensor]:
+        return [*super()._state(), self.features, self.targets, self.last]
