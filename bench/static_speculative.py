@@ -9,6 +9,11 @@ user gets) and a fixed --new-tokens (no stop). Decode rate = (tokens - 1) / deco
 (the first token comes from the prefill). Reports speed-ups, acceptance rate, tokens per target
 pass and whether each output equals the plain greedy output. Writes
 artifacts/bench/static-speculative-<device>.json.
+
+With an EAGLE head as --draft (`compress.draft --method eagle`), each --draft-vocab N runs the head
+restricted to the N tokens most frequent in --vocab-from (its training text; 0: as trained), and
+each k also times the target's verify pass alone (a CUDA graph of it), so a cycle splits into
+verify and drafting.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.data import chat_prompts  # noqa: E402
 from runtime import triton_decode  # noqa: E402
+from runtime.eagle import is_eagle_draft, load_head  # noqa: E402
 from runtime.loading import load_model, load_tokenizer  # noqa: E402
-from runtime.static_decode import StaticDecoder  # noqa: E402
-from runtime.static_speculative import StaticSpeculator  # noqa: E402
+from runtime.static_decode import StaticDecoder, capture_graph  # noqa: E402
+from runtime.static_speculative import StaticEagleSpeculator, StaticSpeculator  # noqa: E402
 
 
 def mean(values: list[float]) -> float:
@@ -48,6 +54,20 @@ def first_difference(model: torch.nn.Module, prompt: list[int], plain: list[int]
             "fp32_margin": float(top.values[0] - top.values[1])}
 
 
+def verify_ms(target: StaticDecoder, k: int, replays: int = 200) -> float:
+    """The target's verify pass over k + 1 rows alone (with the features an EAGLE head reads), from a CUDA graph."""
+    tokens = torch.zeros(k + 1, 1, dtype=torch.long, device=target.device)
+    features = torch.zeros(k + 1, target.embed.shape[1], dtype=target.dtype, device=target.device)
+    graph = capture_graph(lambda: target.verify_step(tokens, features), [*target.state(1)])
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / replays
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", default="artifacts/reference")
@@ -58,26 +78,42 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--small", nargs="+", default=["gemv"], choices=["gemv", "gemm", "gemm+pdl"],
                         help="CUDA: kernels for the verify pass's k + 1 rows (runtime/triton_decode.py TILES['small'])")
+    parser.add_argument("--draft-vocab", type=int, nargs="+", default=[0],
+                        help="EAGLE head: propose only the N tokens most frequent in --vocab-from (0: as trained)")
+    parser.add_argument("--vocab-from", default=None, help="EAGLE head: its training text (JSONL, compress.draft's "
+                        "<out>.work/target-answers-*.jsonl)")
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
     tokenizer = load_tokenizer(args.target)
     prompts = [tokenizer(t, add_special_tokens=False)["input_ids"]
                for t in chat_prompts(tokenizer, args.prompts, split="heldout")]
     max_len = max(map(len, prompts)) + args.new_tokens + max(args.k) + 1
-    decoders = []
-    for name in (args.target, args.draft):
-        decoder = StaticDecoder(load_model(name, args.device, dtype=torch.bfloat16 if cuda else torch.float32),
-                              max_batch=1, max_len=max_len)
+    eagle = is_eagle_draft(args.draft)
+    decoders, models = [], []
+    for name in (args.target, None if eagle else args.draft):
+        if name is None:
+            continue
+        models.append(load_model(name, args.device, dtype=torch.bfloat16 if cuda else torch.float32))
+        decoder = StaticDecoder(models[-1], max_batch=1, max_len=max_len)
         if cuda:
             decoder.use_fused_kernels()
         decoders.append(decoder)
-    target, draft = decoders
+    target, draft = decoders[0], (None if eagle else decoders[1])
     settings = args.small if cuda else ["torch"]
-    speculators = {f"{small}_k{k}": StaticSpeculator(target, draft, k) for small in settings for k in args.k}
+    if eagle:
+        from compress.draft import frequent_tokens
+
+        heads = {v: load_head(args.draft, models[0], frequent_tokens(tokenizer, Path(args.vocab_from), v) if v else None)
+                 for v in args.draft_vocab}
+        speculators = {f"{small}_v{v}_k{k}": StaticEagleSpeculator(target, heads[v], k)
+                       for small in settings for v in args.draft_vocab for k in args.k}
+    else:
+        speculators = {f"{small}_k{k}": StaticSpeculator(target, draft, k) for small in settings for k in args.k}
     stop = (tokenizer.eos_token_id,)
     if cuda:  # compile the kernels and capture the graphs outside the timing (each with its verify kernels)
         target.generate([prompts[0]], 2)
-        draft.generate([prompts[0]], 2)
+        if draft is not None:
+            draft.generate([prompts[0]], 2)
         for name, spec in speculators.items():
             triton_decode.TILES["small"] = (name.rsplit("_k", 1)[0],)
             spec.generate(prompts[0], 2)
@@ -87,8 +123,11 @@ def main() -> None:
     for ids in prompts:
         plain = target.generate([ids], args.new_tokens)[0]
         row = {"prompt_tokens": len(ids), "plain_tok_s": (len(plain) - 1) / target.timings[1]}
-        draft.generate([ids], args.new_tokens)  # the draft alone: what one of its steps costs
-        row["draft_tok_s"] = (args.new_tokens - 1) / draft.timings[1]
+        if draft is not None:
+            draft.generate([ids], args.new_tokens)  # the draft alone: what one of its steps costs
+            row["draft_tok_s"] = (args.new_tokens - 1) / draft.timings[1]
+        elif cuda:
+            row.update({f"verify_ms_k{k}": verify_ms(target, k) for k in args.k})
         answer = plain[:next((i + 1 for i, t in enumerate(plain) if t in stop), len(plain))]
         row["answer_tokens"] = len(answer)
         for name, spec in speculators.items():
@@ -105,11 +144,12 @@ def main() -> None:
         print({key: (round(v, 1) if isinstance(v, float) else v) for key, v in row.items() if "_k" not in key},
               flush=True)
 
-    summary = {"plain_tok_s": mean([r["plain_tok_s"] for r in rows]), "draft_tok_s": mean([r["draft_tok_s"] for r in rows]),
+    summary = {"plain_tok_s": mean([r["plain_tok_s"] for r in rows]),
                "answer_tokens": mean([r["answer_tokens"] for r in rows])}
-    print(f"\ntarget alone: {summary['plain_tok_s']:.0f} tok/s ({1000 / summary['plain_tok_s']:.3f} ms/step), draft "
-          f"alone {summary['draft_tok_s']:.0f} tok/s ({1000 / summary['draft_tok_s']:.3f} ms/step); answers "
-          f"{summary['answer_tokens']:.0f} tokens on average")
+    summary.update({key: mean([r[key] for r in rows]) for key in rows[0] if key.startswith(("verify_ms", "draft_tok"))})
+    print(f"\ntarget alone: {summary['plain_tok_s']:.0f} tok/s ({1000 / summary['plain_tok_s']:.3f} ms/step); answers "
+          f"{summary['answer_tokens']:.0f} tokens on average; "
+          + ", ".join(f"{key} {value:.3f}" for key, value in summary.items() if key.startswith(("verify", "draft"))))
     print(f"{'verify_k':>12} {'budget':>6} {'tok/s':>8} {'speed-up':>9} {'accept':>7} {'tok/pass':>9} {'cycle ms':>9} "
           f"{'identical':>10}")
     for name in speculators:
@@ -125,7 +165,8 @@ def main() -> None:
                   f"{entry['tokens_per_target_step']:>9.2f} {entry['cycle_ms']:>9.3f} {entry['identical']:>7}/{len(rows)}")
     result = {"target": args.target, "draft": args.draft, "device": args.device,
               "gpu": torch.cuda.get_device_name() if cuda else None, "new_tokens": args.new_tokens,
-              "draft_layers": len(draft.layers), "target_layers": len(target.layers), "rows": rows, "summary": summary}
+              "draft_layers": len(heads[args.draft_vocab[0]].model.layers) if eagle else len(draft.layers),
+              "eagle": eagle, "target_layers": len(target.layers), "rows": rows, "summary": summary}
     out = Path(os.environ.get("OUT", "artifacts/bench"))
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"static-speculative-{args.device.split(':')[0]}.json"

@@ -139,7 +139,8 @@ def _check_sizes(student: torch.nn.Module, teacher: torch.nn.Module) -> None:
         raise UserError(f"the student ({s:,} parameters) is not smaller than the teacher ({t:,})")
 
 
-def _trainer(cfg: DistillConfig):
+def lightning_trainer(cfg: DistillConfig):
+    """The Trainer of every training step (distill, prune recovery, drafts): checkpoints, resume, logs."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
@@ -215,7 +216,7 @@ def distill(cfg: DistillConfig, kind: str = "distilled", param_masks: dict[str, 
         OptimConfig(cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.max_steps),
         cfg.gradient_checkpointing, param_masks)
     windows = heldout_windows(tokenizer)[: cfg.eval_windows]
-    trainer = _trainer(cfg)
+    trainer = lightning_trainer(cfg)
     before = accuracy_metrics(teacher, {"student": student}, windows) if trainer.is_global_zero else None
     start = time.perf_counter()
     trainer.fit(module, datamodule=data, ckpt_path=str(last) if cfg.resume else None)

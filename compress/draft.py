@@ -1,6 +1,9 @@
 """`python -m compress.draft`: a speculative-decoding draft made for one target, from the target's own answers.
 
 Methods:
+- `eagle`: a one-layer head on the target's final hidden state and the next token's embedding (EAGLE),
+  sharing the target's embedding and LM head (`--draft-vocab N`: the head proposes only the N tokens most
+  frequent in the target's answers), trained with our Lightning trainer (train/eagle.py);
 - `early-exit`: the target's first L layers with its final norm and LM head (LayerSkip's draft), then
   trained to match the target's final distribution (forward KL) on the target's chat answers;
 - `layers`: L layers spread evenly over the target (today's layer-drop student), for comparison.
@@ -11,12 +14,14 @@ answers (`compress.draft_data`, cached by the target's content hash). The result
 artifact whose parent is the target (by content hash: `runtime.generate --draft` and `runtime.serve
 --draft` refuse it for another target unless `--force`) and whose manifest holds the acceptance
 measured on held-out chat prompts (greedy, `k` tokens per proposal, the paged engine).
-Not built yet (issue 19): EAGLE heads, an early-exit draft that shares the target's KV cache, tree
-drafting and the lossy `--early-exit-threshold`.
+Not built yet (issue 19): an early-exit draft that shares the target's KV cache, tree drafting, the lossy
+`--early-exit-threshold`, and EAGLE heads in `runtime.serve` (the batched scheduler).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,16 +33,22 @@ from compress.distill import DistillConfig, distill
 from core.config import field, parse_config
 from core.errors import UserError, run_main
 
-METHODS = ("early-exit", "layers")
+METHODS = ("eagle", "early-exit", "layers")
 
 
 @dataclass
 class DraftConfig:
     target: str = field("artifacts/reference", help="the artifact the draft proposes tokens for")
-    method: str = field("early-exit", help="early-exit: the target's first L layers; layers: L layers spread "
-                        "evenly", choices=METHODS)
+    method: str = field("eagle", help="eagle: a head on the target's hidden state; early-exit: the target's first "
+                        "L layers; layers: L layers spread evenly", choices=METHODS)
     out: str = field("artifacts/draft", help="output draft artifact")
-    layers: int = field(4, help="L: decoder layers the draft keeps")
+    layers: int | None = field(None, help="L: decoder layers the draft keeps (default 4; eagle: the head's layers, "
+                               "default 1)")
+    draft_vocab: int = field(0, help="eagle: propose only the N tokens most frequent in the target's answers "
+                             "(0: the whole vocabulary)")
+    feature_weight: float = field(1.0, help="eagle: weight of the feature regression (smooth L1)")
+    kl_weight: float = field(0.1, help="eagle: weight of KL(target || head) on the next token")
+    feature_noise: float = field(0.0, help="eagle: uniform noise of this half-width added to input features")
     prompts: int = field(512, help="train-split chat prompts the target answers (the training text)")
     answer_tokens: int = field(96, help="tokens of each target answer")
     eval_prompts: int = field(16, help="held-out chat prompts the acceptance is measured on")
@@ -55,9 +66,16 @@ class DraftConfig:
     seed: int = field(0, help="random seed")
 
     def validate(self) -> None:
+        if self.layers is None:
+            self.layers = 1 if self.method == "eagle" else 4
         for name in ("layers", "prompts", "answer_tokens", "eval_prompts", "k", "seq_len", "batch_size", "max_steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name}: must be positive")
+        if min(self.feature_weight, self.kl_weight, self.feature_noise) < 0 or not (self.feature_weight or
+                                                                                     self.kl_weight):
+            raise UserError("feature_weight, kl_weight, feature_noise: >= 0, one of the weights positive")
+        if self.draft_vocab < 0 or (self.draft_vocab and self.method != "eagle"):
+            raise UserError("draft_vocab: a positive token count, with --method eagle only")
 
     @property
     def work_path(self) -> Path:
@@ -80,12 +98,14 @@ def make_draft(cfg: DraftConfig) -> Artifact:
     from compress.models import load_artifact_model
     from runtime.loading import load_tokenizer
 
+    cfg.validate()
     target = open_artifact(cfg.target)
     if problems := verify(target):
         raise UserError(f"refusing to use a damaged target: {problems[0]}")
     if Path(cfg.out).exists() and not cfg.overwrite:
         raise UserError(f"output already exists: {cfg.out} (pass --overwrite to replace it)")
-    keep = draft_layers(cfg.method, target.hf_config.get("num_hidden_layers", 0), cfg.layers)
+    keep = ([] if cfg.method == "eagle" else
+            draft_layers(cfg.method, target.hf_config.get("num_hidden_layers", 0), cfg.layers))
     tokenizer = load_tokenizer(target.path)
     model = load_artifact_model(target.path).eval()
     device = "cuda" if torch.cuda.is_available() and cfg.accelerator != "cpu" else "cpu"
@@ -93,7 +113,21 @@ def make_draft(cfg: DraftConfig) -> Artifact:
         model = model.to(device=device, dtype=torch.bfloat16)
     data = target_answers(model, tokenizer, chat_prompts(tokenizer, "train", cfg.prompts), cfg.answer_tokens,
                           cfg.work_path, target.content_hash)
-    del model
+    if cfg.method == "eagle":
+        artifact = train_eagle(cfg, target, model.float().cpu(), tokenizer, data)
+    else:
+        del model
+        artifact = _distill_draft(cfg, target, keep, data)
+    acceptance = measure_acceptance(target, artifact, tokenizer, cfg.eval_prompts, cfg.answer_tokens, cfg.k)
+    held_out = artifact.manifest.get("metrics") or {}  # the training's held-out measurement
+    record_metrics(artifact, {**held_out.get("values", {}), **acceptance},
+                   "compress.draft (held-out windows as the training step; acceptance on held-out chat prompts, "
+                   "greedy)", protocol={**held_out.get("protocol", {"full": True}), "acceptance_prompts":
+                                        cfg.eval_prompts, "k": cfg.k})
+    return open_artifact(cfg.out)
+
+
+def _trainer_config(cfg: DraftConfig, data: Path, keep: list[int]) -> DistillConfig:
     distill_cfg = DistillConfig(
         teacher=cfg.target, out=cfg.out, init="layer-drop", keep_layers=keep, data=str(data), seq_len=cfg.seq_len,
         batch_size=cfg.batch_size, max_steps=cfg.max_steps, max_minutes=cfg.max_minutes, lr=cfg.lr,
@@ -102,15 +136,84 @@ def make_draft(cfg: DraftConfig) -> Artifact:
         val_every=max(cfg.max_steps // 4, 1), val_windows=2, eval_windows=4, ckpt_every=max(cfg.max_steps // 4, 1),
         work_dir=str(cfg.work_path / "train"), resume=cfg.resume, seed=cfg.seed, overwrite=cfg.overwrite)
     distill_cfg.validate()
-    artifact = distill(distill_cfg, kind="draft", extra={"draft": {
-        "method": cfg.method, "target": target.path.name, "target_content_hash": target.content_hash,
-        "target_layers": keep, "training_prompts": cfg.prompts, "answer_tokens": cfg.answer_tokens}})
-    acceptance = measure_acceptance(target, artifact, tokenizer, cfg.eval_prompts, cfg.answer_tokens, cfg.k)
-    held_out = artifact.manifest.get("metrics") or {}  # compress.distill's held-out perplexity / KL / top-1
-    record_metrics(artifact, {**held_out.get("values", {}), **acceptance},
-                   "compress.draft (held-out windows as compress.distill; acceptance on held-out chat prompts, greedy)",
-                   protocol={**held_out.get("protocol", {"full": True}), "acceptance_prompts": cfg.eval_prompts,
-                             "k": cfg.k})
+    return distill_cfg
+
+
+def _made_for(cfg: DraftConfig, target: Artifact, keep: list[int]) -> dict:
+    return {"method": cfg.method, "target": target.path.name, "target_content_hash": target.content_hash,
+            "target_layers": keep, "training_prompts": cfg.prompts, "answer_tokens": cfg.answer_tokens}
+
+
+def _distill_draft(cfg: DraftConfig, target: Artifact, keep: list[int], data: Path) -> Artifact:
+    return distill(_trainer_config(cfg, data, keep), kind="draft", extra={"draft": _made_for(cfg, target, keep)})
+
+
+def frequent_tokens(tokenizer, data: Path, count: int) -> torch.Tensor:
+    """The `count` token ids most frequent in the training text (ties to the lower id), ascending."""
+    import json
+
+    counts = torch.zeros(len(tokenizer), dtype=torch.long)
+    with data.open(encoding="utf-8") as f:
+        for line in f:
+            ids = tokenizer(json.loads(line)["text"], add_special_tokens=False)["input_ids"]
+            counts += torch.bincount(torch.tensor(ids, dtype=torch.long), minlength=len(tokenizer))
+    if count >= len(tokenizer):
+        raise UserError(f"draft_vocab: {count} is not smaller than the vocabulary ({len(tokenizer)})")
+    order = sorted(range(len(counts)), key=lambda i: (-int(counts[i]), i))
+    return torch.tensor(sorted(order[:count]), dtype=torch.long)
+
+
+def train_eagle(cfg: DraftConfig, target: Artifact, model: torch.nn.Module, tokenizer, data: Path) -> Artifact:
+    """Train an EAGLE head on the target's answers (train/eagle.py) and write it as a `draft` artifact."""
+    import time
+
+    import lightning as L
+    from safetensors.torch import save_file
+
+    from compress.artifact import write_artifact
+    from compress.distill import lightning_trainer
+    from runtime.eagle import WEIGHTS, new_head
+    from train.datamodule import DistillDataModule
+    from train.distillation import OptimConfig
+    from train.eagle import EagleModule
+
+    tcfg = _trainer_config(cfg, data, [])
+    last = tcfg.work_path / "checkpoints" / "last.ckpt"
+    if cfg.resume and not last.is_file():
+        raise UserError(f"resume: no checkpoint at {last}")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    vocab_ids = frequent_tokens(tokenizer, data, cfg.draft_vocab) if cfg.draft_vocab else None
+    head = new_head(model, cfg.layers, vocab_ids)
+    module = EagleModule(head, model, OptimConfig(cfg.lr, 0.0, tcfg.warmup_steps, cfg.max_steps),
+                         cfg.feature_weight, cfg.kl_weight, cfg.feature_noise, cfg.gradient_checkpointing)
+    datamodule = DistillDataModule(tokenizer, cfg.seq_len, cfg.batch_size, str(data), "text", tcfg.val_windows,
+                                   None, cfg.seed, 1)
+    trainer = lightning_trainer(tcfg)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if cfg.resume else None)
+    seconds = time.perf_counter() - start
+    head = module.head.float().cpu().eval()
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    info = {"steps": trainer.global_step, "train_seconds": round(seconds, 1),
+            "train_tokens": trainer.global_step * cfg.batch_size * cfg.seq_len, "work_dir": str(cfg.work_path),
+            "val_top1": logged.get("val/top1")}
+    made = {**_made_for(cfg, target, []), "head_layers": cfg.layers,
+            "draft_vocab": 0 if vocab_ids is None else len(vocab_ids)}
+    config = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    with write_artifact(cfg.out, "draft", "compress.draft", config, parent=target, overwrite=cfg.overwrite,
+                        extra={"draft": made, "training": info,
+                               "description": f"EAGLE head ({cfg.layers} layer) for `{target.path.name}`: load it "
+                                              "with the target (runtime.eagle.load_head); it holds no embedding or "
+                                              "LM head of its own."}) as tmp:
+        # bf16: half the bytes, and the head runs in the target's dtype (bf16 on a GPU) anyway
+        save_file({k: v.to(torch.bfloat16 if v.is_floating_point() else v.dtype).contiguous()
+                   for k, v in head.trained_state().items()}, str(tmp / WEIGHTS))
+        head.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    artifact = open_artifact(cfg.out)
+    if info["val_top1"] is not None:
+        record_metrics(artifact, {"draft_top1": info["val_top1"]},
+                       "compress.draft (the head's top-1 agreement with the target's next token, held-out windows)")
     return open_artifact(cfg.out)
 
 
@@ -120,13 +223,18 @@ def measure_acceptance(target: Artifact, draft: Artifact, tokenizer, prompts: in
     tokens the target accepts and the tokens each target pass yields."""
     from compress.draft_data import chat_prompts, encode
     from compress.models import load_artifact_model
+    from runtime.eagle import EagleDraft, is_eagle_draft, load_head
     from runtime.engine import Engine, SamplingParams
 
-    target_engine = Engine(load_artifact_model(target.path).eval())
-    draft_engine = Engine(load_artifact_model(draft.path).eval())
+    model = load_artifact_model(target.path).eval()
+    target_engine = Engine(model)
+    eagle = is_eagle_draft(draft.path)
+    draft_engine = None if eagle else Engine(load_artifact_model(draft.path).eval())
+    head = load_head(draft.path, model) if eagle else None
     proposed = accepted = produced = passes = 0
     for ids in encode(tokenizer, chat_prompts(tokenizer, "heldout", prompts)):
-        _, stats = target_engine.speculative(draft_engine, ids, SamplingParams(max_new_tokens=new_tokens), k)
+        drafter = EagleDraft(head, target_engine.runner) if eagle else draft_engine
+        _, stats = target_engine.speculative(drafter, ids, SamplingParams(max_new_tokens=new_tokens), k)
         proposed, accepted = proposed + stats.proposed, accepted + stats.accepted
         produced, passes = produced + stats.new_tokens, passes + stats.target_steps
     return {"acceptance_rate": accepted / max(proposed, 1), "tokens_per_target_pass": produced / max(passes, 1),

@@ -108,8 +108,9 @@ def is_eagle_draft(path: str | Path) -> bool:
         return False
 
 
-def load_head(path: str | Path, target: nn.Module) -> EagleHead:
-    """The EAGLE head of a draft artifact, on the target's device and dtype, sharing its embedding and LM head."""
+def load_head(path: str | Path, target: nn.Module, vocab_ids: torch.Tensor | None = None) -> EagleHead:
+    """The EAGLE head of a draft artifact, on the target's device and dtype, sharing its embedding and LM head
+    (`vocab_ids`: propose only these tokens, in place of the artifact's draft vocabulary)."""
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
@@ -123,7 +124,8 @@ def load_head(path: str | Path, target: nn.Module) -> EagleHead:
     if config.hidden_size != target.config.hidden_size:
         raise UserError(f"{path}: an EAGLE head of hidden size {config.hidden_size}, the target's is "
                         f"{target.config.hidden_size}")
-    vocab_ids = state.pop("vocab_ids", None)
+    stored = state.pop("vocab_ids", None)
+    vocab_ids = stored if vocab_ids is None else vocab_ids
     param = next(target.parameters())
     head = EagleHead(config, target.model.embed_tokens.weight.detach(), target.lm_head.weight.detach(), vocab_ids)
     fc = {k.removeprefix("fc."): v for k, v in state.items() if k.startswith("fc.")}

@@ -54,15 +54,18 @@ class GenerateConfig:
 
 def static_generate(cfg: GenerateConfig, ids: list[int], stop: tuple[int, ...]) -> tuple[list[int], GenerationStats]:
     """Greedy tokens from `StaticDecoder` (fused kernels + CUDA graph on CUDA), with the draft if given."""
+    from runtime.eagle import is_eagle_draft, load_head
     from runtime.static_decode import StaticDecoder
-    from runtime.static_speculative import StaticSpeculator
+    from runtime.static_speculative import StaticEagleSpeculator, StaticSpeculator
 
     cuda = cfg.device.startswith("cuda")
-    decoders = []
-    for name in (cfg.artifact, cfg.draft):
+    eagle = cfg.draft is not None and is_eagle_draft(cfg.draft)
+    decoders, models = [], []
+    for name in (cfg.artifact, None if eagle else cfg.draft):
         if name is None:
             continue
         model = load_model(name, cfg.device, dtype=torch.bfloat16 if cuda else None)
+        models.append(model)
         try:
             decoders.append(StaticDecoder(model, max_batch=1, max_len=len(ids) + cfg.max_tokens + cfg.k))
         except ValueError as exc:
@@ -77,7 +80,8 @@ def static_generate(cfg: GenerateConfig, ids: list[int], stop: tuple[int, ...]) 
         cut = next((i + 1 for i, t in enumerate(out) if t in stop), len(out))
         return out[:cut], GenerationStats(prompt_tokens=len(ids), new_tokens=cut, prefill_s=static.timings[0],
                                           decode_s=static.timings[1] * (cut - 1) / max(len(out) - 1, 1))
-    speculator = StaticSpeculator(*decoders, k=cfg.k)
+    speculator = (StaticEagleSpeculator(decoders[0], load_head(cfg.draft, models[0]), k=cfg.k) if eagle
+                  else StaticSpeculator(*decoders, k=cfg.k))
     if cuda:
         speculator.generate(ids, 2)  # compile and capture outside the timing
     out = speculator.generate(ids, cfg.max_tokens, stop)
@@ -125,8 +129,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             if not speculative:
                 (out,), stats = target.generate([ids], params)
             else:
-                draft = (PromptLookupDraft(cfg.prompt_lookup) if cfg.prompt_lookup else
-                         Engine(load_model(cfg.draft, cfg.device), cfg.block_size, cfg.num_blocks))
+                from runtime.eagle import EagleDraft, is_eagle_draft, load_head
+
+                if cfg.prompt_lookup:
+                    draft = PromptLookupDraft(cfg.prompt_lookup)
+                elif is_eagle_draft(cfg.draft):
+                    draft = EagleDraft(load_head(cfg.draft, target.runner.model), target.runner)
+                else:
+                    draft = Engine(load_model(cfg.draft, cfg.device), cfg.block_size, cfg.num_blocks)
                 out, stats = target.speculative(draft, ids, params, cfg.k, cfg.adaptive_k)
     print(tokenizer.decode(out, skip_special_tokens=True))
     line = (f"[prefill {stats.prompt_tokens / max(stats.prefill_s, 1e-9):.0f} tok/s, "

@@ -470,6 +470,11 @@ def build_server(cfg: ServeConfig) -> Server:
         require(read_config(cfg.artifact), "serve")
         if cfg.draft is not None:  # before any model is loaded or graph captured
             check_draft_target(cfg.draft, cfg.artifact, cfg.force)
+            from runtime.eagle import is_eagle_draft
+
+            if is_eagle_draft(cfg.draft):
+                raise UserError(f"draft: {cfg.draft} is an EAGLE head; the batched server does not run EAGLE heads "
+                                "yet (runtime.generate --draft does)")
             if load_tokenizer(cfg.draft).get_vocab() != tokenizer.get_vocab():
                 raise UserError(f"draft: {cfg.draft} does not share the target's tokenizer")
         model = load_model(cfg.artifact, cfg.device)

@@ -61,7 +61,44 @@ def test_smoke_draft_is_tied_to_its_target_and_measured(tiny_artifact, tmp_path,
 
 def test_bad_config_fails_before_any_work(tiny_artifact, tmp_path):
     with pytest.raises(UserError, match="layers: a draft must keep fewer"):
-        make_draft(DraftConfig(target=str(tiny_artifact.path), out=str(tmp_path / "d"), layers=5, accelerator="cpu"))
+        make_draft(DraftConfig(target=str(tiny_artifact.path), out=str(tmp_path / "d"), method="early-exit", layers=5,
+                               accelerator="cpu"))
+    with pytest.raises(UserError, match="draft_vocab: .* --method eagle only"):
+        make_draft(DraftConfig(target=str(tiny_artifact.path), out=str(tmp_path / "d"), method="layers", draft_vocab=9))
     assert not (tmp_path / "d").exists() and not (tmp_path / "d.work").exists()
-    with pytest.raises(SystemExit):  # not built yet: the CLI lists only early-exit and layers
-        main(["--target", str(tiny_artifact.path), "--method", "eagle"])
+    with pytest.raises(SystemExit):  # the CLI lists eagle, early-exit and layers
+        main(["--target", str(tiny_artifact.path), "--method", "medusa"])
+
+
+def test_smoke_eagle_head_is_tied_to_its_target_and_exact(tiny_artifact, tmp_path, tiny_tokenizer):
+    """configs/draft/smoke-eagle.yaml: a head with a 200-token draft vocabulary; greedy speculative decoding with
+    it (paged engine, and the static decoder through runtime.generate) is the target's greedy output."""
+    from safetensors import safe_open
+
+    from runtime.eagle import EagleDraft, load_head
+
+    out = tmp_path / "eagle"
+    main(["--config", str(ROOT / "configs/draft/smoke-eagle.yaml"), "--target", str(tiny_artifact.path),
+          "--out", str(out)])
+    draft = open_artifact(out)
+    made = draft.manifest["draft"]
+    assert draft.kind == "draft" and made["method"] == "eagle" and made["draft_vocab"] == 200
+    assert made["target_content_hash"] == tiny_artifact.content_hash and made["head_layers"] == 1
+    metrics = draft.manifest["metrics"]["values"]
+    assert 0.0 <= metrics["acceptance_rate"] <= 1.0 and 0.0 <= metrics["draft_top1"] <= 1.0
+    with safe_open(str(out / "model.safetensors"), "pt") as f:  # no embedding or LM head of its own
+        names = f.keys()
+        assert not any("embed" in k or "lm_head" in k for k in names)
+        assert f.get_tensor("vocab_ids").shape == (200,)
+    target = load_artifact_model(tiny_artifact.path).eval()
+    head = load_head(out, target)
+    prompt = tiny_tokenizer("The river rose after the storm")["input_ids"]
+    engine = Engine(target)
+    tokens, _ = engine.speculative(EagleDraft(head, engine.runner), prompt, SamplingParams(max_new_tokens=12), 3)
+    assert tokens == greedy_reference(target, prompt, 12)
+    for static in ([], ["--static"]):
+        run = subprocess.run([sys.executable, "-m", "runtime.generate", "--artifact", str(tiny_artifact.path),
+                              "--draft", str(out), "--prompt", "The river rose after the storm", "--max-tokens", "12",
+                              "--k", "3", *static], capture_output=True, text=True, cwd=ROOT)
+        assert run.returncode == 0, run.stderr[-800:]
+        assert "acceptance" in run.stdout
