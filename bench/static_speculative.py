@@ -54,6 +54,7 @@ def first_difference(model: torch.nn.Module, prompt: list[int], plain: list[int]
             "fp32_margin": float(top.values[0] - top.values[1])}
 
 
+@torch.inference_mode()
 def verify_ms(target: StaticDecoder, k: int, replays: int = 200) -> float:
     """The target's verify pass over k + 1 rows alone (with the features an EAGLE head reads), from a CUDA graph."""
     tokens = torch.zeros(k + 1, 1, dtype=torch.long, device=target.device)

@@ -49,6 +49,8 @@ class DraftConfig:
     feature_weight: float = field(1.0, help="eagle: weight of the feature regression (smooth L1)")
     kl_weight: float = field(0.1, help="eagle: weight of KL(target || head) on the next token")
     feature_noise: float = field(0.0, help="eagle: uniform noise of this half-width added to input features")
+    unroll: int = field(1, help="eagle: train on the head's own predicted features fed back this many steps "
+                        "(EAGLE-3's training-time test; 1: teacher features only)")
     prompts: int = field(512, help="train-split chat prompts the target answers (the training text)")
     answer_tokens: int = field(96, help="tokens of each target answer")
     eval_prompts: int = field(16, help="held-out chat prompts the acceptance is measured on")
@@ -68,7 +70,7 @@ class DraftConfig:
     def validate(self) -> None:
         if self.layers is None:
             self.layers = 1 if self.method == "eagle" else 4
-        for name in ("layers", "prompts", "answer_tokens", "eval_prompts", "k", "seq_len", "batch_size", "max_steps"):
+        for name in ("layers", "unroll", "prompts", "answer_tokens", "eval_prompts", "k", "seq_len", "batch_size", "max_steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name}: must be positive")
         if min(self.feature_weight, self.kl_weight, self.feature_noise) < 0 or not (self.feature_weight or
@@ -185,7 +187,7 @@ def train_eagle(cfg: DraftConfig, target: Artifact, model: torch.nn.Module, toke
     vocab_ids = frequent_tokens(tokenizer, data, cfg.draft_vocab) if cfg.draft_vocab else None
     head = new_head(model, cfg.layers, vocab_ids)
     module = EagleModule(head, model, OptimConfig(cfg.lr, 0.0, tcfg.warmup_steps, cfg.max_steps),
-                         cfg.feature_weight, cfg.kl_weight, cfg.feature_noise, cfg.gradient_checkpointing)
+                         cfg.feature_weight, cfg.kl_weight, cfg.feature_noise, cfg.gradient_checkpointing, cfg.unroll)
     datamodule = DistillDataModule(tokenizer, cfg.seq_len, cfg.batch_size, str(data), "text", tcfg.val_windows,
                                    None, cfg.seed, 1)
     trainer = lightning_trainer(tcfg)

@@ -208,6 +208,6 @@ def draft_rows(head_decoder, fc: torch.Tensor, vocab_ids: torch.Tensor | None, f
     """T head entries on a `StaticDecoder` of the head (row 0, from its pos/col): features (T, hidden) and
     tokens (T,) -> predicted features (T, hidden) and each row's greedy draft token (T,)."""
     x = torch.cat([F.embedding(tokens, head_decoder.embed), features], dim=-1) @ fc.t()
-    predicted = head_decoder.features(head_decoder.run_rows(x, eager))
-    best = head_decoder.logits(predicted).argmax(-1)
-    return predicted, (best if vocab_ids is None else vocab_ids[best])
+    hidden = head_decoder.run_rows(x, eager)
+    best = head_decoder.greedy(hidden, eager)
+    return head_decoder.features(hidden), (best if vocab_ids is None else vocab_ids[best])

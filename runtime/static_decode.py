@@ -228,19 +228,20 @@ class StaticDecoder(nn.Module):
         moves them past what it accepts). `features` (T, hidden), if given, receives their final-norm
         hidden states (an EAGLE head's input).
         """
-        if self.step_fn != self.fused_step or features is not None:
-            f = self.features(self.run_rows(self.embed_tokens(tokens[:, 0])))
-            if features is not None:
-                features.copy_(f)
-            return self.logits(f).argmax(-1)
-        from runtime.triton_decode import ARGMAX_EMPTY, fused_linear, unpack_argmax, verify_attention
+        hidden = self.run_rows(self.embed_tokens(tokens[:, 0]))
+        if features is not None:
+            features.copy_(self.features(hidden))
+        return self.greedy(hidden)
 
-        def attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-            return verify_attention(qkv, k_cache, v_cache, self.cos, self.sin, self.pos[0], self.col, self.valid[:1],
-                                    self.heads, self.kv_heads, self.head_dim)
-        x = self._fused_layers(tokens[:, 0], self.cache(1), attention)
-        best = self.best[:tokens.shape[0]]
-        fused_linear(x, self.lm_head, norm=self.norm, eps=self.eps, argmax_into=best)
+    def greedy(self, hidden: torch.Tensor, eager: bool = False) -> torch.Tensor:
+        """The greedy token after each row of last-layer outputs (T, hidden): the final norm, the LM head and
+        the argmax in one kernel when the fused kernels are in use."""
+        if eager or self.step_fn != self.fused_step:
+            return self.logits(self.features(hidden)).argmax(-1)
+        from runtime.triton_decode import ARGMAX_EMPTY, fused_linear, unpack_argmax
+
+        best = self.best[:hidden.shape[0]]
+        fused_linear(hidden, self.lm_head, norm=self.norm, eps=self.eps, argmax_into=best)
         argmax = unpack_argmax(best)
         best.fill_(ARGMAX_EMPTY)
         return argmax

@@ -19,11 +19,12 @@ from train.losses import forward_kl
 class EagleModule(L.LightningModule):
     def __init__(self, head: torch.nn.Module, target: torch.nn.Module, optim: OptimConfig,
                  feature_weight: float = 1.0, kl_weight: float = 0.1, noise: float = 0.0,
-                 gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool = False, unroll: int = 1):
         super().__init__()
         self.head = head.train()
         self._target = [target.eval().requires_grad_(False)]
         self.optim, self.feature_weight, self.kl_weight, self.noise = optim, feature_weight, kl_weight, noise
+        self.unroll = unroll
         if gradient_checkpointing:
             self.head.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self._val = {"agree": 0.0, "count": 0.0}
@@ -44,19 +45,39 @@ class EagleModule(L.LightningModule):
     on_validation_start = on_fit_start
 
     def losses(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Entry i reads the target's feature at i and token i + 1; it predicts the feature at i + 1."""
+        """Entry i reads the target's feature at i and token i + 1; it predicts the feature at i + 1.
+
+        With `unroll` s > 1, the head's predictions are fed back s - 1 times (step j reads the features
+        step j - 1 predicted, and the tokens one further on), as its later draft tokens read its own
+        features at inference (EAGLE-3's training-time test, without its attention mask: each step's
+        entries see that step's earlier entries). Step j's losses are weighted 0.8^(j - 1).
+        """
         with torch.no_grad():
             features = self.target.model(ids, use_cache=False).last_hidden_state
-            target_logits = self.target.lm_head(features[:, 1:])
+            target_logits = self.target.lm_head(features)
+        length = ids.shape[1]
         inputs = features[:, :-1]
-        if self.noise and self.training:  # EAGLE's augmentation: drafted features are never exact
-            inputs = inputs + (torch.rand_like(inputs) - 0.5) * (2 * self.noise)
-        predicted, _ = self.head(inputs, ids[:, 1:])
-        logits = F.linear(predicted, self.target.lm_head.weight.to(predicted.dtype))
-        parts = {"feature": F.smooth_l1_loss(predicted.float(), features[:, 1:].float()),
-                 "kl": forward_kl(logits, target_logits)}
+        totals = {"feature": 0.0, "kl": 0.0}
+        weight_sum = 0.0
+        for step in range(1, self.unroll + 1):
+            if length - step < 1:
+                break
+            if self.noise and self.training:  # EAGLE's augmentation: drafted features are never exact
+                inputs = inputs + (torch.rand_like(inputs) - 0.5) * (2 * self.noise)
+            positions = torch.arange(step - 1, length - 1, device=ids.device)[None]
+            predicted, _ = self.head(inputs, ids[:, step:], positions)
+            logits = F.linear(predicted, self.target.lm_head.weight.to(predicted.dtype))
+            weight = 0.8 ** (step - 1)
+            totals["feature"] = totals["feature"] + weight * F.smooth_l1_loss(predicted.float(),
+                                                                              features[:, step:].float())
+            totals["kl"] = totals["kl"] + weight * forward_kl(logits, target_logits[:, step:])
+            weight_sum += weight
+            if step == 1:
+                top1 = (logits.argmax(-1) == target_logits[:, 1:].argmax(-1)).float().mean().detach()
+            inputs = predicted[:, :-1]  # step j + 1, entry i: the feature step j predicted for position i + j
+        parts = {name: value / weight_sum for name, value in totals.items()}
         parts["loss"] = self.feature_weight * parts["feature"] + self.kl_weight * parts["kl"]
-        parts["top1"] = (logits.argmax(-1) == target_logits.argmax(-1)).float().mean().detach()
+        parts["top1"] = top1
         return parts
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
