@@ -5,8 +5,9 @@
 (1) Prefix caching: time to first token of a sequence whose 512-token prefix is new, then of a
 second sequence sharing that prefix (its blocks come from the cache). (2) On held-out chat prompts,
 greedy decoding (to the end-of-turn token, at most --new-tokens), interleaved prompt by prompt:
-the engine alone, with the draft model (`--draft none` skips it), with prompt lookup as the draft,
-and the baseline, transformers' `generate` plain and with its `prompt_lookup_num_tokens`. Decode
+the engine alone, with the draft model for each --k (`--draft none` skips it; an EAGLE head from
+`compress.draft --method eagle` runs on the target's features, `--draft-vocab N` restricting it to the N
+tokens most frequent in --vocab-from), with prompt lookup as the draft, and the baseline, transformers' `generate` plain and with its `prompt_lookup_num_tokens`. Decode
 tokens/s, speed-ups, acceptance rate and tokens per target step; every output is checked against
 the engine's plain output. Writes artifacts/bench/engine-<device>.json.
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from core.data import chat_prompts, heldout_windows
+from runtime.eagle import EagleDraft, is_eagle_draft, load_head
 from runtime.engine import Engine, PromptLookupDraft, SamplingParams
 from runtime.loading import load_model, load_tokenizer
 
@@ -41,7 +43,10 @@ def main() -> None:
     parser.add_argument("--draft", default="artifacts/distilled")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--k", type=int, nargs="+", default=[4])
+    parser.add_argument("--draft-vocab", type=int, default=0, help="EAGLE head: propose only the N most frequent "
+                        "tokens of --vocab-from (0: as trained)")
+    parser.add_argument("--vocab-from", default=None, help="EAGLE head: its training text (JSONL)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--lookup-k", type=int, default=2, help="prompt lookup: tokens proposed per step")
     parser.add_argument("--lookup-ngram", type=int, default=3, help="prompt lookup: longest n-gram matched")
@@ -67,7 +72,16 @@ def main() -> None:
           f"({stats.prefix_hit_blocks} blocks reused, ratio {second / first:.3f})", flush=True)
 
     model = target.runner.model
-    draft = Engine(load_model(args.draft, args.device), block_size=16, num_blocks=512) if args.draft != "none" else None
+    draft = None
+    if args.draft != "none" and is_eagle_draft(args.draft):
+        from compress.draft import frequent_tokens
+
+        vocab = frequent_tokens(tokenizer, Path(args.vocab_from), args.draft_vocab) if args.draft_vocab else None
+        head = load_head(args.draft, model, vocab)
+        draft = lambda: EagleDraft(head, target.runner)  # noqa: E731 - per-sequence state, one per call
+    elif args.draft != "none":
+        engine = Engine(load_model(args.draft, args.device), block_size=16, num_blocks=512)
+        draft = lambda: engine  # noqa: E731
     rows = []
     eos = (tokenizer.eos_token_id,) if args.stop else ()
     params = SamplingParams(max_new_tokens=args.new_tokens, stop_ids=eos)
@@ -78,9 +92,9 @@ def main() -> None:
                "plain_e2e_tok_s": p_stats.new_tokens / (p_stats.prefill_s + p_stats.decode_s)}
         arms = {"lookup": (PromptLookupDraft(args.lookup_ngram, args.lookup_min_ngram), args.lookup_k)}
         if draft is not None:
-            arms["spec"] = (draft, args.k)
+            arms.update({f"spec_k{k}": (draft, k) for k in args.k})
         for name, (drafter, k) in arms.items():
-            out, s_stats = target.speculative(drafter, ids, params, k=k)
+            out, s_stats = target.speculative(drafter() if callable(drafter) else drafter, ids, params, k=k)
             row.update({f"{name}_identical": out == plain, f"{name}_tok_s": s_stats.new_tokens / s_stats.decode_s,
                         f"{name}_e2e_tok_s": s_stats.new_tokens / (s_stats.prefill_s + s_stats.decode_s),
                         f"{name}_acceptance": s_stats.acceptance_rate,
@@ -94,7 +108,7 @@ def main() -> None:
         print({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     total = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if not k.endswith("identical")}
     total.update({k: all(r[k] for r in rows) for k in rows[0] if k.endswith("identical")})
-    for name in ("spec", "lookup"):
+    for name in [f"spec_k{k}" for k in args.k] + ["lookup"]:
         if f"{name}_tok_s" in total:
             total[f"{name}_speedup"] = sum(r[f"{name}_tok_s"] / r["plain_tok_s"] for r in rows) / len(rows)
     total["hf_lookup_speedup"] = sum(r["hf_lookup_e2e_tok_s"] / r["hf_e2e_tok_s"] for r in rows) / len(rows)
@@ -105,10 +119,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"engine-{args.device}.json").write_text(json.dumps(result, indent=2))
     print(f"\nplain decode {total['plain_tok_s']:.1f} tok/s; answers {total['new_tokens']:.0f} tokens")
-    if "spec_tok_s" in total:
-        print(f"draft model (k={args.k}): acceptance {total['spec_acceptance']:.2f}, "
-              f"{total['spec_tokens_per_target_step']:.2f} tokens/target step, {total['spec_tok_s']:.1f} tok/s "
-              f"({total['spec_speedup']:.2f}x), identical: {total['spec_identical']}")
+    for k in args.k if draft is not None else []:
+        spec = {key.removeprefix(f"spec_k{k}_"): v for key, v in total.items() if key.startswith(f"spec_k{k}_")}
+        print(f"draft model (k={k}): acceptance {spec['acceptance']:.2f}, {spec['tokens_per_target_step']:.2f} "
+              f"tokens/target step, {spec['tok_s']:.1f} tok/s ({spec['speedup']:.2f}x), identical: {spec['identical']}")
     print(f"prompt lookup (k={args.lookup_k}, n<={args.lookup_ngram}): acceptance {total['lookup_acceptance']:.2f}, "
           f"{total['lookup_tokens_per_target_step']:.2f} tokens/target step, {total['lookup_tok_s']:.1f} tok/s "
           f"({total['lookup_speedup']:.2f}x), identical: {total['lookup_identical']}")

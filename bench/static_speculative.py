@@ -116,7 +116,7 @@ def main() -> None:
         if draft is not None:
             draft.generate([prompts[0]], 2)
         for name, spec in speculators.items():
-            triton_decode.TILES["small"] = (name.rsplit("_k", 1)[0],)
+            triton_decode.TILES["small"] = (name.split("_")[0],)
             spec.generate(prompts[0], 2)
     reference = load_model(args.target, args.device, dtype=torch.float32)  # fp32: judge where outputs differ
 

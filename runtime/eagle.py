@@ -143,7 +143,8 @@ class EagleDraft:
     """An EAGLE head as the paged engine's draft (`Engine.speculative`): sampling-exact, any k.
 
     It reads the target's features from its `PagedDecoder` (`keep_features`): after the prompt, and
-    after each verification the rows of the accepted tokens. Its own cache holds one entry per
+    after each verification the rows of the accepted tokens. Where the prefix cache served part of the
+    prompt, the head computes that part's features with one pass of the target (no cache). Its own cache holds one entry per
     position whose true feature is known; drafted entries are cropped away at `accept`.
     """
 
@@ -155,7 +156,12 @@ class EagleDraft:
         from transformers import DynamicCache
 
         self.tokens = list(prompt)
-        self.features = self.runner.features[0]  # every prompt position (the prefill just ran)
+        self.features = self.runner.features[0]  # the prompt positions the prefill just ran
+        if self.features.shape[0] < len(prompt):  # a prefix-cache hit skipped the others: compute them
+            with torch.no_grad():
+                model = self.runner.model
+                ids = torch.tensor([prompt], device=self.features.device)
+                self.features = model.model(ids, use_cache=False).last_hidden_state[0].to(self.features.dtype)
         self.cache = DynamicCache(config=self.head.config)
         self.entries = 0  # cached head entries (positions 0..entries-1), each from a true feature
 

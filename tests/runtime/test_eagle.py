@@ -29,6 +29,19 @@ def test_engine_eagle_greedy_equals_target(k):
     assert engine.pool.used == 0 and not engine.runner.keep_features
 
 
+def test_engine_eagle_after_a_prefix_cache_hit():
+    """The prompt's blocks come from the prefix cache: the head still sees every prompt feature."""
+    target, head = target_and_head()
+    engine = Engine(target, block_size=4, num_blocks=128)
+    prompt = PROMPTS[2]
+    engine.generate([prompt], SamplingParams(max_new_tokens=2))  # leaves the prompt's full blocks cached
+    out, cold = engine.speculative(EagleDraft(head, engine.runner), prompt, SamplingParams(max_new_tokens=16), 3)
+    fresh = Engine(target, block_size=4, num_blocks=128)
+    again, stats = fresh.speculative(EagleDraft(head, fresh.runner), prompt, SamplingParams(max_new_tokens=16), 3)
+    assert out == again == greedy_reference(target, prompt, 16)
+    assert (cold.accepted, cold.proposed) == (stats.accepted, stats.proposed)  # the same proposals: same context
+
+
 def test_engine_eagle_with_reduced_vocabulary():
     target, head = target_and_head(vocab_ids=torch.arange(0, 300, 2))  # the even ids only
     engine = Engine(target, block_size=4, num_blocks=128)
