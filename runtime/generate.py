@@ -46,8 +46,8 @@ class GenerateConfig:
             raise UserError("max_tokens, k, block_size and num_blocks must be positive")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise UserError("temperature must be >= 0 and top_p in (0, 1]")
-        if self.prompt_lookup < 0 or (self.prompt_lookup and (self.draft is not None or self.static)):
-            raise UserError("prompt_lookup: a positive n-gram length, without --draft or --static")
+        if self.prompt_lookup < 0 or (self.prompt_lookup and self.draft is not None):
+            raise UserError("prompt_lookup: a positive n-gram length, without --draft")
         if self.static and (self.temperature > 0 or self.adaptive_k):
             raise UserError("static: the static decoder is greedy with a fixed k (drop --temperature / --adaptive-k)")
 
@@ -56,7 +56,7 @@ def static_generate(cfg: GenerateConfig, ids: list[int], stop: tuple[int, ...]) 
     """Greedy tokens from `StaticDecoder` (fused kernels + CUDA graph on CUDA), with the draft if given."""
     from runtime.eagle import is_eagle_draft, load_head
     from runtime.static_decode import StaticDecoder
-    from runtime.static_speculative import StaticEagleSpeculator, StaticSpeculator
+    from runtime.static_speculative import StaticEagleSpeculator, StaticLookupSpeculator, StaticSpeculator
 
     cuda = cfg.device.startswith("cuda")
     eagle = cfg.draft is not None and is_eagle_draft(cfg.draft)
@@ -72,7 +72,9 @@ def static_generate(cfg: GenerateConfig, ids: list[int], stop: tuple[int, ...]) 
             raise UserError(f"static: {name}: {exc}") from None
         if cuda and not decoders[-1].unfusable:  # else the eager step, still replayed from a CUDA graph
             decoders[-1].use_fused_kernels()
-    if cfg.draft is None:
+    if cfg.prompt_lookup:
+        speculator = StaticLookupSpeculator(decoders[0], k=cfg.k, max_ngram=cfg.prompt_lookup)
+    elif cfg.draft is None:
         static = decoders[0]
         if cuda:
             static.generate([ids], 2)  # compile the kernels and capture the graph outside the timing
@@ -80,14 +82,17 @@ def static_generate(cfg: GenerateConfig, ids: list[int], stop: tuple[int, ...]) 
         cut = next((i + 1 for i, t in enumerate(out) if t in stop), len(out))
         return out[:cut], GenerationStats(prompt_tokens=len(ids), new_tokens=cut, prefill_s=static.timings[0],
                                           decode_s=static.timings[1] * (cut - 1) / max(len(out) - 1, 1))
-    speculator = (StaticEagleSpeculator(decoders[0], load_head(cfg.draft, models[0]), k=cfg.k) if eagle
-                  else StaticSpeculator(*decoders, k=cfg.k))
+    elif eagle:
+        speculator = StaticEagleSpeculator(decoders[0], load_head(cfg.draft, models[0]), k=cfg.k)
+    else:
+        speculator = StaticSpeculator(*decoders, k=cfg.k)
     if cuda:
         speculator.generate(ids, 2)  # compile and capture outside the timing
     out = speculator.generate(ids, cfg.max_tokens, stop)
     s = speculator.stats
     return out, GenerationStats(prompt_tokens=len(ids), new_tokens=len(out), prefill_s=s.prefill_s, decode_s=s.decode_s,
-                                target_steps=s.cycles, proposed=s.cycles * s.k, accepted=s.accepted)
+                                target_steps=s.cycles, proposed=s.cycles * s.k if s.proposed is None else s.proposed,
+                                accepted=s.accepted)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

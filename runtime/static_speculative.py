@@ -32,10 +32,12 @@ class SpeculativeStats:
     k: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    proposed: int | None = None  # draft tokens proposed (None: k per cycle)
 
     @property
     def acceptance_rate(self) -> float:
-        return self.accepted / (self.cycles * self.k) if self.cycles else 0.0
+        proposed = self.cycles * self.k if self.proposed is None else self.proposed
+        return self.accepted / proposed if proposed else 0.0
 
     @property
     def tokens_per_target_step(self) -> float:
@@ -194,3 +196,84 @@ class StaticEagleSpeculator(StaticSpeculator):
 
     def _state(self) -> list[torch.Tensor]:
         return [*super()._state(), self.features, self.targets, self.last]
+
+
+class StaticLookupSpeculator:
+    """Prompt lookup (runtime/engine.py `lookup_continuation`) as the draft of the static decoder: greedy.
+
+    The proposals come from the host (an n-gram match in the tokens so far), so each cycle reads its
+    result back: one graph per proposal count n (the target verifies n + 1 rows, the accepted prefix
+    and the target's next token are kept), or the plain decode step's graph when nothing matches.
+    """
+
+    def __init__(self, target: StaticDecoder, k: int = 2, max_ngram: int = 3, min_ngram: int = 1):
+        if k < 1 or not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"prompt lookup needs k >= 1 and 1 <= min_ngram <= max_ngram, got {k}, {min_ngram}, "
+                             f"{max_ngram}")
+        self.target, self.k, self.max_ngram, self.min_ngram = target, k, max_ngram, min_ngram
+        device = target.device
+        self.tokens = torch.zeros(k + 1, 1, dtype=torch.long, device=device)  # the last token, then proposals
+        self.result = torch.zeros(k + 1, dtype=torch.long, device=device)  # the target's argmax after each row
+        self.accepted = torch.zeros(1, dtype=torch.long, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.stats = SpeculativeStats(k=k)
+
+    def _verify(self, n: int) -> None:
+        target = self.target
+        argmax = target.verify_step(self.tokens[:n + 1])
+        accepted = (argmax[:n] == self.tokens[1:n + 1, 0]).long().cumprod(0).sum()
+        self.result[:n + 1].copy_(argmax)
+        self.accepted.copy_(accepted.view(1))
+        self.tokens[0].copy_(argmax.gather(0, accepted.view(1)))
+        target.pos[:1] += accepted + 1
+        target.col += accepted + 1
+
+    def _step(self) -> None:
+        self.target.step_fn(1, self.tokens[:1], self.tokens[:1])
+
+    def _run(self, n: int, use_graph: bool) -> None:
+        if not use_graph:
+            self._verify(n) if n else self._step()
+            return
+        if n not in self.graphs:
+            state = [self.tokens, self.result, self.accepted, *self.target.state(1)]
+            self.graphs[n] = capture_graph((lambda: self._verify(n)) if n else self._step, state)
+        self.graphs[n].replay()
+
+    @torch.inference_mode()
+    def generate(self, prompt: list[int], new_tokens: int, stop_ids: tuple[int, ...] = (),
+                 use_graph: bool | None = None) -> list[int]:
+        """Greedy continuation of one prompt: `new_tokens` ids, or up to and including the first stop id."""
+        from runtime.engine import lookup_continuation
+
+        target, k = self.target, self.k
+        if len(prompt) + new_tokens + k > target.max_len:
+            raise ValueError(f"prompt {len(prompt)} + {new_tokens} new tokens + k {k} exceed the static cache "
+                             f"({target.max_len})")
+        use_graph = target.device.type == "cuda" if use_graph is None else use_graph
+        started = time.perf_counter()
+        target.prefill([prompt], new_tokens)
+        self.tokens[0].copy_(target.tokens[0])
+        out = [int(target.tokens[0, 0])]
+        prefilled = time.perf_counter()
+        context, cycles, accepted, proposed = list(prompt) + out, 0, 0, 0
+        while len(out) < new_tokens and out[-1] not in stop_ids:
+            proposals = lookup_continuation(context, min(k, new_tokens - len(out)), self.max_ngram, self.min_ngram)
+            if proposals:
+                self.tokens[1:len(proposals) + 1, 0].copy_(torch.tensor(proposals))
+            self._run(len(proposals), use_graph)
+            if proposals:
+                count = int(self.accepted.item())
+                new = self.result[:count + 1].tolist()
+                accepted, proposed = accepted + count, proposed + len(proposals)
+            else:
+                new = [int(self.tokens[0, 0])]
+            cycles += 1
+            cut = next((i + 1 for i, t in enumerate(new) if t in stop_ids), len(new))
+            out += new[:cut]
+            context += new
+        out = out[:new_tokens]
+        self.stats = SpeculativeStats(new_tokens=len(out), cycles=cycles, accepted=accepted, k=k,
+                                      prefill_s=prefilled - started, decode_s=time.perf_counter() - prefilled,
+                                      proposed=proposed)
+        return out

@@ -28,6 +28,11 @@ def test_generate_cli_plain_and_speculative(tiny_artifact):
                   "--max-tokens", "6")
     assert lookup.returncode == 0, lookup.stderr[-2000:]
     assert lookup.stdout.splitlines()[0] == plain.stdout.splitlines()[0] and "acceptance" in lookup.stdout
+    static_lookup = _run("--artifact", a, "--prompt-lookup", "3", "--k", "4", "--prompt", "The fire near the town",
+                         "--max-tokens", "6", "--static")
+    assert static_lookup.returncode == 0, static_lookup.stderr[-2000:]
+    assert static_lookup.stdout.splitlines()[0] == plain.stdout.splitlines()[0]
+    assert "acceptance" in static_lookup.stdout and "static decoder" in static_lookup.stdout
     sampled = _run("--artifact", a, "--prompt", "x", "--temperature", "0.8", "--top-p", "0.9", "--seed", "1")
     again = _run("--artifact", a, "--prompt", "x", "--temperature", "0.8", "--top-p", "0.9", "--seed", "1")
     assert sampled.stdout.splitlines()[0] == again.stdout.splitlines()[0]
@@ -40,5 +45,6 @@ def test_generate_cli_bad_input(tiny_artifact, tmp_path):
     assert proc.returncode == 2 and "top_p" in proc.stderr
     proc = _run("--artifact", str(tiny_artifact.path), "--prompt", "x", "--static", "--temperature", "0.5")
     assert proc.returncode == 2 and "static" in proc.stderr
-    proc = _run("--artifact", str(tiny_artifact.path), "--prompt", "x", "--static", "--prompt-lookup", "3")
+    proc = _run("--artifact", str(tiny_artifact.path), "--prompt", "x", "--draft", str(tiny_artifact.path),
+                "--prompt-lookup", "3")
     assert proc.returncode == 2 and "prompt_lookup" in proc.stderr

@@ -78,3 +78,29 @@ def test_fused_speculative_equals_target_greedy(small, monkeypatch):
     assert 0 < spec.stats.acceptance_rate < 1
     if DEVICE == "cuda":
         assert spec.generate(PROMPT, 12, use_graph=True) == expected
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_static_prompt_lookup_equals_target_greedy(fused):
+    """Prompt lookup on the static decoder (host proposals, one verify graph per proposal count)."""
+    from runtime.static_speculative import StaticLookupSpeculator
+
+    target, _ = tiny_pair()
+    target = target.to(DEVICE)
+    decoder = StaticDecoder(target, 1, 96)
+    if fused:
+        pytest.importorskip("triton")
+        decoder.use_fused_kernels()
+    spec = StaticLookupSpeculator(decoder, k=3)
+    accepted = 0
+    for prompt in (PROMPT + PROMPT[:5], PROMPT, [9] * 6):
+        expected = greedy_reference(target, prompt, 24)
+        assert spec.generate(prompt, 24) == expected
+        accepted += spec.stats.accepted
+        assert spec.stats.new_tokens == 24 and 0 <= spec.stats.acceptance_rate <= 1
+        if DEVICE == "cuda":
+            assert spec.generate(prompt, 24, use_graph=True) == expected
+    assert accepted > 0  # the lookup found continuations the target agreed with
+    stop = greedy_reference(target, PROMPT, 24)[10]
+    expected = greedy_reference(target, PROMPT, 24)
+    assert spec.generate(PROMPT, 24, stop_ids=(stop,)) == expected[:expected.index(stop) + 1]
