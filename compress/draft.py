@@ -14,8 +14,8 @@ answers (`compress.draft_data`, cached by the target's content hash). The result
 artifact whose parent is the target (by content hash: `runtime.generate --draft` and `runtime.serve
 --draft` refuse it for another target unless `--force`) and whose manifest holds the acceptance
 measured on held-out chat prompts (greedy, `k` tokens per proposal, the paged engine).
-Not built yet (issue 19): an early-exit draft that shares the target's KV cache, tree drafting, the lossy
-`--early-exit-threshold`, and EAGLE heads in `runtime.serve` (the batched scheduler).
+Not built yet (issue 19): an early-exit draft that shares the target's KV cache, tree drafting and the lossy
+`--early-exit-threshold`.
 """
 
 from __future__ import annotations

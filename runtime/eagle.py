@@ -140,30 +140,45 @@ def load_head(path: str | Path, target: nn.Module, vocab_ids: torch.Tensor | Non
 
 
 class EagleDraft:
-    """An EAGLE head as the paged engine's draft (`Engine.speculative`): sampling-exact, any k.
+    """An EAGLE head drafting for one sequence of the paged engine: sampling-exact, any k.
 
-    It reads the target's features from its `PagedDecoder` (`keep_features`): after the prompt, and
-    after each verification the rows of the accepted tokens. Where the prefix cache served part of the
-    prompt, the head computes that part's features with one pass of the target (no cache). Its own cache holds one entry per
-    position whose true feature is known; drafted entries are cropped away at `accept`.
+    Used by `Engine.speculative` (which hands it the target's `PagedDecoder`: the features come from the
+    runner's last pass) and by the scheduler (which hands it each sequence's rows of a batched pass).
+    Its own cache holds one entry per position whose true feature is known; drafted entries are
+    cropped away at `accept`. Where the prefix cache served part of a prompt, the head computes that
+    part's features with one pass of the target (no cache).
     """
 
     def __init__(self, head: EagleHead, target_runner):
         self.head, self.runner = head, target_runner
-        target_runner.keep_features = True
+        target_runner.keep_features = True  # every pass through `_general`, which leaves `features`
+        self.tokens: list[int] = []
+        self.proposed: list[int] = []
 
-    def begin(self, prompt: list[int], params) -> None:
+    def begin(self, prompt: list[int], params=None, rows: torch.Tensor | None = None) -> None:
+        """A new sequence; `rows`: the features of its last len(rows) prompt positions (default: the runner's
+        last pass, the prompt's prefill)."""
         from transformers import DynamicCache
 
-        self.tokens = list(prompt)
-        self.features = self.runner.features[0]  # the prompt positions the prefill just ran
-        if self.features.shape[0] < len(prompt):  # a prefix-cache hit skipped the others: compute them
-            with torch.no_grad():
-                model = self.runner.model
-                ids = torch.tensor([prompt], device=self.features.device)
-                self.features = model.model(ids, use_cache=False).last_hidden_state[0].to(self.features.dtype)
+        rows = self.runner.features[0] if rows is None else rows
+        self.tokens, self.proposed = list(prompt), []
+        self.features = rows[:0]
         self.cache = DynamicCache(config=self.head.config)
         self.entries = 0  # cached head entries (positions 0..entries-1), each from a true feature
+        self.extend(rows, len(prompt) - rows.shape[0], len(prompt))
+
+    def extend(self, rows: torch.Tensor, start: int, upto: int) -> None:
+        """True features: `rows` are positions start..; keep those below `upto` not yet known (a gap before
+        `start`, left by the prefix cache, is computed by the target)."""
+        known = self.features.shape[0]
+        if start > known:
+            with torch.no_grad():
+                ids = torch.tensor([self.tokens[:start]], device=rows.device)
+                hidden = self.runner.model.model(ids, use_cache=False).last_hidden_state[0]
+            self.features = torch.cat([self.features, hidden[known:start].to(rows.dtype)])
+            known = start
+        if upto > known:
+            self.features = torch.cat([self.features, rows[known - start:upto - start]])
 
     @torch.no_grad()
     def _step(self, features: torch.Tensor, tokens: list[int], start: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,8 +192,8 @@ class EagleDraft:
         from runtime.engine import draw, probabilities
 
         n = len(self.tokens)
-        self.proposed: list[int] = []
-        if self.features.shape[0] >= n:  # the target already scored the last token: its next one comes first
+        self.proposed = []
+        if self.features.shape[0] >= n or k < 1:  # the target already scored the last token: its next comes first
             return [], []
         # entry i reads the true feature of position i and token i + 1: catch up to the last accepted token
         start = self.entries
@@ -194,15 +209,19 @@ class EagleDraft:
         self.proposed = tokens
         return tokens, qs
 
-    def accept(self, keep: int, final: int) -> None:
-        """Keep the first `keep` tokens, then the target's `final`: the drafted entries go, true features come."""
+    def accept(self, keep: int, final: int, rows: torch.Tensor | None = None, start: int | None = None) -> None:
+        """Keep the first `keep` tokens, then the target's `final`: the drafted entries go, true features come
+        (`rows`, positions `start`..: the verify pass's; default: the runner's last pass, from the first
+        position without a feature)."""
         drafted = self.cache.get_seq_length() - self.entries
         if drafted:
             self.cache.crop(-drafted)
-        known = self.features.shape[0]
-        if keep > known:  # the verify pass scored positions known.. (the last accepted token, then the proposals)
-            self.features = torch.cat([self.features, self.runner.features[0][:keep - known]])
-        self.tokens = (self.tokens + self.proposed)[:keep] + [final]
+        self.tokens = (self.tokens + self.proposed)[:keep]
+        if rows is None:
+            rows = self.runner.features[0]
+        self.extend(rows, self.features.shape[0] if start is None else start, keep)
+        self.tokens.append(final)
+        self.proposed = []
 
     def finish(self) -> None:
         self.cache = None

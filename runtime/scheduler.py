@@ -17,7 +17,8 @@ With a draft engine, every decoding sequence advances speculatively inside the s
 step: the draft proposes up to k tokens for all of them, the target scores each sequence's k + 1
 positions in the one forward, and the exact rejection rule decides per sequence (greedy output
 equals the target's; sampled output has the target's distribution); rejected tokens are rolled
-back in both caches.
+back in both caches. An EAGLE head (runtime/eagle.py) drafts instead from each sequence's features of
+the batched pass, one head cache per sequence.
 
 The next tokens of all other rows (greedy or sampled, any temperature / top-k / top-p / seed)
 come from one `runtime.sampling.sample_rows` call on the logits' device: one host synchronisation
@@ -34,6 +35,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -114,6 +116,7 @@ class _Sample:
     prompt_len: int
     seed: int  # the batch sampler's key (with the count of generated tokens)
     draft_seq: Sequence | None = None
+    eagle: Any = None  # its EagleDraft, with an EAGLE head as the draft
 
     @property
     def prefilling(self) -> bool:
@@ -145,16 +148,23 @@ class SchedulerStats:
 
 class Scheduler:
     def __init__(self, engine: Engine, max_context: int, max_running: int = 16, max_queue: int = 64,
-                 max_batch_tokens: int = 256, response_cache_size: int = 0, draft: Engine | None = None,
+                 max_batch_tokens: int = 256, response_cache_size: int = 0, draft: Any = None,
                  k: int = 4, decode_steps: int = 1):
         """decode_steps: when every running sequence is past its prompt and plainly greedy, run up to this many
         decode steps on the device before coming back to the host (`PagedDecoder.decode_greedy`): new
         requests then wait at most that many steps to be admitted, and their tokens stream in bursts."""
+        from runtime.eagle import EagleHead
+
         self.pool, self.runner = engine.pool, engine.runner
-        if draft is not None and (draft.pool.num_blocks, draft.pool.block_size) != (self.pool.num_blocks,
-                                                                                     self.pool.block_size):
+        self.eagle_head = draft if isinstance(draft, EagleHead) else None  # drafts on the target's features
+        if self.eagle_head is not None:
+            draft = None
+            self.runner.keep_features = True
+        elif draft is not None and (draft.pool.num_blocks, draft.pool.block_size) != (self.pool.num_blocks,
+                                                                                       self.pool.block_size):
             raise ValueError("the draft's KV pool must have the target's block size and block count")
-        self.draft, self.k = draft, (k if draft is not None else 0)
+        self.draft = draft
+        self.k = k if draft is not None or self.eagle_head is not None else 0
         self.max_context, self.max_running, self.max_queue = max_context, max_running, max_queue
         self.max_batch_tokens = max_batch_tokens
         self.decode_steps = decode_steps
@@ -251,6 +261,13 @@ class Scheduler:
         if self.draft is not None:
             sample.draft_seq = Sequence(list(request.prompt))
             self.draft.pool.admit(sample.draft_seq)
+        if self.eagle_head is not None:
+            from runtime.eagle import EagleDraft
+
+            sample.eagle = EagleDraft(self.eagle_head, self.runner)
+            hidden = self.runner.model.config.hidden_size
+            sample.eagle.begin(request.prompt, rows=torch.empty(0, hidden, device=self.runner.device,
+                                                                 dtype=next(self.eagle_head.parameters()).dtype))
         return sample
 
     def _free(self, sample: _Sample, register: bool = False) -> None:
@@ -310,12 +327,12 @@ class Scheduler:
                 self.pending_siblings.remove((parent, request, index))
                 self.running.append(self._new_sample(request, index))  # shares the parent's full blocks
         self._admit()
-        if self.decode_steps > 1 and self.draft is None:
+        if self.decode_steps > 1 and self.k == 0:
             ran = self._multi_step()
             if ran:
                 return ran
         decoding = [s for s in self.running if not s.prefilling]
-        proposals = self._propose(decoding) if self.draft is not None else {}
+        proposals = self._propose(decoding) if self.k else {}
         batch = list(decoding)
         ends = [len(s.seq.tokens) for s in decoding]  # one new token each, plus any draft proposals
         budget = self.max_batch_tokens - sum(1 + len(proposals.get(id(s), ((), ()))[0]) for s in decoding)
@@ -334,15 +351,18 @@ class Scheduler:
         starts = [s.seq.cached for s in batch]
         last_only = [id(s) not in proposals and not full for s, full in zip(batch, scored, strict=True)]
         logits = self.runner.forward([s.seq for s in batch], last_only=last_only, ends=ends)
+        features = self.runner.features if self.eagle_head is not None else [None] * len(batch)
         if chunks:  # the draft reads the same prompt chunks
             self.draft.runner.forward([s.draft_seq for s, _ in chunks], ends=[e for _, e in chunks])
         chosen = self._next_tokens(batch, ends, logits, proposals)
         decoded = 0
-        for sample, start, end, rows, full in zip(batch, starts, ends, logits, scored, strict=True):
+        for sample, start, end, rows, full, feats in zip(batch, starts, ends, logits, scored, features, strict=True):
             request = sample.request
             if full:
                 self._score_prompt(request, start, end, rows)
             if end < sample.prompt_len:
+                if sample.eagle is not None:
+                    sample.eagle.extend(feats, start, end)
                 continue  # a chunk of a longer prompt: no token yet
             if end == sample.prompt_len and sample.index == 0:  # siblings and later requests reuse them
                 self.pool.register_full_blocks(sample.seq)
@@ -360,6 +380,8 @@ class Scheduler:
                 for seq in (sample.seq, sample.draft_seq):
                     if seq is not None:
                         seq.tokens.append(new[0])
+            if sample.eagle is not None:  # the tokens that stand, then the target's new one
+                sample.eagle.accept(len(sample.seq.tokens) - 1, new[-1], feats, start)
             records = (token_logprobs(rows, new, request.logprobs) if request.logprobs is not None
                        else [(None, None)] * len(new))
             for token, (logprob, top) in zip(new, records, strict=True):
@@ -451,6 +473,10 @@ class Scheduler:
                                   self.max_context - len(s.seq.tokens) - 1)) for s in samples}
         proposals: dict[int, tuple[list[int], list[torch.Tensor]]] = {id(s): ([], []) for s in samples}
         active = [s for s in samples if room[id(s)] > 0]
+        if self.eagle_head is not None:  # one head per sequence, on the features its last pass left
+            for sample in active:
+                proposals[id(sample)] = sample.eagle.propose(room[id(sample)], sample.request.params, sample.generator)
+            active = []
         while active:
             logits = self.draft.runner.forward([s.draft_seq for s in active])
             for sample, rows in zip(active, logits, strict=True):
@@ -473,7 +499,8 @@ class Scheduler:
               for i, row in enumerate(rows)]  # len(tokens) + 1 target distributions
         accepted, final = accept_draft(ps, qs, tokens, sample.generator)
         base = len(sample.seq.tokens) - len(tokens)
-        for pool, seq in ((self.pool, sample.seq), (self.draft.pool, sample.draft_seq)):
+        pools = [(self.pool, sample.seq)] + ([(self.draft.pool, sample.draft_seq)] if self.draft is not None else [])
+        for pool, seq in pools:
             pool.truncate(seq, base + accepted)
             seq.tokens.append(final)
         if tokens:

@@ -470,11 +470,6 @@ def build_server(cfg: ServeConfig) -> Server:
         require(read_config(cfg.artifact), "serve")
         if cfg.draft is not None:  # before any model is loaded or graph captured
             check_draft_target(cfg.draft, cfg.artifact, cfg.force)
-            from runtime.eagle import is_eagle_draft
-
-            if is_eagle_draft(cfg.draft):
-                raise UserError(f"draft: {cfg.draft} is an EAGLE head; the batched server does not run EAGLE heads "
-                                "yet (runtime.generate --draft does)")
             if load_tokenizer(cfg.draft).get_vocab() != tokenizer.get_vocab():
                 raise UserError(f"draft: {cfg.draft} does not share the target's tokenizer")
         model = load_model(cfg.artifact, cfg.device)
@@ -483,7 +478,10 @@ def build_server(cfg: ServeConfig) -> Server:
         engine = Engine(model, cfg.block_size, cfg.num_blocks)
         engine.runner.warm_up(cfg.max_running)
         if cfg.draft is not None:
-            draft = Engine(load_model(cfg.draft, cfg.device), cfg.block_size, cfg.num_blocks)
+            from runtime.eagle import is_eagle_draft, load_head
+
+            draft = (load_head(cfg.draft, model) if is_eagle_draft(cfg.draft) else
+                     Engine(load_model(cfg.draft, cfg.device), cfg.block_size, cfg.num_blocks))
         limit = getattr(model.config, "max_position_embeddings", None) or cfg.block_size * cfg.num_blocks
         max_context = min(cfg.max_model_len or limit, limit, cfg.block_size * cfg.num_blocks)
     decode_steps = cfg.decode_steps or (8 if cfg.device.startswith("cuda") else 1)

@@ -102,3 +102,15 @@ def test_smoke_eagle_head_is_tied_to_its_target_and_exact(tiny_artifact, tmp_pat
                               "--k", "3", *static], capture_output=True, text=True, cwd=ROOT)
         assert run.returncode == 0, run.stderr[-800:]
         assert "acceptance" in run.stdout
+    # served: the same greedy text as the plain server, the head's proposals counted in /metrics
+    import httpx
+
+    from tests.runtime.server_helpers import running_server
+
+    body = {"model": "m", "prompt": "The river rose after the storm", "max_tokens": 12, "temperature": 0}
+    with running_server(str(tiny_artifact.path), model_name="m") as (url, _):
+        plain = httpx.post(f"{url}/v1/completions", json=body).json()["choices"][0]["text"]
+    with running_server(str(tiny_artifact.path), model_name="m", draft=str(out), k=3) as (url, server):
+        served = httpx.post(f"{url}/v1/completions", json=body).json()["choices"][0]["text"]
+        assert server.scheduler.stats.draft_proposed > 0
+    assert served == plain

@@ -188,6 +188,28 @@ def test_speculative_sampling_runs_and_respects_max_tokens(model):
     assert 0 <= scheduler.stats.acceptance_rate <= 1
 
 
+def test_eagle_head_in_the_batch_keeps_greedy_output_and_samples():
+    """An EAGLE head as the served draft: chunked prompts, a shared prefix (n = 2 siblings read the prompt from
+    the prefix cache), greedy = the target's greedy output; sampled requests finish at max_tokens."""
+    from runtime.eagle import new_head
+
+    model = make_tiny_llama(vocab_size=300, hidden=96, layers=3, heads=6, kv_heads=2, tie=False, seed=4)
+    head = new_head(model).eval()
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 300, (n,), generator=gen).tolist() for n in (4, 30, 12, 1)]
+    prompts.append(prompts[1][:24] + [7, 7])  # shares three full blocks with the second prompt
+    scheduler = Scheduler(Engine(model, block_size=8, num_blocks=128), max_context=256, max_batch_tokens=16,
+                          draft=head, k=3)
+    run_greedy(scheduler, model, prompts, 14)
+    stats = scheduler.stats
+    assert 0 < stats.draft_accepted < stats.draft_proposed  # both branches of the acceptance ran
+    assert scheduler.pool.used == 0 and scheduler.reserved_blocks == 0
+    request = Request(list(range(3, 20)), SamplingParams(max_new_tokens=9, temperature=1.0, seed=5), n=2)
+    scheduler.submit(request)
+    drain(scheduler, [request])
+    assert [len(o) for o in request.outputs] == [9, 9]
+
+
 def test_concurrent_requests_through_the_fused_step_match_greedy_reference():
     """The serving loop over the fused layer kernels (Triton's interpreter here; compiled with CUDA graphs on
     a GPU: tests/runtime/test_paged_attention.py): mixed lengths, chunked prefill, rows joining mid-run."""
