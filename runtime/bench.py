@@ -32,6 +32,7 @@ class BenchConfig:
     url: str | None = field(None, help="target a running server instead of starting one")
     draft: str | None = field(None, help="draft artifact: the started server decodes speculatively")
     k: int = field(4, help="draft tokens per target step (with --draft)")
+    force: bool = field(False, help="let the started server use a draft made for another target")
     concurrency: int = field(16, help="clients sending at once")
     requests: int = field(64, help="requests in total")
     prompt_len: int = field(128, help="mean prompt length in tokens (mixed: L/2 .. 3L/2)")
@@ -234,7 +235,7 @@ def launch_server(cfg: BenchConfig) -> tuple[subprocess.Popen, str]:
     if cfg.decode_steps is not None:
         cmd += ["--decode-steps", str(cfg.decode_steps)]
     if cfg.draft:
-        cmd += ["--draft", cfg.draft, "--k", str(cfg.k)]
+        cmd += ["--draft", cfg.draft, "--k", str(cfg.k)] + (["--force"] if cfg.force else [])
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
