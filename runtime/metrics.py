@@ -20,7 +20,7 @@ class SchedulerCollector:
                   "kv_blocks_used": ("KV-cache blocks held by sequences", s.pool.used),
                   "kv_blocks_total": ("KV-cache blocks in the pool", s.pool.num_blocks),
                   "decode_tokens_per_second": ("Tokens per second of recent steps", s.stats.decode_tokens_per_s)}
-        if s.draft is not None:
+        if getattr(s, "k", 0):  # a draft model or an EAGLE head
             gauges["speculative_acceptance_rate"] = ("Draft tokens accepted / proposed", s.stats.acceptance_rate)
             gauges["speculative_tokens_per_target_step"] = ("Tokens per target pass with a draft",
                                                              s.stats.tokens_per_target_step)

@@ -113,4 +113,5 @@ def test_smoke_eagle_head_is_tied_to_its_target_and_exact(tiny_artifact, tmp_pat
     with running_server(str(tiny_artifact.path), model_name="m", draft=str(out), k=3) as (url, server):
         served = httpx.post(f"{url}/v1/completions", json=body).json()["choices"][0]["text"]
         assert server.scheduler.stats.draft_proposed > 0
+        assert "shrinkwrap_speculative_acceptance_rate" in httpx.get(f"{url}/metrics").text
     assert served == plain
