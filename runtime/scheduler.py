@@ -149,10 +149,11 @@ class SchedulerStats:
 class Scheduler:
     def __init__(self, engine: Engine, max_context: int, max_running: int = 16, max_queue: int = 64,
                  max_batch_tokens: int = 256, response_cache_size: int = 0, draft: Any = None,
-                 k: int = 4, decode_steps: int = 1):
+                 k: int = 4, decode_steps: int = 1, draft_max_batch: int | None = None):
         """decode_steps: when every running sequence is past its prompt and plainly greedy, run up to this many
         decode steps on the device before coming back to the host (`PagedDecoder.decode_greedy`): new
-        requests then wait at most that many steps to be admitted, and their tokens stream in bursts."""
+        requests then wait at most that many steps to be admitted, and their tokens stream in bursts.
+        draft_max_batch: the draft proposes only while at most this many sequences decode (None: always)."""
         from runtime.eagle import EagleHead
 
         self.pool, self.runner = engine.pool, engine.runner
@@ -168,6 +169,7 @@ class Scheduler:
         self.max_context, self.max_running, self.max_queue = max_context, max_running, max_queue
         self.max_batch_tokens = max_batch_tokens
         self.decode_steps = decode_steps
+        self.draft_max_batch = draft_max_batch
         self.waiting: list[tuple[int, float, int, Request]] = []
         self.running: list[_Sample] = []
         self.pending_siblings: list[tuple[_Sample, Request, int]] = []
@@ -332,7 +334,8 @@ class Scheduler:
             if ran:
                 return ran
         decoding = [s for s in self.running if not s.prefilling]
-        proposals = self._propose(decoding) if self.k else {}
+        drafting = self.k and (self.draft_max_batch is None or len(decoding) <= self.draft_max_batch)
+        proposals = self._propose(decoding) if drafting else {}
         batch = list(decoding)
         ends = [len(s.seq.tokens) for s in decoding]  # one new token each, plus any draft proposals
         budget = self.max_batch_tokens - sum(1 + len(proposals.get(id(s), ((), ()))[0]) for s in decoding)

@@ -58,6 +58,9 @@ class ServeConfig:
     model_name: str | None = field(None, help="the model id clients must send (default: the artifact's folder name)")
     draft: str | None = field(None, help="draft artifact for speculative decoding (same tokenizer)")
     k: int = field(4, help="draft tokens proposed per target step")
+    draft_max_batch: int | None = field(None, help="draft only while at most this many sequences decode (default: "
+                                        "1 on the CPU, where extra verify rows cost nearly a step each; no limit "
+                                        "on CUDA)")
     force: bool = field(False, help="use a draft artifact made for another target")
     device: str = field("cpu", help="cpu or cuda")
     threads: int | None = field(None, help="torch intra-op threads")
@@ -78,7 +81,8 @@ class ServeConfig:
             raise UserError("artifact: required")
         if not 0 < self.port < 65536:
             raise UserError(f"port: must be in 1..65535, got {self.port}")
-        for name in ("max_running", "max_batch_tokens", "block_size", "num_blocks", "k", "decode_steps"):
+        for name in ("max_running", "max_batch_tokens", "block_size", "num_blocks", "k", "decode_steps",
+                     "draft_max_batch"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"{name}: must be positive")
         if self.max_queue < 0 or self.response_cache < 0:
@@ -485,8 +489,10 @@ def build_server(cfg: ServeConfig) -> Server:
         limit = getattr(model.config, "max_position_embeddings", None) or cfg.block_size * cfg.num_blocks
         max_context = min(cfg.max_model_len or limit, limit, cfg.block_size * cfg.num_blocks)
     decode_steps = cfg.decode_steps or (8 if cfg.device.startswith("cuda") else 1)
+    draft_max_batch = cfg.draft_max_batch or (None if cfg.device.startswith("cuda") else 1)
     scheduler = Scheduler(engine, max_context, cfg.max_running, cfg.max_queue, cfg.max_batch_tokens,
-                          cfg.response_cache, draft=draft, k=cfg.k, decode_steps=decode_steps)
+                          cfg.response_cache, draft=draft, k=cfg.k, decode_steps=decode_steps,
+                          draft_max_batch=draft_max_batch)
     scheduler.start()
     return Server(scheduler, tokenizer, cfg.model_name or Path(cfg.artifact).resolve().name)
 

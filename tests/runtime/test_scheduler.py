@@ -210,6 +210,35 @@ def test_eagle_head_in_the_batch_keeps_greedy_output_and_samples():
     assert [len(o) for o in request.outputs] == [9, 9]
 
 
+@pytest.mark.parametrize("eagle", [False, True])
+def test_drafting_pauses_above_draft_max_batch(eagle):
+    """With draft_max_batch=1 the draft proposes only once a single sequence decodes; both drafts stay in step
+    with the target meanwhile (greedy output unchanged)."""
+    from runtime.eagle import new_head
+
+    model = make_tiny_llama(vocab_size=300, hidden=96, layers=3, heads=6, kv_heads=2, tie=False, seed=4)
+    draft = new_head(model).eval() if eagle else Engine(model, block_size=8, num_blocks=128)
+    scheduler = Scheduler(Engine(model, block_size=8, num_blocks=128), max_context=256, draft=draft, k=3,
+                          draft_max_batch=1)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 300, (n,), generator=gen).tolist() for n in (5, 9, 14)]
+    requests = [Request(p, SamplingParams(max_new_tokens=n)) for p, n in zip(prompts, (4, 6, 20), strict=True)]
+    for r in requests:
+        scheduler.submit(r)
+    proposed_while_shared = []
+    while any(r.finished < r.n for r in requests):
+        shared = sum(not s.prefilling for s in scheduler.running) > 1
+        before = scheduler.stats.draft_proposed
+        scheduler.step()
+        if shared:
+            proposed_while_shared.append(scheduler.stats.draft_proposed - before)
+    for r, p in zip(requests, prompts, strict=True):
+        assert r.outputs[0] == greedy_reference(model, p, len(r.outputs[0]))
+    assert proposed_while_shared and not any(proposed_while_shared)
+    assert scheduler.stats.draft_proposed > 0  # the last request, alone, drafted
+    assert scheduler.pool.used == 0
+
+
 def test_concurrent_requests_through_the_fused_step_match_greedy_reference():
     """The serving loop over the fused layer kernels (Triton's interpreter here; compiled with CUDA graphs on
     a GPU: tests/runtime/test_paged_attention.py): mixed lengths, chunked prefill, rows joining mid-run."""
