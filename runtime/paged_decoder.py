@@ -77,7 +77,8 @@ class PagedDecoder:
         self.windows = [sliding_window(cfg, i) for i in range(cfg.num_hidden_layers)]
         self.softcap = attn_softcap(cfg)
         self.batched_decode = True  # decode-only steps in one attention call (False: per sequence, for benchmarks)
-        self.keep_features = False  # every step through `_general`, which leaves `features` (an EAGLE draft's input)
+        self.keep_features = False  # leave `features` (an EAGLE draft's input): no fused step or graphs then
+        self.decode_features = torch.empty(0)  # the last HF-module decode step's final-norm rows
         self.features: list[torch.Tensor] = []  # per sequence of the last `_general` call: its new rows' final-norm states
         param = next(model.parameters())
         dtype = param.dtype if param.dtype.is_floating_point else torch.float32
@@ -106,21 +107,27 @@ class PagedDecoder:
         spans = [(s, s.cached, len(s.tokens) if ends is None else ends[i]) for i, s in enumerate(seqs)]
         for s, _, end in spans:
             self.pool.reserve(s, end)
-        if not self.batched_decode or self.keep_features:
+        # features come from the HF-module decode step; the fused step and its graphs do not produce them
+        if not self.batched_decode or (self.keep_features and (self.use_fused or self.use_graphs)):
             return self._general(spans, last_only)
         # one new token: the batched decode step; longer spans (prompt chunks): the general pass
         single = [i for i, (_, a, b) in enumerate(spans) if b - a == 1]
         longer = [i for i, (_, a, b) in enumerate(spans) if b - a != 1]
         results: list[torch.Tensor | None] = [None] * len(spans)
+        features: list[torch.Tensor | None] = [None] * len(spans)
         if single:
             logits = self._decode([spans[i] for i in single])
             for row, i in enumerate(single):
                 results[i] = logits[row:row + 1]
+                features[i] = self.decode_features[row:row + 1] if self.keep_features else None
                 spans[i][0].cached = spans[i][2]
         if longer:
             keep = [last_only[i] for i in longer] if isinstance(last_only, list) else last_only
             for i, out in zip(longer, self._general([spans[i] for i in longer], keep), strict=True):
                 results[i] = out
+            for i, rows in zip(longer, self.features, strict=True):
+                features[i] = rows
+        self.features = features
         return results
 
     # --- decode-only steps: one batch, eager or replayed from a CUDA graph --------------------------------
@@ -288,7 +295,8 @@ class PagedDecoder:
             o = paged_decode_attention(q[0].transpose(0, 1), self.pool.k[li], self.pool.v[li], block_tables,
                                        lengths, attn.scaling, self.windows[li], self.softcap)
             x = layer_tail(self.family, layer, x, o.reshape(1, rows, self.heads * self.head_dim).to(x.dtype))
-        return final_logits(self.model, inner.norm(x)[0])
+        self.decode_features = inner.norm(x)[0]
+        return final_logits(self.model, self.decode_features)
 
     def _fused_decode_step(self, ids: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor,
                            block_tables: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
