@@ -165,7 +165,8 @@ class EagleDraft:
         self.features = rows[:0]
         self.cache = DynamicCache(config=self.head.config)
         self.entries = 0  # cached head entries (positions 0..entries-1), each from a true feature
-        self.extend(rows, len(prompt) - rows.shape[0], len(prompt))
+        if rows.shape[0]:  # none yet (the scheduler): its prompt chunks bring them
+            self.extend(rows, len(prompt) - rows.shape[0], len(prompt))
 
     def extend(self, rows: torch.Tensor, start: int, upto: int) -> None:
         """True features: `rows` are positions start..; keep those below `upto` not yet known (a gap before
