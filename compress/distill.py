@@ -233,7 +233,7 @@ def distill(cfg: DistillConfig, kind: str = "distilled", param_masks: dict[str, 
             "train_tokens_per_s": tokens / max(train_seconds, 1e-9), "world_size": trainer.world_size,
             "before": _summary(before), "after": _summary(after),
             "eval_windows": int(windows.shape[0]), "work_dir": str(cfg.work_path)}
-    with write_artifact(cfg.out, kind, "compress.distill", _jsonable(cfg), parent=teacher_artifact,
+    with write_artifact(cfg.out, kind, "compress.distill", jsonable(cfg), parent=teacher_artifact,
                         overwrite=cfg.overwrite,
                         extra={**(extra or {}), "model": describe_model(student), "distillation": info,
                                "description": f"Student distilled from `{teacher_artifact.path.name}` "
@@ -252,7 +252,8 @@ def _summary(acc: dict[str, Any]) -> dict[str, float]:
     return {"teacher_perplexity": acc["__reference__"]["perplexity"], **acc["student"]}
 
 
-def _jsonable(cfg: DistillConfig) -> dict[str, Any]:
+def jsonable(cfg: Any) -> dict[str, Any]:
+    """A step's config (a dataclass) as the manifest records it."""
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 

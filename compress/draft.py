@@ -20,7 +20,6 @@ Not built yet (issue 19): an early-exit draft that shares the target's KV cache,
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -152,8 +151,6 @@ def _distill_draft(cfg: DraftConfig, target: Artifact, keep: list[int], data: Pa
 
 def frequent_tokens(tokenizer, data: Path, count: int) -> torch.Tensor:
     """The `count` token ids most frequent in the training text (ties to the lower id), ascending."""
-    import json
-
     counts = torch.zeros(len(tokenizer), dtype=torch.long)
     with data.open(encoding="utf-8") as f:
         for line in f:
@@ -173,7 +170,7 @@ def train_eagle(cfg: DraftConfig, target: Artifact, model: torch.nn.Module, toke
     from safetensors.torch import save_file
 
     from compress.artifact import write_artifact
-    from compress.distill import lightning_trainer
+    from compress.distill import jsonable, lightning_trainer
     from runtime.eagle import WEIGHTS, new_head
     from train.datamodule import DistillDataModule
     from train.distillation import OptimConfig
@@ -201,8 +198,7 @@ def train_eagle(cfg: DraftConfig, target: Artifact, model: torch.nn.Module, toke
             "val_top1": logged.get("val/top1")}
     made = {**_made_for(cfg, target, []), "head_layers": cfg.layers,
             "draft_vocab": 0 if vocab_ids is None else len(vocab_ids)}
-    config = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-    with write_artifact(cfg.out, "draft", "compress.draft", config, parent=target, overwrite=cfg.overwrite,
+    with write_artifact(cfg.out, "draft", "compress.draft", jsonable(cfg), parent=target, overwrite=cfg.overwrite,
                         extra={"draft": made, "training": info,
                                "description": f"EAGLE head ({cfg.layers} layer) for `{target.path.name}`: load it "
                                               "with the target (runtime.eagle.load_head); it holds no embedding or "

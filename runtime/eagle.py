@@ -162,24 +162,38 @@ class EagleDraft:
 
         rows = self.runner.features[0] if rows is None else rows
         self.tokens, self.proposed = list(prompt), []
-        self.features = rows[:0]
+        self._store = rows.new_empty((max(2 * len(prompt), 64), rows.shape[1]))  # grows by doubling
+        self.known = 0  # positions 0..known-1 have their true feature in the store
         self.cache = DynamicCache(config=self.head.config)
         self.entries = 0  # cached head entries (positions 0..entries-1), each from a true feature
         if rows.shape[0]:  # none yet (the scheduler): its prompt chunks bring them
             self.extend(rows, len(prompt) - rows.shape[0], len(prompt))
 
+    @property
+    def features(self) -> torch.Tensor:
+        """The true features known so far, positions 0..known-1."""
+        return self._store[:self.known]
+
+    def _append(self, rows: torch.Tensor) -> None:
+        """Rows for the next positions, into the store (no copy of what is there, unless it must grow)."""
+        end = self.known + rows.shape[0]
+        if end > self._store.shape[0]:
+            grown = self._store.new_empty((max(2 * self._store.shape[0], end), self._store.shape[1]))
+            grown[:self.known] = self.features
+            self._store = grown
+        self._store[self.known:end] = rows
+        self.known = end
+
     def extend(self, rows: torch.Tensor, start: int, upto: int) -> None:
         """True features: `rows` are positions start..; keep those below `upto` not yet known (a gap before
         `start`, left by the prefix cache, is computed by the target)."""
-        known = self.features.shape[0]
-        if start > known:
+        if start > self.known:
             with torch.no_grad():
                 ids = torch.tensor([self.tokens[:start]], device=rows.device)
                 hidden = self.runner.model.model(ids, use_cache=False).last_hidden_state[0]
-            self.features = torch.cat([self.features, hidden[known:start].to(rows.dtype)])
-            known = start
-        if upto > known:
-            self.features = torch.cat([self.features, rows[known - start:upto - start]])
+            self._append(hidden[self.known:start])
+        if upto > self.known:
+            self._append(rows[self.known - start:upto - start])
 
     @torch.no_grad()
     def _step(self, features: torch.Tensor, tokens: list[int], start: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,7 +208,7 @@ class EagleDraft:
 
         n = len(self.tokens)
         self.proposed = []
-        if self.features.shape[0] >= n or k < 1:  # the target already scored the last token: its next comes first
+        if self.known >= n or k < 1:  # the target already scored the last token: its next comes first
             return [], []
         # entry i reads the true feature of position i and token i + 1: catch up to the last accepted token
         start = self.entries
@@ -220,7 +234,7 @@ class EagleDraft:
         self.tokens = (self.tokens + self.proposed)[:keep]
         if rows is None:
             rows = self.runner.features[0]
-        self.extend(rows, self.features.shape[0] if start is None else start, keep)
+        self.extend(rows, self.known if start is None else start, keep)
         self.tokens.append(final)
         self.proposed = []
 

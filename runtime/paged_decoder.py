@@ -119,7 +119,7 @@ class PagedDecoder:
             logits = self._decode([spans[i] for i in single])
             for row, i in enumerate(single):
                 results[i] = logits[row:row + 1]
-                features[i] = self.decode_features[row:row + 1] if self.keep_features else None
+                features[i] = self.decode_features[row:row + 1]
                 spans[i][0].cached = spans[i][2]
         if longer:
             keep = [last_only[i] for i in longer] if isinstance(last_only, list) else last_only
@@ -127,7 +127,8 @@ class PagedDecoder:
                 results[i] = out
             for i, rows in zip(longer, self.features, strict=True):
                 features[i] = rows
-        self.features = features
+        if self.keep_features:
+            self.features = features
         return results
 
     # --- decode-only steps: one batch, eager or replayed from a CUDA graph --------------------------------

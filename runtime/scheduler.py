@@ -272,9 +272,12 @@ class Scheduler:
                                                                  dtype=next(self.eagle_head.parameters()).dtype))
         return sample
 
+    def _caches(self, sample: _Sample) -> list[tuple[Any, Sequence]]:
+        """The (pool, sequence) pairs a sample holds: the target's, and the draft model's if there is one."""
+        return [(self.pool, sample.seq)] + ([(self.draft.pool, sample.draft_seq)] if self.draft else [])
+
     def _free(self, sample: _Sample, register: bool = False) -> None:
-        pairs = [(self.pool, sample.seq)] + ([(self.draft.pool, sample.draft_seq)] if self.draft else [])
-        for pool, seq in pairs:
+        for pool, seq in self._caches(sample):
             if register:
                 pool.register_full_blocks(seq)
             pool.free_sequence(seq)
@@ -502,8 +505,7 @@ class Scheduler:
               for i, row in enumerate(rows)]  # len(tokens) + 1 target distributions
         accepted, final = accept_draft(ps, qs, tokens, sample.generator)
         base = len(sample.seq.tokens) - len(tokens)
-        pools = [(self.pool, sample.seq)] + ([(self.draft.pool, sample.draft_seq)] if self.draft is not None else [])
-        for pool, seq in pools:
+        for pool, seq in self._caches(sample):
             pool.truncate(seq, base + accepted)
             seq.tokens.append(final)
         if tokens:

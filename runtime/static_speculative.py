@@ -131,12 +131,8 @@ class StaticEagleSpeculator(StaticSpeculator):
     """
 
     def __init__(self, target: StaticDecoder, head, k: int = 4):
-        if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
         head_decoder = StaticDecoder(head, max_batch=1, max_len=target.max_len + k + 1, dtype=target.dtype)
-        if target.embed.shape[0] != head_decoder.embed.shape[0] or target.device != head_decoder.device:
-            raise ValueError("the EAGLE head and the target need the same vocabulary and device")
-        super().__init__(target, head_decoder, k)
+        super().__init__(target, head_decoder, k)  # checks k, the vocabulary and the device
         if target.step_fn == target.fused_step and not head_decoder.unfusable:
             head_decoder.use_fused_kernels()
         device, hidden = target.device, target.embed.shape[1]
