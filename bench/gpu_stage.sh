@@ -21,6 +21,10 @@
 #   test: CUDA tests of the static decoder, fused kernels and static speculator (no model file needed)
 #   spec0: keep the first half, then the same tests
 #   spec1: join the model; chat data from the static decoder; 2- and 4-layer chat drafts distilled side by side
+#   eagle0 / eagle1 / eagle2: EAGLE heads (tests; two heads trained and benchmarked; benchmark only)
+#   eagle3 / eagle4: the verify pass's rows in one reduction vs one after another; a longer-trained head
+#   eagle5: (after a) the longer-trained head with both verify kernels on the real target
+#   verify: the verify pass's kernel choices against a decode step (random weights of the real shape)
 #   spec2: speculative decoding with each draft on the static decoder (fused + graphs; each verify kernel
 #          choice), the CLI, and the paged engine
 set -euo pipefail
@@ -219,6 +223,46 @@ t = make_tiny_tokenizer(); save_reference(Path('$W/tiny'), make_tiny_llama(vocab
         --device cuda --k 1 2 3 4 --draft-vocab 0 8192 --vocab-from "$OUT/answers.jsonl" --new-tokens 128 2>&1 \
         | grep -v -i "warn\|Loading weights" | tail -19
     done
+    ;;
+  eagle3)
+    # the verify pass with all rows in one reduction (gemv-rows) against the row-by-row GEMV, with the head of
+    # round 2 (carried: .gpu/b/eagle-u1, answers.jsonl.gz); then a head trained on twice the prompts, longer
+    cat "$W/gguf.part00" .gpu/b/gguf.part01 > "$W/SmolLM2-135M-Instruct.Q4_1.gguf"
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/b/whl/*.whl  # gguf
+    python3 -m compress.reference --model "$W/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$W/reference" --if-missing 2>&1 | tail -1
+    gunzip -c .gpu/b/answers.jsonl.gz > "$W/answers.jsonl"
+    OUT="$OUT/u1" timeout 170 python3 bench/static_speculative.py --target "$W/reference" --draft .gpu/b/eagle-u1 \
+      --device cuda --k 1 2 3 --small gemv gemv-rows --draft-vocab 8192 --vocab-from "$W/answers.jsonl" \
+      --new-tokens 128 2>&1 | grep -v -i "warn\|Loading weights" | tail -9
+    timeout 400 python3 -m compress.draft --target "$W/reference" --method eagle --out "$W/eagle-long" \
+      --prompts "${PROMPTS:-16000}" --answer-tokens 128 --eval-prompts 8 --k 3 --seq-len 512 --batch-size 16 \
+      --max-steps 20000 --max-minutes "${MINUTES:-4.5}" --lr 1e-3 --no-gradient-checkpointing --accelerator gpu \
+      --overwrite > "$OUT/eagle-long.log" 2>&1 || true
+    grep -v -i "warn\|it/s\]" "$OUT/eagle-long.log" | tail -4
+    [ -d "$W/eagle-long" ] && tar -C "$W" -cf "$OUT/eagle-long.tar" eagle-long
+    ;;
+  eagle4)
+    # the longer-trained head of eagle3, both verify kernels
+    OUT="$OUT/long" timeout 240 python3 bench/static_speculative.py --target "$W/reference" --draft "$W/eagle-long" \
+      --device cuda --k 1 2 3 4 --small gemv gemv-rows --draft-vocab 0 8192 --vocab-from "$W/answers.jsonl" \
+      --new-tokens 128 2>&1 | grep -v -i "warn\|Loading weights" | tail -19
+    ;;
+  eagle5)
+    # the real target with the longer-trained head (carried: .gpu/b/eagle-long), verify rows one after another
+    # vs together (after `a`)
+    cat "$W/gguf.part00" .gpu/b/gguf.part01 > "$W/SmolLM2-135M-Instruct.Q4_1.gguf"
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/b/whl/*.whl  # gguf
+    python3 -m compress.reference --model "$W/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$W/reference" --if-missing 2>&1 | tail -1
+    gunzip -c .gpu/b/answers.jsonl.gz > "$W/answers.jsonl"
+    OUT="$OUT/long" timeout 300 python3 bench/static_speculative.py --target "$W/reference" --draft .gpu/b/eagle-long \
+      --device cuda --k 1 2 3 4 --small gemv gemv-rows --draft-vocab 8192 --vocab-from "$W/answers.jsonl" \
+      --new-tokens 128 2>&1 | grep -v -i "warn\|Loading weights" | tail -19
+    ;;
+  verify)
+    # the verify pass's kernels: CUDA tests of the GEMV variants, then the sweep (random weights of the real shape)
+    python3 -m pytest -q -p no:cacheprovider tests/runtime/test_triton_decode.py tests/runtime/test_static_speculative.py \
+      -k "fused_linear or argmax or fused_speculative or multi_row" 2>&1 | tail -2 || true
+    python3 bench/verify_pass.py --like artifacts/gpu_like --k 1 2 3 4 2>&1 | grep -v -i warn
     ;;
   spec2)
     for layers in 2 4; do

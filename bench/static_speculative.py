@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, nargs="+", default=[2, 3, 4, 6])
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--small", nargs="+", default=["gemv"], choices=["gemv", "gemm", "gemm+pdl"],
+    parser.add_argument("--small", nargs="+", default=["gemv"], choices=["gemv", "gemv-rows", "gemm", "gemm+pdl"],
                         help="CUDA: kernels for the verify pass's k + 1 rows (runtime/triton_decode.py TILES['small'])")
     parser.add_argument("--draft-vocab", type=int, nargs="+", default=[0],
                         help="EAGLE head: propose only the N tokens most frequent in --vocab-from (0: as trained)")
@@ -128,7 +128,9 @@ def main() -> None:
             draft.generate([ids], args.new_tokens)  # the draft alone: what one of its steps costs
             row["draft_tok_s"] = (args.new_tokens - 1) / draft.timings[1]
         elif cuda:
-            row.update({f"verify_ms_k{k}": verify_ms(target, k) for k in args.k})
+            for small in settings:
+                triton_decode.TILES["small"] = (small,)
+                row.update({f"verify_ms_{small}_k{k}": verify_ms(target, k) for k in args.k})
         answer = plain[:next((i + 1 for i, t in enumerate(plain) if t in stop), len(plain))]
         row["answer_tokens"] = len(answer)
         for name, spec in speculators.items():

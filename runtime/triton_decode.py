@@ -35,10 +35,13 @@ except ImportError:  # older Triton
 # waiting for the previous kernel's output), on Hopper+ GPUs only. Measured on the H200: batch 1
 # 1,602 -> 1,933 tok/s with it; batch 32 (GEMM tiles, nothing to prefetch) 32.3k -> 27.4k, so not there.
 # small: 2..GEMV_MAX_ROWS rows (a small batch, a speculative verify pass) go through the GEMV with the weight slab
-# shared by the rows ("gemv"), or the tl.dot tile with "gemm_small" ("gemm"; "gemm+pdl" with PDL):
+# shared by the rows, reduced one row after another ("gemv": bitwise the batch-1 result) or all rows in one
+# reduction ("gemv-rows", the default: TILES["gemv_rows"] maps the padded row count to tiles as "gemv" has them;
+# `bench/verify_pass.py` chose them on the H200: verify pass over 2 / 4 / 5 rows 0.477 / 0.637 / 0.914 ms against
+# 0.571 / 0.936 / 1.194 with "gemv", a decode step 0.450), or the tl.dot tile with "gemm_small" ("gemm"; "gemm+pdl" with PDL):
 # bench/static_speculative.py --small measures them.
-TILES = {"gemv": (8, 4, 64, 8), "gemm": (16, 256, 4), "gemm_small": (16, 256, 4), "attention": (128, 4),
-         "small": ("gemv",),
+TILES = {"gemv": (8, 4, 64, 8), "gemv_rows": {2: (2, 1, 16, 4), 4: (2, 4, 16, 8), 8: (2, 4, 8, 8)}, "gemm": (16, 256, 4), "gemm_small": (16, 256, 4), "attention": (128, 4),
+         "small": ("gemv-rows",),
          "pdl": (gdc_wait is not None and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0),)}
 
 
@@ -183,6 +186,53 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, res_ptr, N, K, eps, HAS_NORM: 
             tl.store(out_ptr + r * N + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
+@triton.jit
+def _gemv_rows_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, res_ptr, M, N, K, eps, HAS_NORM: tl.constexpr,
+                      HAS_RES: tl.constexpr, SWIGLU: tl.constexpr, ARGMAX: tl.constexpr, BLOCK_N: tl.constexpr,
+                      K_PAD: tl.constexpr, ROWS_PAD: tl.constexpr, PDL: tl.constexpr):
+    """`_gemv_kernel` with the rows reduced together: one (ROWS_PAD, BLOCK_N, K) product, one reduction.
+
+    The row-by-row GEMV pays each row's load and reductions in sequence; here the latency is paid once,
+    so a speculative verify pass over k + 1 rows can cost about one decode step. Weights and rows are
+    loaded straight into the product's 3-D shape (no layout conversion of the weight slab). A row's sum
+    may round differently from the batch-1 GEMV (another reduction order).
+    """
+    if PDL:
+        gdc_launch_dependents()
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, ROWS_PAD)
+    k3 = tl.arange(0, K_PAD)[None, None, :]
+    w_at = w_ptr + cols[None, :, None] * K + k3
+    w_mask = (cols < N)[None, :, None] & (k3 < K)
+    w = tl.load(w_at, mask=w_mask, other=0.0)  # (1, BLOCK_N, K_PAD)
+    if SWIGLU:
+        w_up = tl.load(w_at + N * K, mask=w_mask, other=0.0)
+    if PDL:
+        gdc_wait()
+    x = tl.load(x_ptr + rows[:, None, None] * K + k3, mask=(rows < M)[:, None, None] & (k3 < K), other=0.0)
+    if HAS_NORM:
+        xf = x.to(tl.float32)
+        inv_rms = 1.0 / tl.sqrt(tl.sum(xf * xf, 2, keep_dims=True) / K + eps)
+        gain = tl.load(norm_ptr + k3, mask=k3 < K, other=0.0).to(tl.float32)
+        x = (xf * inv_rms).to(x.dtype).to(tl.float32) * gain
+    x = x.to(w_ptr.dtype.element_ty).to(tl.float32)  # (ROWS_PAD, 1, K_PAD)
+    acc = tl.sum(w.to(tl.float32) * x, 2)  # (ROWS_PAD, BLOCK_N)
+    out_offsets = rows[:, None] * N + cols[None, :]
+    out_mask = (rows < M)[:, None] & (cols < N)[None, :]
+    if SWIGLU:
+        gate = acc.to(w_ptr.dtype.element_ty).to(tl.float32)
+        up = tl.sum(w_up.to(tl.float32) * x, 2).to(w_ptr.dtype.element_ty).to(tl.float32)
+        acc = (gate / (1.0 + tl.exp(-gate))).to(w_ptr.dtype.element_ty).to(tl.float32) * up
+    if HAS_RES:
+        acc = (acc.to(w_ptr.dtype.element_ty).to(tl.float32)
+               + tl.load(res_ptr + out_offsets, mask=out_mask, other=0.0).to(tl.float32))
+    if ARGMAX:
+        packed = _pack_max(acc.to(w_ptr.dtype.element_ty).to(tl.float32), cols[None, :] + rows[:, None] * 0, out_mask)
+        tl.atomic_max(out_ptr + rows, tl.max(packed, 1), mask=rows < M)
+    else:
+        tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 1e-5,
                  residual: torch.Tensor | None = None, swiglu: bool = False, argmax_into: torch.Tensor | None = None
                  ) -> torch.Tensor:
@@ -198,9 +248,17 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, norm: torch.Tensor | Non
              "ARGMAX": argmax_into is not None}
     norm_arg, res_arg = (norm if norm is not None else x), (residual if residual is not None else x)
     small = TILES["small"][0]
-    if m == 1 or (m <= GEMV_MAX_ROWS and small == "gemv"):  # GEMV: small output slabs spread even N = 576
-        small_n, small_warps, large_n, large_warps = TILES["gemv"]
+    small_n, small_warps, large_n, large_warps = TILES["gemv"]
+    block_n, warps = (small_n, small_warps) if n <= 4096 else (large_n, large_warps)
+    if 1 < m <= GEMV_MAX_ROWS and small == "gemv-rows":
+        rows_pad = triton.next_power_of_2(m)
+        small_n, small_warps, large_n, large_warps = TILES["gemv_rows"][rows_pad]
         block_n, warps = (small_n, small_warps) if n <= 4096 else (large_n, large_warps)
+        _gemv_rows_kernel[(triton.cdiv(n, block_n),)](x, weight, out, norm_arg, res_arg, m, n, k, eps, **flags,
+                                                      BLOCK_N=block_n, K_PAD=triton.next_power_of_2(k),
+                                                      ROWS_PAD=rows_pad, **_launch_options(warps, 1))
+        return out
+    if m == 1 or (m <= GEMV_MAX_ROWS and small == "gemv"):  # GEMV: small output slabs spread even N = 576
         _gemv_kernel[(triton.cdiv(n, block_n),)](x, weight, out, norm_arg, res_arg, n, k, eps, **flags, BLOCK_N=block_n,
                                                  K_PAD=triton.next_power_of_2(k), ROWS=m,
                                                  **_launch_options(warps, 1))

@@ -61,7 +61,7 @@ def test_limits_are_checked():
         StaticSpeculator(StaticDecoder(target, 1, 32), StaticDecoder(make_tiny_llama(vocab_size=200), 1, 32))
 
 
-@pytest.mark.parametrize("small", ["gemv", "gemm"])
+@pytest.mark.parametrize("small", ["gemv", "gemv-rows", "gemm"])
 def test_fused_speculative_equals_target_greedy(small, monkeypatch):
     """The Triton path (verify attention over k + 1 tokens, either kernel for the k + 1 rows); CPU: interpreter."""
     pytest.importorskip("triton")

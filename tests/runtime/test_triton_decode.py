@@ -16,12 +16,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CUDA_ONLY = pytest.mark.skipif(DEVICE != "cuda", reason="bf16 tl.dot needs CUDA")
 
 
-# rows 1 and 2-8 with TILES["small"] = gemv take the GEMV; 2-8 with gemm and 9+ the tl.dot tile, whose
+# rows 1 and 2-8 with TILES["small"] = gemv / gemv-rows take a GEMV; 2-8 with gemm and 9+ the tl.dot tile, whose
 # bf16 the interpreter gets wrong (numpy has no bf16): bf16 is checked on the GEMV path there
 @pytest.mark.parametrize(("rows", "dtype", "small"), [
     (1, torch.float32, "gemv"), (3, torch.float32, "gemv"), (8, torch.float32, "gemv"), (3, torch.float32, "gemm"),
     (8, torch.float32, "gemm"), (9, torch.float32, "gemv"), (32, torch.float32, "gemv"),
-    (1, torch.bfloat16, "gemv"), (5, torch.bfloat16, "gemv"),
+    (2, torch.float32, "gemv-rows"), (5, torch.float32, "gemv-rows"), (8, torch.float32, "gemv-rows"),
+    (1, torch.bfloat16, "gemv"), (5, torch.bfloat16, "gemv"), (3, torch.bfloat16, "gemv-rows"),
     pytest.param(5, torch.bfloat16, "gemm", marks=CUDA_ONLY), pytest.param(32, torch.bfloat16, "gemv", marks=CUDA_ONLY)])
 def test_fused_linear_equals_unfused(rows, dtype, small, monkeypatch):
     from runtime import triton_decode
@@ -130,10 +131,13 @@ def test_fused_greedy_equals_hf_for_mixed_lengths():
         assert static.generate(prompts, 10, use_graph=True) == expected
 
 
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize(("rows", "small"), [(1, "gemv"), (3, "gemv"), (3, "gemv-rows")])
 @pytest.mark.parametrize("case", ["tie", "negative"])
-def test_fused_argmax_equals_torch(rows, case):
+def test_fused_argmax_equals_torch(rows, small, case, monkeypatch):
+    from runtime import triton_decode
     from runtime.triton_decode import ARGMAX_EMPTY, finish_step
+
+    monkeypatch.setitem(triton_decode.TILES, "small", (small,))
 
     gen = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 64, generator=gen)
