@@ -217,7 +217,8 @@ def train_eagle(cfg: DraftConfig, target: Artifact, model: torch.nn.Module, toke
 
 def measure_acceptance(target: Artifact, draft: Artifact, tokenizer, prompts: int, new_tokens: int, k: int
                        ) -> dict[str, float]:
-    """Greedy speculative decoding of held-out chat prompts on the paged engine: the share of proposed draft
+    """Greedy speculative decoding of held-out chat prompts on the paged engine, each to the end of its answer
+    (what a chat user gets; past it the target rambles and no draft follows): the share of proposed draft
     tokens the target accepts and the tokens each target pass yields."""
     from compress.draft_data import chat_prompts, encode
     from compress.models import load_artifact_model
@@ -230,9 +231,11 @@ def measure_acceptance(target: Artifact, draft: Artifact, tokenizer, prompts: in
     draft_engine = None if eagle else Engine(load_artifact_model(draft.path).eval())
     head = load_head(draft.path, model) if eagle else None
     proposed = accepted = produced = passes = 0
+    stop = tuple(t for t in (tokenizer.eos_token_id,) if t is not None)
     for ids in encode(tokenizer, chat_prompts(tokenizer, "heldout", prompts)):
         drafter = EagleDraft(head, target_engine.runner) if eagle else draft_engine
-        _, stats = target_engine.speculative(drafter, ids, SamplingParams(max_new_tokens=new_tokens), k)
+        params = SamplingParams(max_new_tokens=new_tokens, stop_ids=stop)
+        _, stats = target_engine.speculative(drafter, ids, params, k)
         proposed, accepted = proposed + stats.proposed, accepted + stats.accepted
         produced, passes = produced + stats.new_tokens, passes + stats.target_steps
     return {"acceptance_rate": accepted / max(proposed, 1), "tokens_per_target_pass": produced / max(passes, 1),

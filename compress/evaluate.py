@@ -39,10 +39,17 @@ class EvaluateConfig:
     threads: int | None = field(None, help="torch threads for the speed runs")
     device: str = field("cpu", help="device for accuracy and speed runs (cpu or cuda)")
     record: bool = field(True, help="write the measured metrics into each artifact's manifest")
+    early_exit: str | None = field(None, help="an early-exit (or layers) draft made for --reference: adds lossy "
+                                   "early exit's accuracy-vs-speed curve (runtime.generate --early-exit-threshold)")
+    exit_thresholds: list[float] = field([0.5, 0.7, 0.8, 0.9, 0.95], help="early exit: the thresholds of the curve")
+    exit_prompts: int = field(4, help="early exit: held-out chat prompts for its speed")
 
     def validate(self) -> None:
         if not self.artifacts:
             raise UserError("artifacts: name at least one artifact")
+        if self.early_exit is not None and (not self.exit_thresholds or self.exit_prompts < 1
+                                            or any(not 0 < t <= 1 for t in self.exit_thresholds)):
+            raise UserError("exit_thresholds: probabilities in (0, 1]; exit_prompts: at least 1")
         if self.max_eval_tokens is not None and self.max_eval_tokens < self.seq_len:
             raise UserError(f"max_eval_tokens: must be at least seq_len ({self.seq_len})")
 
@@ -132,8 +139,30 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     report = {"reference": str(ref_artifact.path), "reference_perplexity": acc["__reference__"]["perplexity"],
               "protocol": protocol,
               "command": command, "config": asdict(cfg), "machine": machine_description(), "results": rows}
+    if cfg.early_exit is not None:
+        report["early_exit"] = early_exit_curve(cfg, ref_artifact, reference, tokenizer, windows)
     write_report(report, Path(cfg.out))
     return report
+
+
+def early_exit_curve(cfg: EvaluateConfig, ref_artifact: Any, reference: torch.nn.Module, tokenizer: Any,
+                     windows: torch.Tensor) -> dict[str, Any]:
+    from compress.early_exit import exit_accuracy, exit_speed
+    from runtime.eagle import is_eagle_draft
+    from runtime.loading import check_draft_target
+
+    if is_eagle_draft(cfg.early_exit):
+        raise UserError(f"early_exit: {cfg.early_exit} is an EAGLE head; early exit needs an early-exit or layers "
+                        "draft (a whole model)")
+    check_draft_target(cfg.early_exit, str(ref_artifact.path), force=False)
+    exit_model = load_artifact_model(cfg.early_exit, device=cfg.device)
+    curve = {"draft": cfg.early_exit,
+             "accuracy": exit_accuracy(reference, exit_model, windows.to(cfg.device), cfg.exit_thresholds)}
+    del exit_model
+    if cfg.speed:
+        curve["speed"] = exit_speed(str(ref_artifact.path), cfg.early_exit, tokenizer, cfg.exit_thresholds,
+                                    cfg.exit_prompts, cfg.new_tokens, cfg.device)
+    return curve
 
 
 def heldout_corpus_hash() -> str:
@@ -159,6 +188,10 @@ def markdown_table(report: dict[str, Any]) -> str:
                      f"{r['perplexity']:.2f} | {delta} | {r['kl']:.4f} | {r['top1_agreement']:.3f} | "
                      f"{g('prefill_tok_s', '.0f')} | {g('decode_tok_s_b1', '.1f')} | {g('decode_tok_s_b8', '.1f')} | "
                      f"{g('ttft_ms', '.0f')} | {g('peak_rss_mb', '.0f')} |")
+    if "early_exit" in report:
+        from compress.early_exit import markdown
+
+        lines += ["", markdown(report["early_exit"]).rstrip()]
     lines += ["", f"Command: `{report['command']}`", f"Machine: {report['machine'].get('cpu', '?')}, "
               f"{report['machine'].get('cpu_count')} cores, torch threads {report['machine'].get('torch_threads')}"]
     return "\n".join(lines) + "\n"

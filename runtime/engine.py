@@ -44,6 +44,7 @@ class GenerationStats:
     proposed: int = 0
     accepted: int = 0
     prefix_hit_blocks: int = 0
+    exited: int = 0  # early exit: tokens the exit model emitted alone (no target pass)
     per_step_accepted: list[int] = field(default_factory=list)
 
     @property
@@ -218,6 +219,42 @@ class Engine:
         stats.new_tokens = len(out)
         self.pool.free_sequence(t_seq)
         drafter.finish()
+        return out, stats
+
+    def early_exit(self, exit_engine: Engine, prompt: list[int], params: SamplingParams, threshold: float
+                   ) -> tuple[list[int], GenerationStats]:
+        """Lossy greedy decoding: a token whose exit-model probability is >= `threshold` is emitted without the
+        target (CALM / LayerSkip's early exit, with a separate exit model: `compress.draft --method early-exit`).
+
+        The target catches up on the exited tokens at its next pass (their rows run with the next token's, so
+        its cache holds them as plain decoding would); threshold > 1 never exits, i.e. plain greedy decoding.
+        """
+        if params.temperature > 0:
+            raise ValueError("early exit is greedy (temperature 0)")
+        stats = GenerationStats(prompt_tokens=len(prompt))
+        (t_seq,) = self._start([prompt])
+        (e_seq,) = exit_engine._start([prompt])
+        start = time.perf_counter()
+        first = int(self.runner.forward([t_seq], last_only=True)[0][-1].argmax())
+        exit_engine.runner.forward([e_seq], last_only=True)
+        stats.prefill_s = time.perf_counter() - start
+        out = [first]
+        start = time.perf_counter()
+        while out[-1] not in params.stop_ids and len(out) < params.max_new_tokens:
+            t_seq.tokens.append(out[-1])
+            e_seq.tokens.append(out[-1])
+            confidence, token = torch.softmax(exit_engine.runner.forward([e_seq], last_only=True)[0][-1].float(),
+                                              -1).max(-1)
+            if confidence.item() >= threshold:
+                stats.exited += 1
+                out.append(int(token))
+            else:  # the target's pass: the exited tokens since its last pass, then this one
+                out.append(int(self.runner.forward([t_seq], last_only=True)[0][-1].argmax()))
+                stats.target_steps += 1
+        stats.decode_s = time.perf_counter() - start
+        stats.new_tokens = len(out)
+        self.pool.free_sequence(t_seq)
+        exit_engine.pool.free_sequence(e_seq)
         return out, stats
 
 

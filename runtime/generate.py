@@ -1,7 +1,8 @@
 """`python -m runtime.generate`: generate from an artifact with the paged-cache engine.
 
 Prints the completion, then one line of stats: prefill and decode tokens/s and, with --draft,
-the acceptance rate and mean tokens per target step of speculative decoding.
+the acceptance rate and mean tokens per target step of speculative decoding (or, with
+--early-exit-threshold, how many tokens the draft emitted alone).
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ class GenerateConfig:
     adaptive_k: bool = field(False, help="grow k after full acceptance, shrink it after a miss")
     prompt_lookup: int = field(0, help="draft by prompt lookup instead of a model: the longest n-gram (n <= this) "
                                "of the context's end found earlier proposes what followed it (0: off)")
+    early_exit_threshold: float | None = field(None, help="lossy early exit with --draft (an early-exit or layers "
+                                               "draft): emit the draft's token without the target when its "
+                                               "probability is >= this (greedy; no verification)")
     chat: bool = field(False, help="wrap the prompt in the tokenizer's chat template")
     max_tokens: int = field(128, help="new tokens at most")
     temperature: float = field(0.0, help="0 for greedy")
@@ -48,6 +52,10 @@ class GenerateConfig:
             raise UserError("temperature must be >= 0 and top_p in (0, 1]")
         if self.prompt_lookup < 0 or (self.prompt_lookup and self.draft is not None):
             raise UserError("prompt_lookup: a positive n-gram length, without --draft")
+        if self.early_exit_threshold is not None and (
+                self.draft is None or self.static or self.temperature > 0 or self.early_exit_threshold <= 0):
+            raise UserError("early_exit_threshold: a probability > 0, with --draft, greedy, on the paged engine "
+                            "(not --static)")
         if self.static and (self.temperature > 0 or self.adaptive_k):
             raise UserError("static: the static decoder is greedy with a fixed k (drop --temperature / --adaptive-k)")
 
@@ -139,16 +147,25 @@ def main(argv: Sequence[str] | None = None) -> None:
                 if cfg.prompt_lookup:
                     draft = PromptLookupDraft(cfg.prompt_lookup)
                 elif is_eagle_draft(cfg.draft):
+                    if cfg.early_exit_threshold is not None:
+                        raise UserError("early_exit_threshold: needs an early-exit or layers draft (an EAGLE head "
+                                        "reads the target's features, which an exited token does not have)")
                     draft = EagleDraft(load_head(cfg.draft, target.runner.model), target.runner)
                 else:
                     draft = Engine(load_model(cfg.draft, cfg.device), cfg.block_size, cfg.num_blocks)
-                out, stats = target.speculative(draft, ids, params, cfg.k, cfg.adaptive_k)
+                if cfg.early_exit_threshold is not None:
+                    out, stats = target.early_exit(draft, ids, params, cfg.early_exit_threshold)
+                else:
+                    out, stats = target.speculative(draft, ids, params, cfg.k, cfg.adaptive_k)
     print(tokenizer.decode(out, skip_special_tokens=True))
     line = (f"[prefill {stats.prompt_tokens / max(stats.prefill_s, 1e-9):.0f} tok/s, "
             f"decode {stats.new_tokens / max(stats.decode_s, 1e-9):.1f} tok/s, {stats.new_tokens} tokens")
     if cfg.static:
         line += ", static decoder"
-    if cfg.draft is not None or cfg.prompt_lookup:
+    if cfg.early_exit_threshold is not None:
+        line += (f", early exit at p >= {cfg.early_exit_threshold}: {stats.exited} of {stats.new_tokens} tokens "
+                 f"exited, {stats.target_steps} target passes")
+    elif cfg.draft is not None or cfg.prompt_lookup:
         line += (f", acceptance {stats.acceptance_rate:.2f}, {stats.tokens_per_target_step:.2f} tokens/target step"
                  f", k={cfg.k}{' adaptive' if cfg.adaptive_k else ''}")
     print(line + "]")

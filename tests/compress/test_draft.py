@@ -58,6 +58,24 @@ def test_smoke_draft_is_tied_to_its_target_and_measured(tiny_artifact, tmp_path,
                             cwd=ROOT)
     assert forced.returncode == 0, forced.stderr[-500:]
 
+    # the same draft as a lossy early exit: runtime.generate, and its curve in compress.evaluate's report
+    base = [sys.executable, "-m", "runtime.generate", "--artifact", str(tiny_artifact.path), "--draft", str(out),
+            "--prompt", "The river rose after the storm", "--max-tokens", "8", "--early-exit-threshold"]
+    exited = subprocess.run([*base, "0.001"], capture_output=True, text=True, cwd=ROOT)
+    assert exited.returncode == 0, exited.stderr[-500:]
+    assert "early exit at p >= 0.001: 7 of 8 tokens exited, 0 target passes" in exited.stdout
+    refused = subprocess.run([*base, "0.5", "--static"], capture_output=True, text=True, cwd=ROOT)
+    assert refused.returncode == 2 and "early_exit_threshold" in refused.stderr and "Traceback" not in refused.stderr
+    from compress.evaluate import EvaluateConfig, evaluate
+
+    report = evaluate(EvaluateConfig(reference=str(tiny_artifact.path), artifacts=[str(tiny_artifact.path)],
+                                     out=str(tmp_path / "eval"), max_eval_tokens=256, seq_len=128, new_tokens=6,
+                                     threads=1, early_exit=str(out), exit_thresholds=[1.0, 0.001], exit_prompts=1))
+    curve = report["early_exit"]
+    assert [row["exit_rate"] for row in curve["accuracy"]] == [0.0, 1.0]
+    assert curve["speed"]["target_tok_s"] > 0 and curve["speed"]["per_threshold"][0.001]["generated_exit_rate"] > 0.5
+    assert "Early exit with" in (tmp_path / "eval" / "report.md").read_text()
+
 
 def test_bad_config_fails_before_any_work(tiny_artifact, tmp_path):
     with pytest.raises(UserError, match="layers: a draft must keep fewer"):

@@ -155,3 +155,37 @@ def test_prompt_lookup_sampling_matches_target_distribution():
     always_accepted = torch.zeros(512)
     always_accepted[x] = runs
     assert statistic(always_accepted) > critical  # a rule that kept every proposal would be caught
+
+
+@torch.no_grad()
+def test_early_exit_emits_the_exit_models_confident_tokens_and_the_targets_others():
+    """Lossy early exit: a token whose exit-model probability reaches the threshold comes from the exit model,
+    every other from the target, which has caught up on the exited tokens (its answer equals a fresh full
+    forward over everything emitted so far)."""
+    from tests.conftest import greedy_reference
+
+    target, exit_model = make_tiny_llama(layers=2, seed=1), make_tiny_llama(layers=1, seed=2)
+    prompt, n = PROMPTS[2], 16
+    engine, exit_engine = Engine(target, block_size=4, num_blocks=64), Engine(exit_model, block_size=4, num_blocks=64)
+    params = SamplingParams(max_new_tokens=n)
+
+    never, stats = engine.early_exit(exit_engine, prompt, params, threshold=1.01)
+    assert never == greedy_reference(target, prompt, n) and stats.exited == 0 and stats.target_steps == n - 1
+    always, stats = engine.early_exit(exit_engine, prompt, params, threshold=1e-9)
+    assert always == never[:1] + greedy_reference(exit_model, prompt + never[:1], n - 1) and stats.target_steps == 0
+
+    def confidence(ids):
+        return torch.softmax(exit_model(torch.tensor([ids])).logits[0, -1], -1).max().item()
+    ranked = sorted(confidence(prompt + never[:i]) for i in range(1, n))
+    threshold = (ranked[n // 2] + ranked[n // 2 + 1]) / 2  # between two confidences: no rounding at the edge
+    out, stats = engine.early_exit(exit_engine, prompt, params, threshold)
+    exited = 0
+    for i in range(1, n):
+        context = prompt + out[:i]
+        model = exit_model if confidence(context) >= threshold else target
+        exited += model is exit_model
+        assert out[i] == model(torch.tensor([context])).logits[0, -1].argmax().item(), i
+    assert stats.exited == exited and 0 < exited < n - 1 and stats.target_steps == n - 1 - exited
+    assert all(c == 0 for c in engine.pool.refcount + exit_engine.pool.refcount)  # both sequences released
+    with pytest.raises(ValueError, match="greedy"):
+        engine.early_exit(exit_engine, prompt, SamplingParams(temperature=0.7), 0.5)
