@@ -24,6 +24,7 @@
 #   eagle0 / eagle1 / eagle2: EAGLE heads (tests; two heads trained and benchmarked; benchmark only)
 #   eagle3 / eagle4: the verify pass's rows in one reduction vs one after another; a longer-trained head
 #   eagle5: (after a) the longer-trained head with both verify kernels on the real target
+#   exit1: (after a) an early-exit draft of 6 layers, and compress.evaluate's early-exit curve with it
 #   verify: the verify pass's kernel choices against a decode step (random weights of the real shape)
 #   spec2: speculative decoding with each draft on the static decoder (fused + graphs; each verify kernel
 #          choice), the CLI, and the paged engine
@@ -257,6 +258,20 @@ t = make_tiny_tokenizer(); save_reference(Path('$W/tiny'), make_tiny_llama(vocab
     OUT="$OUT/long" timeout 300 python3 bench/static_speculative.py --target "$W/reference" --draft .gpu/b/eagle-long \
       --device cuda --k 1 2 3 4 --small gemv gemv-rows --draft-vocab 8192 --vocab-from "$W/answers.jsonl" \
       --new-tokens 128 2>&1 | grep -v -i "warn\|Loading weights" | tail -19
+    ;;
+  exit1)
+    # (after a) an early-exit draft (the target's first 6 layers + its norm and LM head, distilled) for the lossy
+    # early-exit curve, which compress.evaluate measures on the CPU
+    cat "$W/gguf.part00" .gpu/b/gguf.part01 > "$W/SmolLM2-135M-Instruct.Q4_1.gguf"
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/b/whl/*.whl  # gguf
+    python3 -m compress.reference --model "$W/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$W/reference" --if-missing 2>&1 | tail -1
+    timeout 200 python3 -m compress.draft --target "$W/reference" --method early-exit --layers 6 --out "$W/exit6" \
+      --prompts 4000 --answer-tokens 128 --eval-prompts 4 --k 3 --seq-len 512 --batch-size 16 --max-steps 20000 \
+      --max-minutes 1.8 --lr 5e-4 --no-gradient-checkpointing --accelerator gpu --overwrite > "$OUT/exit6.log" 2>&1 || true
+    grep -v -i "warn\|it/s\]" "$OUT/exit6.log" | tail -3
+    timeout 150 python3 -m compress.evaluate --reference "$W/reference" --artifacts "$W/reference" --early-exit "$W/exit6" \
+      --exit-thresholds 0.5 0.7 0.8 0.9 0.95 --exit-prompts 4 --max-eval-tokens 8192 --device cuda --no-record \
+      --out "$OUT/eval" 2>&1 | grep -v -i "warn\|it/s\]\|win/s\]" | tail -16
     ;;
   verify)
     # the verify pass's kernels: CUDA tests of the GEMV variants, then the sweep (random weights of the real shape)

@@ -57,7 +57,10 @@ def exit_speed(target_path: str, exit_path: str, tokenizer: Any, thresholds: lis
     params = SamplingParams(max_new_tokens=new_tokens,
                             stop_ids=tuple(t for t in (tokenizer.eos_token_id,) if t is not None))
     times = {t: [0.0, 0, 0, 0] for t in ["target", *thresholds]}  # decode s, tokens timed, exited, generated
-    for ids in tqdm(encode(tokenizer, chat_prompts(tokenizer, "heldout", prompts)), desc="early exit (speed)"):
+    encoded = encode(tokenizer, chat_prompts(tokenizer, "heldout", prompts))
+    target.generate([encoded[0]], params)  # warm-up outside the timing (a GPU's first kernels compile)
+    target.early_exit(exit_engine, encoded[0], params, thresholds[0])
+    for ids in tqdm(encoded, desc="early exit (speed)"):
         (out,), stats = target.generate([ids], params)
         runs = [("target", stats)] + [(t, target.early_exit(exit_engine, ids, params, t)[1]) for t in thresholds]
         for key, s in runs:

@@ -113,7 +113,9 @@ def measure_speed(cfg: SpeedConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.artifact)
     tokenizer.padding_side = "left"
     model = load_artifact_model(cfg.artifact, device=device)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if tokenizer.pad_token is None:  # batched prompts need one (newer transformers no longer set it for SmolLM2)
+        tokenizer.pad_token = tokenizer.eos_token
+    pad_id = tokenizer.pad_token_id
 
     prompt = heldout_windows(tokenizer, seq_len=cfg.prefill_tokens)[:1].to(device)
     model(prompt[:, :16], use_cache=True)  # warm-up
