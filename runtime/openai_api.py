@@ -193,24 +193,43 @@ class TextStream:
     """Token ids -> text deltas, holding back incomplete UTF-8 and anything a stop string may start.
 
     `push` returns the text that is safe to send; `stopped` is set when a stop string appears, and
-    the text before it is all that is ever sent.
+    the text before it is all that is ever sent. Decoding is incremental (vLLM's way): each push
+    decodes only the tokens since the previous push plus the ones before them (so a tokenizer that
+    drops a leading space at the start of what it decodes drops it from both), not the whole answer.
     """
 
     def __init__(self, tokenizer: Any, stops: list[str]):
         self.tokenizer, self.stops = tokenizer, stops
         self.tokens: list[int] = []
+        self.prefix_at = self.read_at = 0  # tokens[prefix_at:read_at] were decoded last time, as context
         self.sent = 0
         self.text = ""
         self.stopped = False
         self.hold = max((len(s) for s in stops), default=1) - 1
+        self.special = set(getattr(tokenizer, "all_special_ids", ()))
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def push(self, token: int) -> str:
         self.tokens.append(token)
-        self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if self.text.endswith("\ufffd"):
+        if self.stopped:
             return ""
+        prefix = self._decode(self.tokens[self.prefix_at:self.read_at])
+        window = self._decode(self.tokens[self.prefix_at:])
+        if window.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its next bytes
+            return ""
+        checked = len(self.text)
+        if window.startswith(prefix):
+            self.text += window[len(prefix):]
+        else:  # a tokenizer whose decoding is not prefix-stable here: decode everything once
+            self.text = self._decode(self.tokens)
+            checked = 0
+        if any(t not in self.special for t in self.tokens[self.read_at:]):  # else keep the context: a decode
+            self.prefix_at = self.read_at  # that starts at a skipped special token may drop the next space
+        self.read_at = len(self.tokens)
         for stop in self.stops:
-            at = self.text.find(stop)
+            at = self.text.find(stop, max(0, checked - len(stop) + 1))
             if at != -1:
                 self.text, self.stopped = self.text[:at], True
         limit = len(self.text) if self.stopped else max(self.sent, len(self.text) - self.hold)
@@ -218,6 +237,10 @@ class TextStream:
         return delta
 
     def flush(self) -> str:
+        if not self.stopped and self.read_at < len(self.tokens):  # a trailing incomplete character
+            self.text += self._decode(self.tokens[self.prefix_at:])[len(self._decode(
+                self.tokens[self.prefix_at:self.read_at])):]
+            self.read_at = len(self.tokens)
         delta, self.sent = self.text[self.sent:], len(self.text)
         return delta.rstrip("\ufffd")
 
