@@ -38,6 +38,12 @@ if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
 export PYTHONPATH=/tmp/site:$PWD
+join_reference() {  # the GGUF's two halves (.gpu/a kept by an earlier call, .gpu/b carried now) -> $W/reference
+  cat "$W/gguf.part00" .gpu/b/gguf.part01 > "$W/SmolLM2-135M-Instruct.Q4_1.gguf"
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/b/whl/*.whl  # gguf
+  python3 -m compress.reference --model "$W/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$W/reference" --if-missing 2>&1 \
+    | tail -1
+}
 case "$1" in
   1)
     cp .gpu/a/* "$W"/
@@ -204,9 +210,7 @@ t = make_tiny_tokenizer(); save_reference(Path('$W/tiny'), make_tiny_llama(vocab
   eagle1)
     # the real target: two EAGLE heads trained side by side (teacher features only; 3 unrolled steps of its own
     # features), then each in the static speculator (fused + graphs) at k = 1..4, whole and reduced draft vocabulary
-    cat "$W/gguf.part00" .gpu/b/gguf.part01 > "$W/SmolLM2-135M-Instruct.Q4_1.gguf"
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/b/whl/*.whl  # gguf
-    python3 -m compress.reference --model "$W/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$W/reference" --if-missing 2>&1 | tail -1
+    join_reference
     for u in 1 3; do
       timeout 360 python3 -m compress.draft --target "$W/reference" --method eagle --out "$W/eagle-u$u" --prompts 8000 \
         --answer-tokens 128 --eval-prompts 8 --k 3 --seq-len 512 --batch-size 16 --max-steps 6000 --max-minutes "${MINUTES:-3.5}" \
@@ -228,9 +232,7 @@ t = make_tiny_tokenizer(); save_reference(Path('$W/tiny'), make_tiny_llama(vocab
   eagle3)
     # the verify pass with all rows in one reduction (gemv-rows) against the row-by-row GEMV, with the head of
     # round 2 (carried: .gpu/b/eagle-u1, answers.jsonl.gz); then a head trained on twice the prompts, longer
-    cat "$W/gguf.part00" .gpu/b/gguf.part01 > "$W/SmolLM2-135M-Instruct.Q4_1.gguf"
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/b/whl/*.whl  # gguf
-    python3 -m compress.reference --model "$W/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$W/reference" --if-missing 2>&1 | tail -1
+    join_reference
     gunzip -c .gpu/b/answers.jsonl.gz > "$W/answers.jsonl"
     OUT="$OUT/u1" timeout 170 python3 bench/static_speculative.py --target "$W/reference" --draft .gpu/b/eagle-u1 \
       --device cuda --k 1 2 3 --small gemv gemv-rows --draft-vocab 8192 --vocab-from "$W/answers.jsonl" \
@@ -251,9 +253,7 @@ t = make_tiny_tokenizer(); save_reference(Path('$W/tiny'), make_tiny_llama(vocab
   eagle5)
     # the real target with the longer-trained head (carried: .gpu/b/eagle-long), verify rows one after another
     # vs together (after `a`)
-    cat "$W/gguf.part00" .gpu/b/gguf.part01 > "$W/SmolLM2-135M-Instruct.Q4_1.gguf"
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/b/whl/*.whl  # gguf
-    python3 -m compress.reference --model "$W/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$W/reference" --if-missing 2>&1 | tail -1
+    join_reference
     gunzip -c .gpu/b/answers.jsonl.gz > "$W/answers.jsonl"
     OUT="$OUT/long" timeout 300 python3 bench/static_speculative.py --target "$W/reference" --draft .gpu/b/eagle-long \
       --device cuda --k 1 2 3 4 --small gemv gemv-rows --draft-vocab 8192 --vocab-from "$W/answers.jsonl" \
@@ -262,9 +262,7 @@ t = make_tiny_tokenizer(); save_reference(Path('$W/tiny'), make_tiny_llama(vocab
   exit1)
     # (after a) an early-exit draft (the target's first 6 layers + its norm and LM head, distilled) for the lossy
     # early-exit curve, which compress.evaluate measures on the CPU
-    cat "$W/gguf.part00" .gpu/b/gguf.part01 > "$W/SmolLM2-135M-Instruct.Q4_1.gguf"
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/b/whl/*.whl  # gguf
-    python3 -m compress.reference --model "$W/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$W/reference" --if-missing 2>&1 | tail -1
+    join_reference
     timeout 200 python3 -m compress.draft --target "$W/reference" --method early-exit --layers 6 --out "$W/exit6" \
       --prompts 4000 --answer-tokens 128 --eval-prompts 4 --k 3 --seq-len 512 --batch-size 16 --max-steps 20000 \
       --max-minutes 1.8 --lr 5e-4 --no-gradient-checkpointing --accelerator gpu --overwrite > "$OUT/exit6.log" 2>&1 || true
