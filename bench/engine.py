@@ -24,7 +24,7 @@ import torch
 
 from core.data import chat_prompts, heldout_windows
 from runtime.eagle import EagleDraft, is_eagle_draft, load_head
-from runtime.engine import Engine, PromptLookupDraft, SamplingParams
+from runtime.engine import Engine, LookupFirstDraft, ModelDraft, PromptLookupDraft, SamplingParams
 from runtime.loading import load_model, load_tokenizer
 
 
@@ -82,6 +82,9 @@ def main() -> None:
     elif args.draft != "none":
         engine = Engine(load_model(args.draft, args.device), block_size=16, num_blocks=512)
         draft = lambda: engine  # noqa: E731
+    def model_draft(d):  # what LookupFirstDraft wraps: an EAGLE head's per-sequence drafter, or a model's
+        return ModelDraft(d) if isinstance(d, Engine) else d
+
     rows = []
     eos = (tokenizer.eos_token_id,) if args.stop else ()
     params = SamplingParams(max_new_tokens=args.new_tokens, stop_ids=eos)
@@ -93,6 +96,9 @@ def main() -> None:
         arms = {"lookup": (PromptLookupDraft(args.lookup_ngram, args.lookup_min_ngram), args.lookup_k)}
         if draft is not None:
             arms.update({f"spec_k{k}": (draft, k) for k in args.k})
+            arms.update({f"lookup_first_k{k}": (lambda: LookupFirstDraft(  # noqa: E731
+                PromptLookupDraft(args.lookup_ngram, args.lookup_min_ngram),
+                model_draft(draft()), args.lookup_k), k) for k in args.k})
         for name, (drafter, k) in arms.items():
             out, s_stats = target.speculative(drafter() if callable(drafter) else drafter, ids, params, k=k)
             row.update({f"{name}_identical": out == plain, f"{name}_tok_s": s_stats.new_tokens / s_stats.decode_s,
@@ -108,7 +114,7 @@ def main() -> None:
         print({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     total = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if not k.endswith("identical")}
     total.update({k: all(r[k] for r in rows) for k in rows[0] if k.endswith("identical")})
-    for name in [f"spec_k{k}" for k in args.k] + ["lookup"]:
+    for name in [f"spec_k{k}" for k in args.k] + [f"lookup_first_k{k}" for k in args.k] + ["lookup"]:
         if f"{name}_tok_s" in total:
             total[f"{name}_speedup"] = sum(r[f"{name}_tok_s"] / r["plain_tok_s"] for r in rows) / len(rows)
     total["hf_lookup_speedup"] = sum(r["hf_lookup_e2e_tok_s"] / r["hf_e2e_tok_s"] for r in rows) / len(rows)
@@ -120,9 +126,11 @@ def main() -> None:
     (out / f"engine-{args.device}.json").write_text(json.dumps(result, indent=2))
     print(f"\nplain decode {total['plain_tok_s']:.1f} tok/s; answers {total['new_tokens']:.0f} tokens")
     for k in args.k if draft is not None else []:
-        spec = {key.removeprefix(f"spec_k{k}_"): v for key, v in total.items() if key.startswith(f"spec_k{k}_")}
-        print(f"draft model (k={k}): acceptance {spec['acceptance']:.2f}, {spec['tokens_per_target_step']:.2f} "
-              f"tokens/target step, {spec['tok_s']:.1f} tok/s ({spec['speedup']:.2f}x), identical: {spec['identical']}")
+        for arm, label in ((f"spec_k{k}", f"draft model (k={k})"),
+                           (f"lookup_first_k{k}", f"lookup first (k={args.lookup_k}), else the draft (k={k})")):
+            spec = {key.removeprefix(f"{arm}_"): v for key, v in total.items() if key.startswith(f"{arm}_")}
+            print(f"{label}: acceptance {spec['acceptance']:.2f}, {spec['tokens_per_target_step']:.2f} tokens/target "
+                  f"step, {spec['tok_s']:.1f} tok/s ({spec['speedup']:.2f}x), identical: {spec['identical']}")
     print(f"prompt lookup (k={args.lookup_k}, n<={args.lookup_ngram}): acceptance {total['lookup_acceptance']:.2f}, "
           f"{total['lookup_tokens_per_target_step']:.2f} tokens/target step, {total['lookup_tok_s']:.1f} tok/s "
           f"({total['lookup_speedup']:.2f}x), identical: {total['lookup_identical']}")

@@ -224,6 +224,10 @@ class EagleDraft:
         self.proposed = tokens
         return tokens, qs
 
+    def note_proposals(self, tokens: list[int]) -> None:
+        """Another drafter proposed `tokens` this cycle: `accept` keeps those the target accepted."""
+        self.proposed = list(tokens)
+
     def accept(self, keep: int, final: int, rows: torch.Tensor | None = None, start: int | None = None) -> None:
         """Keep the first `keep` tokens, then the target's `final`: the drafted entries go, true features come
         (`rows`, positions `start`..: the verify pass's; default: the runner's last pass, from the first

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -281,6 +282,10 @@ class ModelDraft:
             self.probs = probabilities(self.engine.runner.forward([self.seq])[0][-1], params)
         return tokens, qs
 
+    def note_proposals(self, tokens: list[int]) -> None:
+        """Another drafter proposed `tokens` this cycle: `accept` keeps those the target accepted."""
+        self.seq.tokens.extend(tokens)
+
     def accept(self, keep: int, final: int) -> None:
         """Keep the first `keep` tokens (prompt included), then the target's `final` token."""
         self.engine.pool.truncate(self.seq, keep)
@@ -318,6 +323,41 @@ class PromptLookupDraft:
 
     def finish(self) -> None:
         self.context = []
+
+
+class LookupFirstDraft:
+    """Prompt lookup where the context's end recurs earlier, a model draft (or EAGLE head) everywhere else.
+
+    Lookup proposals cost nothing and are right whenever the answer copies (names, figures, phrases of the
+    prompt); the model covers the rest. Both stay in step with what the target accepts, so sampling stays
+    exact (lookup's q is one-hot, the model's its own distribution). `lookup_k`: tokens per lookup proposal
+    (default: the cycle's k)."""
+
+    def __init__(self, lookup: PromptLookupDraft, model: ModelDraft | Any, lookup_k: int | None = None):
+        self.lookup, self.model, self.lookup_k = lookup, model, lookup_k
+        self.from_lookup: list[int] = []
+        self.cycles = {"lookup": 0, "model": 0}
+
+    def begin(self, prompt: list[int], params: SamplingParams) -> None:
+        self.lookup.begin(prompt, params)
+        self.model.begin(prompt, params)
+
+    def propose(self, k: int, params: SamplingParams, gen: torch.Generator | None
+                ) -> tuple[list[int], list[torch.Tensor | None]]:
+        tokens, qs = self.lookup.propose(self.lookup_k or k, params, gen)
+        self.from_lookup = tokens
+        self.cycles["lookup" if tokens else "model"] += 1
+        return (tokens, qs) if tokens else self.model.propose(k, params, gen)
+
+    def accept(self, keep: int, final: int) -> None:
+        self.lookup.accept(keep, final)
+        if self.from_lookup:
+            self.model.note_proposals(self.from_lookup)
+        self.model.accept(keep, final)
+
+    def finish(self) -> None:
+        self.lookup.finish()
+        self.model.finish()
 
 
 def lookup_continuation(context: list[int], k: int, max_ngram: int, min_ngram: int) -> list[int]:

@@ -14,7 +14,14 @@ import torch
 
 from core.config import field, parse_config
 from core.errors import UserError, run_main
-from runtime.engine import Engine, GenerationStats, PromptLookupDraft, SamplingParams
+from runtime.engine import (
+    Engine,
+    GenerationStats,
+    LookupFirstDraft,
+    ModelDraft,
+    PromptLookupDraft,
+    SamplingParams,
+)
 from runtime.loading import check_draft_target, load_model, load_tokenizer, open_engine
 
 
@@ -26,8 +33,10 @@ class GenerateConfig:
     k: int = field(4, help="draft tokens proposed per target step")
     force: bool = field(False, help="use a draft artifact made for another target")
     adaptive_k: bool = field(False, help="grow k after full acceptance, shrink it after a miss")
-    prompt_lookup: int = field(0, help="draft by prompt lookup instead of a model: the longest n-gram (n <= this) "
-                               "of the context's end found earlier proposes what followed it (0: off)")
+    prompt_lookup: int = field(0, help="draft by prompt lookup: the longest n-gram (n <= this) of the context's end "
+                               "found earlier proposes what followed it (0: off); with --draft, lookup first and the "
+                               "draft where nothing matches")
+    lookup_k: int | None = field(None, help="with --draft and --prompt-lookup: tokens per lookup proposal (default k)")
     early_exit_threshold: float | None = field(None, help="lossy early exit with --draft (an early-exit or layers "
                                                "draft): emit the draft's token without the target when its "
                                                "probability is >= this (greedy; no verification)")
@@ -50,8 +59,12 @@ class GenerateConfig:
             raise UserError("max_tokens, k, block_size and num_blocks must be positive")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise UserError("temperature must be >= 0 and top_p in (0, 1]")
-        if self.prompt_lookup < 0 or (self.prompt_lookup and self.draft is not None):
-            raise UserError("prompt_lookup: a positive n-gram length, without --draft")
+        if self.prompt_lookup < 0 or (self.prompt_lookup and self.draft is not None and (
+                self.static or self.early_exit_threshold is not None)):
+            raise UserError("prompt_lookup: a positive n-gram length; with --draft only on the paged engine, "
+                            "without --static or --early-exit-threshold")
+        if self.lookup_k is not None and (self.lookup_k < 1 or not (self.prompt_lookup and self.draft)):
+            raise UserError("lookup_k: a positive count, with --draft and --prompt-lookup")
         if self.early_exit_threshold is not None and (
                 self.draft is None or self.static or self.temperature > 0 or self.early_exit_threshold <= 0):
             raise UserError("early_exit_threshold: a probability > 0, with --draft, greedy, on the paged engine "
@@ -144,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             else:
                 from runtime.eagle import EagleDraft, is_eagle_draft, load_head
 
-                if cfg.prompt_lookup:
+                if cfg.draft is None:
                     draft = PromptLookupDraft(cfg.prompt_lookup)
                 elif is_eagle_draft(cfg.draft):
                     if cfg.early_exit_threshold is not None:
@@ -153,6 +166,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                     draft = EagleDraft(load_head(cfg.draft, target.runner.model), target.runner)
                 else:
                     draft = Engine(load_model(cfg.draft, cfg.device), cfg.block_size, cfg.num_blocks)
+                if cfg.prompt_lookup and cfg.draft is not None:
+                    model_draft = ModelDraft(draft) if isinstance(draft, Engine) else draft
+                    draft = LookupFirstDraft(PromptLookupDraft(cfg.prompt_lookup), model_draft, cfg.lookup_k)
                 if cfg.early_exit_threshold is not None:
                     out, stats = target.early_exit(draft, ids, params, cfg.early_exit_threshold)
                 else:

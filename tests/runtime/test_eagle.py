@@ -135,3 +135,22 @@ def test_head_round_trips_through_safetensors(tmp_path):
         for a, b in zip(head(features, tokens), loaded(features, tokens), strict=True):
             torch.testing.assert_close(a, b)
     assert torch.equal(loaded.vocab_ids, torch.arange(10, 200))
+
+
+def test_lookup_first_with_a_head_keeps_its_features_in_step():
+    """Prompt lookup first, the head elsewhere: greedy = the target's, and after cycles of either kind the
+    head's store holds the target's true feature of every position it knows (none shifted or missing)."""
+    from runtime.engine import LookupFirstDraft, PromptLookupDraft
+
+    target, head = target_and_head()
+    engine = Engine(target, block_size=4, num_blocks=128)
+    prompt = PROMPTS[2] * 2
+    drafter = LookupFirstDraft(PromptLookupDraft(3, min_ngram=2), EagleDraft(head, engine.runner), lookup_k=3)
+    out, stats = engine.speculative(drafter, prompt, SamplingParams(max_new_tokens=20), 2)
+    assert out == greedy_reference(target, prompt, 20)
+    assert drafter.cycles["lookup"] > 0 and drafter.cycles["model"] > 0, drafter.cycles
+    known = drafter.model.known
+    assert known > len(prompt) + 5
+    with torch.no_grad():
+        true = target.model(torch.tensor([(prompt + out)[:known]])).last_hidden_state[0]
+    torch.testing.assert_close(drafter.model.features, true, rtol=1e-4, atol=1e-4)

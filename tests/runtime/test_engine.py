@@ -189,3 +189,22 @@ def test_early_exit_emits_the_exit_models_confident_tokens_and_the_targets_other
     assert all(c == 0 for c in engine.pool.refcount + exit_engine.pool.refcount)  # both sequences released
     with pytest.raises(ValueError, match="greedy"):
         engine.early_exit(exit_engine, prompt, SamplingParams(temperature=0.7), 0.5)
+
+
+def test_lookup_first_draft_mixes_both_drafters_and_keeps_greedy_exact():
+    """Prompt lookup where the context recurs, the model draft elsewhere: the target's greedy output either way,
+    and the model draft's cache follows the lookup tokens the target accepted."""
+    from runtime.engine import LookupFirstDraft, ModelDraft
+    from tests.conftest import greedy_reference
+
+    target, small = make_tiny_llama(layers=2, seed=1), make_tiny_llama(layers=1, seed=2)
+    engine = Engine(target, block_size=4, num_blocks=128)
+    prompt = PROMPTS[3][:12] * 3  # repeats: lookup finds matches, and the answer may copy them
+    expected = greedy_reference(target, prompt, 24)
+    for k, lookup_k in ((2, None), (1, 3)):
+        drafter = LookupFirstDraft(PromptLookupDraft(3, min_ngram=2), ModelDraft(Engine(small, block_size=4, num_blocks=128)),
+                                   lookup_k)
+        out, stats = engine.speculative(drafter, prompt, SamplingParams(max_new_tokens=24), k)
+        assert out == expected
+        assert drafter.cycles["lookup"] > 0 and drafter.cycles["model"] > 0, drafter.cycles
+        assert stats.proposed > 0

@@ -33,6 +33,10 @@ def test_generate_cli_plain_and_speculative(tiny_artifact):
     assert static_lookup.returncode == 0, static_lookup.stderr[-2000:]
     assert static_lookup.stdout.splitlines()[0] == plain.stdout.splitlines()[0]
     assert "acceptance" in static_lookup.stdout and "static decoder" in static_lookup.stdout
+    hybrid = _run("--artifact", a, "--draft", a, "--prompt-lookup", "3", "--lookup-k", "2", "--k", "1", "--prompt",
+                  "The fire near the town", "--max-tokens", "6")  # lookup first, the draft where nothing matches
+    assert hybrid.returncode == 0, hybrid.stderr[-2000:]
+    assert hybrid.stdout.splitlines()[0] == plain.stdout.splitlines()[0] and "acceptance" in hybrid.stdout
     sampled = _run("--artifact", a, "--prompt", "x", "--temperature", "0.8", "--top-p", "0.9", "--seed", "1")
     again = _run("--artifact", a, "--prompt", "x", "--temperature", "0.8", "--top-p", "0.9", "--seed", "1")
     assert sampled.stdout.splitlines()[0] == again.stdout.splitlines()[0]
@@ -46,5 +50,7 @@ def test_generate_cli_bad_input(tiny_artifact, tmp_path):
     proc = _run("--artifact", str(tiny_artifact.path), "--prompt", "x", "--static", "--temperature", "0.5")
     assert proc.returncode == 2 and "static" in proc.stderr
     proc = _run("--artifact", str(tiny_artifact.path), "--prompt", "x", "--draft", str(tiny_artifact.path),
-                "--prompt-lookup", "3")
+                "--prompt-lookup", "3", "--static")
     assert proc.returncode == 2 and "prompt_lookup" in proc.stderr
+    proc = _run("--artifact", str(tiny_artifact.path), "--prompt", "x", "--prompt-lookup", "3", "--lookup-k", "2")
+    assert proc.returncode == 2 and "lookup_k" in proc.stderr
