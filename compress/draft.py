@@ -6,7 +6,10 @@ Methods:
   frequent in the target's answers), trained with our Lightning trainer (train/eagle.py);
 - `early-exit`: the target's first L layers with its final norm and LM head (LayerSkip's draft), then
   trained to match the target's final distribution (forward KL) on the target's chat answers;
-- `layers`: L layers spread evenly over the target (today's layer-drop student), for comparison.
+- `layers`: L layers spread evenly over the target (today's layer-drop student), for comparison;
+- `exit-head`: the KV-sharing early exit: the target's own first L layers (not copied: the draft's K/V
+  are the target's), a trained exit adapter (`runtime/exit_head.py`, `train/exit_head.py`) and the
+  target's final norm and LM head; verification runs only layers L.. (greedy, the paged engine).
 
 Both are distilled with our Lightning trainer (`compress.distill`: gradient checkpointing, resume,
 `--max-minutes`, `--devices`) on chat prompts from the train split followed by the target's greedy
@@ -14,8 +17,7 @@ answers (`compress.draft_data`, cached by the target's content hash). The result
 artifact whose parent is the target (by content hash: `runtime.generate --draft` and `runtime.serve
 --draft` refuse it for another target unless `--force`) and whose manifest holds the acceptance
 measured on held-out chat prompts (greedy, `k` tokens per proposal, the paged engine).
-Not built yet (issue 19): an early-exit draft that shares the target's KV cache, tree drafting and the lossy
-`--early-exit-threshold`.
+Not built yet (issue 19): tree drafting.
 """
 
 from __future__ import annotations
@@ -32,21 +34,23 @@ from compress.distill import DistillConfig, distill
 from core.config import field, parse_config
 from core.errors import UserError, run_main
 
-METHODS = ("eagle", "early-exit", "layers")
+METHODS = ("eagle", "early-exit", "layers", "exit-head")
+HEADS = ("eagle", "exit-head")  # trained on the frozen target, stored without its layers
 
 
 @dataclass
 class DraftConfig:
     target: str = field("artifacts/reference", help="the artifact the draft proposes tokens for")
     method: str = field("eagle", help="eagle: a head on the target's hidden state; early-exit: the target's first "
-                        "L layers; layers: L layers spread evenly", choices=METHODS)
+                        "L layers; layers: L layers spread evenly; exit-head: the target's own first L layers and "
+                        "a trained exit, sharing its KV cache", choices=METHODS)
     out: str = field("artifacts/draft", help="output draft artifact")
     layers: int | None = field(None, help="L: decoder layers the draft keeps (default 4; eagle: the head's layers, "
-                               "default 1)")
+                               "default 1; exit-head: the exit layer, default 8)")
     draft_vocab: int = field(0, help="eagle: propose only the N tokens most frequent in the target's answers "
                              "(0: the whole vocabulary)")
-    feature_weight: float = field(1.0, help="eagle: weight of the feature regression (smooth L1)")
-    kl_weight: float = field(0.1, help="eagle: weight of KL(target || head) on the next token")
+    feature_weight: float = field(1.0, help="eagle, exit-head: weight of the feature regression (smooth L1)")
+    kl_weight: float = field(0.1, help="eagle, exit-head: weight of KL(target || head) on the next token")
     feature_noise: float = field(0.0, help="eagle: uniform noise of this half-width added to input features")
     unroll: int = field(1, help="eagle: train on the head's own predicted features fed back this many steps "
                         "(EAGLE-3's training-time test; 1: teacher features only)")
@@ -68,7 +72,7 @@ class DraftConfig:
 
     def validate(self) -> None:
         if self.layers is None:
-            self.layers = 1 if self.method == "eagle" else 4
+            self.layers = {"eagle": 1, "exit-head": 8}.get(self.method, 4)
         for name in ("layers", "unroll", "prompts", "answer_tokens", "eval_prompts", "k", "seq_len", "batch_size", "max_steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name}: must be positive")
@@ -105,8 +109,11 @@ def make_draft(cfg: DraftConfig) -> Artifact:
         raise UserError(f"refusing to use a damaged target: {problems[0]}")
     if Path(cfg.out).exists() and not cfg.overwrite:
         raise UserError(f"output already exists: {cfg.out} (pass --overwrite to replace it)")
-    keep = ([] if cfg.method == "eagle" else
+    keep = ([] if cfg.method in HEADS else
             draft_layers(cfg.method, target.hf_config.get("num_hidden_layers", 0), cfg.layers))
+    if cfg.method == "exit-head" and cfg.layers >= target.hf_config.get("num_hidden_layers", 0):
+        raise UserError(f"layers: the exit layer must be below the target's "
+                        f"{target.hf_config.get('num_hidden_layers')} layers, got {cfg.layers}")
     tokenizer = load_tokenizer(target.path)
     model = load_artifact_model(target.path).eval()
     device = "cuda" if torch.cuda.is_available() and cfg.accelerator != "cpu" else "cpu"
@@ -114,8 +121,8 @@ def make_draft(cfg: DraftConfig) -> Artifact:
         model = model.to(device=device, dtype=torch.bfloat16)
     data = target_answers(model, tokenizer, chat_prompts(tokenizer, "train", cfg.prompts), cfg.answer_tokens,
                           cfg.work_path, target.content_hash)
-    if cfg.method == "eagle":
-        artifact = train_eagle(cfg, target, model.float().cpu(), tokenizer, data)
+    if cfg.method in HEADS:
+        artifact = train_head(cfg, target, model.float().cpu(), tokenizer, data)
     else:
         del model
         artifact = _distill_draft(cfg, target, keep, data)
@@ -162,8 +169,9 @@ def frequent_tokens(tokenizer, data: Path, count: int) -> torch.Tensor:
     return torch.tensor(sorted(order[:count]), dtype=torch.long)
 
 
-def train_eagle(cfg: DraftConfig, target: Artifact, model: torch.nn.Module, tokenizer, data: Path) -> Artifact:
-    """Train an EAGLE head on the target's answers (train/eagle.py) and write it as a `draft` artifact."""
+def train_head(cfg: DraftConfig, target: Artifact, model: torch.nn.Module, tokenizer, data: Path) -> Artifact:
+    """Train an EAGLE head (train/eagle.py) or an exit head (train/exit_head.py) on the target's answers, the target
+    frozen, and write it alone as a `draft` artifact."""
     import time
 
     import lightning as L
@@ -172,19 +180,33 @@ def train_eagle(cfg: DraftConfig, target: Artifact, model: torch.nn.Module, toke
     from compress.artifact import write_artifact
     from compress.distill import jsonable, lightning_trainer
     from runtime.eagle import WEIGHTS, new_head
+    from runtime.exit_head import new_exit_head
     from train.datamodule import DistillDataModule
     from train.distillation import OptimConfig
     from train.eagle import EagleModule
+    from train.exit_head import ExitModule
 
     tcfg = _trainer_config(cfg, data, [])
     last = tcfg.work_path / "checkpoints" / "last.ckpt"
     if cfg.resume and not last.is_file():
         raise UserError(f"resume: no checkpoint at {last}")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    vocab_ids = frequent_tokens(tokenizer, data, cfg.draft_vocab) if cfg.draft_vocab else None
-    head = new_head(model, cfg.layers, vocab_ids)
-    module = EagleModule(head, model, OptimConfig(cfg.lr, 0.0, tcfg.warmup_steps, cfg.max_steps),
-                         cfg.feature_weight, cfg.kl_weight, cfg.feature_noise, cfg.gradient_checkpointing, cfg.unroll)
+    optim = OptimConfig(cfg.lr, 0.0, tcfg.warmup_steps, cfg.max_steps)
+    if cfg.method == "eagle":
+        vocab_ids = frequent_tokens(tokenizer, data, cfg.draft_vocab) if cfg.draft_vocab else None
+        head = new_head(model, cfg.layers, vocab_ids)
+        module = EagleModule(head, model, optim, cfg.feature_weight, cfg.kl_weight, cfg.feature_noise,
+                             cfg.gradient_checkpointing, cfg.unroll)
+        made = {"head_layers": cfg.layers, "draft_vocab": 0 if vocab_ids is None else len(vocab_ids)}
+        description = (f"EAGLE head ({cfg.layers} layer) for `{target.path.name}`: load it with the target "
+                       "(runtime.eagle.load_head); it holds no embedding or LM head of its own.")
+    else:
+        head = new_exit_head(model, cfg.layers)
+        module = ExitModule(head, model, optim, cfg.feature_weight, cfg.kl_weight)
+        made = {"exit_layer": cfg.layers, "intermediate": head.down.in_features}
+        description = (f"Exit head after layer {cfg.layers} of `{target.path.name}`: the draft is the target's own "
+                       "first layers plus this exit (runtime.exit_head.load_exit_head); it holds no layer of the "
+                       "target.")
     datamodule = DistillDataModule(tokenizer, cfg.seq_len, cfg.batch_size, str(data), "text", tcfg.val_windows,
                                    None, cfg.seed, 1)
     trainer = lightning_trainer(tcfg)
@@ -196,17 +218,15 @@ def train_eagle(cfg: DraftConfig, target: Artifact, model: torch.nn.Module, toke
     info = {"steps": trainer.global_step, "train_seconds": round(seconds, 1),
             "train_tokens": trainer.global_step * cfg.batch_size * cfg.seq_len, "work_dir": str(cfg.work_path),
             "val_top1": logged.get("val/top1")}
-    made = {**_made_for(cfg, target, []), "head_layers": cfg.layers,
-            "draft_vocab": 0 if vocab_ids is None else len(vocab_ids)}
+    state = head.trained_state() if cfg.method == "eagle" else head.state_dict()
     with write_artifact(cfg.out, "draft", "compress.draft", jsonable(cfg), parent=target, overwrite=cfg.overwrite,
-                        extra={"draft": made, "training": info,
-                               "description": f"EAGLE head ({cfg.layers} layer) for `{target.path.name}`: load it "
-                                              "with the target (runtime.eagle.load_head); it holds no embedding or "
-                                              "LM head of its own."}) as tmp:
+                        extra={"draft": {**_made_for(cfg, target, []), **made}, "training": info,
+                               "description": description}) as tmp:
         # bf16: half the bytes, and the head runs in the target's dtype (bf16 on a GPU) anyway
         save_file({k: v.to(torch.bfloat16 if v.is_floating_point() else v.dtype).contiguous()
-                   for k, v in head.trained_state().items()}, str(tmp / WEIGHTS))
-        head.config.save_pretrained(tmp)
+                   for k, v in state.items()}, str(tmp / WEIGHTS))
+        if cfg.method == "eagle":
+            head.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     artifact = open_artifact(cfg.out)
     if info["val_top1"] is not None:
@@ -224,18 +244,22 @@ def measure_acceptance(target: Artifact, draft: Artifact, tokenizer, prompts: in
     from compress.models import load_artifact_model
     from runtime.eagle import EagleDraft, is_eagle_draft, load_head
     from runtime.engine import Engine, SamplingParams
+    from runtime.exit_head import is_exit_head, load_exit_head, self_speculative
 
     model = load_artifact_model(target.path).eval()
     target_engine = Engine(model)
-    eagle = is_eagle_draft(draft.path)
-    draft_engine = None if eagle else Engine(load_artifact_model(draft.path).eval())
-    head = load_head(draft.path, model) if eagle else None
+    eagle, exit_head = is_eagle_draft(draft.path), is_exit_head(draft.path)
+    draft_engine = None if eagle or exit_head else Engine(load_artifact_model(draft.path).eval())
+    head = load_head(draft.path, model) if eagle else load_exit_head(draft.path, model) if exit_head else None
     proposed = accepted = produced = passes = 0
     stop = tuple(t for t in (tokenizer.eos_token_id,) if t is not None)
     for ids in encode(tokenizer, chat_prompts(tokenizer, "heldout", prompts)):
-        drafter = EagleDraft(head, target_engine.runner) if eagle else draft_engine
         params = SamplingParams(max_new_tokens=new_tokens, stop_ids=stop)
-        _, stats = target_engine.speculative(drafter, ids, params, k)
+        if exit_head:
+            _, stats = self_speculative(target_engine, head, ids, params, k)
+        else:
+            drafter = EagleDraft(head, target_engine.runner) if eagle else draft_engine
+            _, stats = target_engine.speculative(drafter, ids, params, k)
         proposed, accepted = proposed + stats.proposed, accepted + stats.accepted
         produced, passes = produced + stats.new_tokens, passes + stats.target_steps
     return {"acceptance_rate": accepted / max(proposed, 1), "tokens_per_target_pass": produced / max(passes, 1),

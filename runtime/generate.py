@@ -76,9 +76,12 @@ class GenerateConfig:
 def static_generate(cfg: GenerateConfig, ids: list[int], stop: tuple[int, ...]) -> tuple[list[int], GenerationStats]:
     """Greedy tokens from `StaticDecoder` (fused kernels + CUDA graph on CUDA), with the draft if given."""
     from runtime.eagle import is_eagle_draft, load_head
+    from runtime.exit_head import is_exit_head
     from runtime.static_decode import StaticDecoder
     from runtime.static_speculative import StaticEagleSpeculator, StaticLookupSpeculator, StaticSpeculator
 
+    if cfg.draft is not None and is_exit_head(cfg.draft):
+        raise UserError("static: an exit-head draft runs on the paged engine (drop --static)")
     cuda = cfg.device.startswith("cuda")
     eagle = cfg.draft is not None and is_eagle_draft(cfg.draft)
     decoders, models = [], []
@@ -128,10 +131,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                             "engine (no --static/--prompt-lookup)")
     tokenizer = load_tokenizer(cfg.artifact)
     if cfg.draft is not None:
+        from runtime.exit_head import is_exit_head
+
         check_draft_target(cfg.draft, cfg.artifact, cfg.force)
-        draft_tok = load_tokenizer(cfg.draft)
-        if draft_tok.get_vocab() != tokenizer.get_vocab():
-            raise UserError(f"draft: {cfg.draft} does not share the target's tokenizer")
+        if not is_exit_head(cfg.draft):  # an exit head runs on the target's own layers and tokens
+            draft_tok = load_tokenizer(cfg.draft)
+            if draft_tok.get_vocab() != tokenizer.get_vocab():
+                raise UserError(f"draft: {cfg.draft} does not share the target's tokenizer")
     if cfg.chat:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": cfg.prompt}], add_generation_prompt=True)
         ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
@@ -152,8 +158,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             speculative = cfg.draft is not None or cfg.prompt_lookup > 0
             if speculative and not isinstance(target, Engine):
                 raise UserError("draft: speculative decoding runs on the PyTorch engine, not on an ONNX export")
+            from runtime.exit_head import is_exit_head, load_exit_head, self_speculative
+
             if not speculative:
                 (out,), stats = target.generate([ids], params)
+            elif cfg.draft is not None and is_exit_head(cfg.draft):
+                if cfg.prompt_lookup or cfg.early_exit_threshold is not None or cfg.temperature > 0:
+                    raise UserError("draft: an exit head drafts alone, greedy (no --prompt-lookup, "
+                                    "--early-exit-threshold or --temperature)")
+                out, stats = self_speculative(target, load_exit_head(cfg.draft, target.runner.model), ids, params,
+                                              cfg.k)
             else:
                 from runtime.eagle import EagleDraft, is_eagle_draft, load_head
 

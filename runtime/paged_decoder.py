@@ -131,6 +131,28 @@ class PagedDecoder:
             self.features = features
         return results
 
+    @torch.inference_mode()
+    def run_layers(self, seq: Sequence, start: int, end: int, x: torch.Tensor, layers: range) -> torch.Tensor:
+        """Layers `layers` (HF modules) over positions start..end-1 of `seq` from their inputs x (1, n, hidden):
+        their K/V enter those layers' cache, attention reads positions 0..end-1 there. `seq.cached` is left
+        alone (the caller knows which layers hold what): a self-speculative draft runs the first layers, its
+        verification the rest."""
+        self.pool.reserve(seq, end)
+        inner = self.model.model
+        positions = torch.arange(start, end, device=self.device)
+        new_slots, all_slots = self.pool.slots(seq, start, end), self.pool.slots(seq, 0, end)
+        masks = {w: attention_mask(positions, torch.arange(end, device=self.device), w) for w in set(self.windows)}
+        tables = rotary_tables(self.model, x, positions[None])
+        for li in layers:
+            layer = inner.layers[li]
+            q, k, v = self._qkv(li, layer, x, tables)
+            self.pool.write(li, new_slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
+            keys, values = self.pool.read(li, all_slots)
+            o = attend(q, keys.transpose(0, 1)[None].to(q.dtype), values.transpose(0, 1)[None].to(q.dtype),
+                       masks[self.windows[li]], layer.self_attn.scaling, self.softcap)
+            x = layer_tail(self.family, layer, x, o.transpose(1, 2).reshape(1, end - start, self.heads * self.head_dim))
+        return x
+
     # --- decode-only steps: one batch, eager or replayed from a CUDA graph --------------------------------
 
     META = ("ids", "positions", "blocks", "offsets", "lengths")  # one column each, then the block table

@@ -473,6 +473,11 @@ def build_server(cfg: ServeConfig) -> Server:
     else:
         require(read_config(cfg.artifact), "serve")
         if cfg.draft is not None:  # before any model is loaded or graph captured
+            from runtime.exit_head import is_exit_head
+
+            if is_exit_head(cfg.draft):
+                raise UserError(f"draft: {cfg.draft} is an exit head (the target's own first layers): it runs in "
+                                "runtime.generate, not in the batched server yet")
             check_draft_target(cfg.draft, cfg.artifact, cfg.force)
             if load_tokenizer(cfg.draft).get_vocab() != tokenizer.get_vocab():
                 raise UserError(f"draft: {cfg.draft} does not share the target's tokenizer")

@@ -133,3 +133,36 @@ def test_smoke_eagle_head_is_tied_to_its_target_and_exact(tiny_artifact, tmp_pat
         assert server.scheduler.stats.draft_proposed > 0
         assert "shrinkwrap_speculative_acceptance_rate" in httpx.get(f"{url}/metrics").text
     assert served == plain
+
+
+def test_smoke_exit_head_shares_the_targets_layers_and_is_exact(tiny_artifact, tmp_path, tiny_tokenizer):
+    """configs/draft/smoke-exit.yaml: an exit after the target's layer 1, stored alone; runtime.generate with it
+    gives the plain greedy text; the static decoder and the server refuse it in one line."""
+    from safetensors import safe_open
+
+    from runtime.exit_head import is_exit_head, load_exit_head, self_speculative
+
+    out = tmp_path / "exit"
+    main(["--config", str(ROOT / "configs/draft/smoke-exit.yaml"), "--target", str(tiny_artifact.path),
+          "--out", str(out)])
+    draft = open_artifact(out)
+    made = draft.manifest["draft"]
+    assert is_exit_head(out) and made["exit_layer"] == 1 and made["target_content_hash"] == tiny_artifact.content_hash
+    assert 0.0 <= draft.manifest["metrics"]["values"]["acceptance_rate"] <= 1.0
+    with safe_open(str(out / "model.safetensors"), "pt") as f:  # the exit only: no layer of the target
+        assert sorted(f.keys()) == ["down.weight", "gate_up.weight", "norm.weight"]
+    target = load_artifact_model(tiny_artifact.path).eval()
+    prompt = tiny_tokenizer("The river rose after the storm")["input_ids"]
+    tokens, _ = self_speculative(Engine(target), load_exit_head(out, target), prompt, SamplingParams(max_new_tokens=12), 3)
+    assert tokens == greedy_reference(target, prompt, 12)
+    base = [sys.executable, "-m", "runtime.generate", "--artifact", str(tiny_artifact.path), "--prompt",
+            "The river rose after the storm", "--max-tokens", "12"]
+    plain = subprocess.run(base, capture_output=True, text=True, cwd=ROOT)
+    run = subprocess.run([*base, "--draft", str(out), "--k", "3"], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-800:]
+    assert run.stdout.splitlines()[0] == plain.stdout.splitlines()[0] and "acceptance" in run.stdout
+    refused = subprocess.run([*base, "--draft", str(out), "--static"], capture_output=True, text=True, cwd=ROOT)
+    assert refused.returncode == 2 and "exit-head" in refused.stderr and "Traceback" not in refused.stderr
+    served = subprocess.run([sys.executable, "-m", "runtime.serve", "--artifact", str(tiny_artifact.path), "--draft",
+                             str(out)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert served.returncode == 2 and "exit head" in served.stderr and "Traceback" not in served.stderr
