@@ -25,6 +25,7 @@ import torch
 from core.data import chat_prompts, heldout_windows
 from runtime.eagle import EagleDraft, is_eagle_draft, load_head
 from runtime.engine import Engine, LookupFirstDraft, ModelDraft, PromptLookupDraft, SamplingParams
+from runtime.exit_head import is_exit_head, load_exit_head, self_speculative
 from runtime.loading import load_model, load_tokenizer
 
 
@@ -72,8 +73,11 @@ def main() -> None:
           f"({stats.prefix_hit_blocks} blocks reused, ratio {second / first:.3f})", flush=True)
 
     model = target.runner.model
-    draft = None
-    if args.draft != "none" and is_eagle_draft(args.draft):
+    draft = exit_head = None
+    if args.draft != "none" and is_exit_head(args.draft):  # the target's own first layers + a trained exit
+        exit_head = load_exit_head(args.draft, model)
+        draft = lambda: exit_head  # noqa: E731
+    elif args.draft != "none" and is_eagle_draft(args.draft):
         from compress.draft import frequent_tokens
 
         vocab = frequent_tokens(tokenizer, Path(args.vocab_from), args.draft_vocab) if args.draft_vocab else None
@@ -96,11 +100,15 @@ def main() -> None:
         arms = {"lookup": (PromptLookupDraft(args.lookup_ngram, args.lookup_min_ngram), args.lookup_k)}
         if draft is not None:
             arms.update({f"spec_k{k}": (draft, k) for k in args.k})
-            arms.update({f"lookup_first_k{k}": (lambda: LookupFirstDraft(  # noqa: E731
-                PromptLookupDraft(args.lookup_ngram, args.lookup_min_ngram),
-                model_draft(draft()), args.lookup_k), k) for k in args.k})
+            if exit_head is None:
+                arms.update({f"lookup_first_k{k}": (lambda: LookupFirstDraft(  # noqa: E731
+                    PromptLookupDraft(args.lookup_ngram, args.lookup_min_ngram),
+                    model_draft(draft()), args.lookup_k), k) for k in args.k})
         for name, (drafter, k) in arms.items():
-            out, s_stats = target.speculative(drafter() if callable(drafter) else drafter, ids, params, k=k)
+            if exit_head is not None and name.startswith("spec_k"):
+                out, s_stats = self_speculative(target, exit_head, ids, params, k)
+            else:
+                out, s_stats = target.speculative(drafter() if callable(drafter) else drafter, ids, params, k=k)
             row.update({f"{name}_identical": out == plain, f"{name}_tok_s": s_stats.new_tokens / s_stats.decode_s,
                         f"{name}_e2e_tok_s": s_stats.new_tokens / (s_stats.prefill_s + s_stats.decode_s),
                         f"{name}_acceptance": s_stats.acceptance_rate,
@@ -128,6 +136,8 @@ def main() -> None:
     for k in args.k if draft is not None else []:
         for arm, label in ((f"spec_k{k}", f"draft model (k={k})"),
                            (f"lookup_first_k{k}", f"lookup first (k={args.lookup_k}), else the draft (k={k})")):
+            if f"{arm}_tok_s" not in total:
+                continue
             spec = {key.removeprefix(f"{arm}_"): v for key, v in total.items() if key.startswith(f"{arm}_")}
             print(f"{label}: acceptance {spec['acceptance']:.2f}, {spec['tokens_per_target_step']:.2f} tokens/target "
                   f"step, {spec['tok_s']:.1f} tok/s ({spec['speedup']:.2f}x), identical: {spec['identical']}")
