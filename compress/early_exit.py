@@ -1,7 +1,8 @@
 """Lossy early exit's accuracy against its speed, per threshold (`compress.evaluate --early-exit DRAFT`).
 
 `runtime.generate --early-exit-threshold p` emits the exit model's token without the target wherever the
-exit model's top probability is >= p. Accuracy is measured teacher-forced on the held-out windows, the
+exit model's top probability is >= p (an early-exit or layers draft: a separate model; an exit head: the
+target's own first L layers and the exit). Accuracy is measured teacher-forced on the held-out windows, the
 same tokens as every other row of the report: at each position the exit model's distribution stands in
 for the target's where the token would exit, so perplexity, KL(target || emitted) and top-1 agreement
 are those of what early exit emits (`exit_rate`: the share of positions that exit). Speed: greedy
@@ -12,6 +13,7 @@ interleaved per prompt with the target alone on the same engine.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,16 +21,17 @@ from tqdm import tqdm
 
 
 @torch.inference_mode()
-def exit_accuracy(target: torch.nn.Module, exit_model: torch.nn.Module, windows: torch.Tensor,
+def exit_accuracy(target: torch.nn.Module, exit_logits: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor,
                   thresholds: list[float]) -> list[dict[str, float]]:
-    """Per threshold: exit rate, perplexity, KL(target || emitted), top-1 agreement with the target."""
+    """Per threshold: exit rate, perplexity, KL(target || emitted), top-1 agreement with the target.
+    `exit_logits`: token ids (1, T) -> the exit's logits (1, T, vocab)."""
     sums = {t: {"nll": 0.0, "kl": 0.0, "agree": 0, "exited": 0} for t in thresholds}
     count = 0
     for window in tqdm(windows, desc="early exit (windows)", unit="win"):
         ids = window[None]
         targets = ids[0, 1:, None]
         ref_logp = torch.log_softmax(target(ids).logits[0, :-1].float(), -1)
-        exit_logp = torch.log_softmax(exit_model(ids).logits[0, :-1].float(), -1)
+        exit_logp = torch.log_softmax(exit_logits(ids)[0, :-1].float(), -1)
         confidence = exit_logp.max(-1).values.exp()
         ref_p, ref_top1 = ref_logp.exp(), ref_logp.argmax(-1)
         count += targets.shape[0]
@@ -51,18 +54,29 @@ def exit_speed(target_path: str, exit_path: str, tokenizer: Any, thresholds: lis
     """Decode tok/s of the target alone and at each threshold (greedy, held-out chat prompts, interleaved)."""
     from compress.draft_data import chat_prompts, encode
     from runtime.engine import Engine, SamplingParams
+    from runtime.exit_head import exit_early, is_exit_head, load_exit_head
     from runtime.loading import load_model
 
-    target, exit_engine = Engine(load_model(target_path, device)), Engine(load_model(exit_path, device))
+    target = Engine(load_model(target_path, device))
+    if is_exit_head(exit_path):  # the target's own first layers and the exit
+        head = load_exit_head(exit_path, target.runner.model)
+
+        def run(ids: list[int], threshold: float):
+            return exit_early(target, head, ids, params, threshold)
+    else:
+        exit_engine = Engine(load_model(exit_path, device))
+
+        def run(ids: list[int], threshold: float):
+            return target.early_exit(exit_engine, ids, params, threshold)
     params = SamplingParams(max_new_tokens=new_tokens,
                             stop_ids=tuple(t for t in (tokenizer.eos_token_id,) if t is not None))
     times = {t: [0.0, 0, 0, 0] for t in ["target", *thresholds]}  # decode s, tokens timed, exited, generated
     encoded = encode(tokenizer, chat_prompts(tokenizer, "heldout", prompts))
     target.generate([encoded[0]], params)  # warm-up outside the timing (a GPU's first kernels compile)
-    target.early_exit(exit_engine, encoded[0], params, thresholds[0])
+    run(encoded[0], thresholds[0])
     for ids in tqdm(encoded, desc="early exit (speed)"):
         (out,), stats = target.generate([ids], params)
-        runs = [("target", stats)] + [(t, target.early_exit(exit_engine, ids, params, t)[1]) for t in thresholds]
+        runs = [("target", stats)] + [(t, run(ids, t)[1]) for t in thresholds]
         for key, s in runs:
             row = times[key]
             row[0] += s.decode_s

@@ -39,7 +39,7 @@ class EvaluateConfig:
     threads: int | None = field(None, help="torch threads for the speed runs")
     device: str = field("cpu", help="device for accuracy and speed runs (cpu or cuda)")
     record: bool = field(True, help="write the measured metrics into each artifact's manifest")
-    early_exit: str | None = field(None, help="an early-exit (or layers) draft made for --reference: adds lossy "
+    early_exit: str | None = field(None, help="an exit-head, early-exit or layers draft made for --reference: adds lossy "
                                    "early exit's accuracy-vs-speed curve (runtime.generate --early-exit-threshold)")
     exit_thresholds: list[float] = field([0.5, 0.7, 0.8, 0.9, 0.95], help="early exit: the thresholds of the curve")
     exit_prompts: int = field(4, help="early exit: held-out chat prompts for its speed")
@@ -149,16 +149,26 @@ def early_exit_curve(cfg: EvaluateConfig, ref_artifact: Any, reference: torch.nn
                      windows: torch.Tensor) -> dict[str, Any]:
     from compress.early_exit import exit_accuracy, exit_speed
     from runtime.eagle import is_eagle_draft
+    from runtime.exit_head import exit_logits, is_exit_head, load_exit_head
     from runtime.loading import check_draft_target
 
     if is_eagle_draft(cfg.early_exit):
-        raise UserError(f"early_exit: {cfg.early_exit} is an EAGLE head; early exit needs an early-exit or layers "
-                        "draft (a whole model)")
+        raise UserError(f"early_exit: {cfg.early_exit} is an EAGLE head; early exit needs an exit-head, "
+                        "early-exit or layers draft")
     check_draft_target(cfg.early_exit, str(ref_artifact.path), force=False)
-    exit_model = load_artifact_model(cfg.early_exit, device=cfg.device)
+    if is_exit_head(cfg.early_exit):  # the reference's own first L layers, then the exit
+        head = load_exit_head(cfg.early_exit, reference)
+
+        def exit_fn(ids: torch.Tensor) -> torch.Tensor:
+            hidden = reference.model(ids, output_hidden_states=True).hidden_states[head.exit_layer]
+            return exit_logits(head, reference, hidden)
+    else:
+        exit_model = load_artifact_model(cfg.early_exit, device=cfg.device)
+
+        def exit_fn(ids: torch.Tensor) -> torch.Tensor:
+            return exit_model(ids).logits
     curve = {"draft": cfg.early_exit,
-             "accuracy": exit_accuracy(reference, exit_model, windows.to(cfg.device), cfg.exit_thresholds)}
-    del exit_model
+             "accuracy": exit_accuracy(reference, exit_fn, windows.to(cfg.device), cfg.exit_thresholds)}
     if cfg.speed:
         curve["speed"] = exit_speed(str(ref_artifact.path), cfg.early_exit, tokenizer, cfg.exit_thresholds,
                                     cfg.exit_prompts, cfg.new_tokens, cfg.device)

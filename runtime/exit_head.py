@@ -5,7 +5,8 @@ drafting a token computes the target's first L layers for it (their K/V go strai
 cache, exactly as plain decoding would write them), and verification runs only layers L.. for the
 drafted tokens, from the layer-L states the draft left. The exit (`ExitHead`: a residual SwiGLU adapter
 on layer L's output, `compress.draft --method exit-head`) is the only part that is trained and stored.
-A rejected tail needs no clean-up: the next cycle overwrites those cache positions.
+A rejected tail needs no clean-up: the next cycle overwrites those cache positions. `exit_early` is the
+lossy use of the same exit (no verification where the exit is confident).
 """
 
 from __future__ import annotations
@@ -111,6 +112,46 @@ def self_speculative(engine: Engine, head: ExitHead, prompt: list[int], params: 
         if any(t in params.stop_ids for t in out):
             out = out[:next(i for i, t in enumerate(out) if t in params.stop_ids) + 1]
     out = out[:params.max_new_tokens]
+    stats.decode_s = time.perf_counter() - start
+    stats.new_tokens = len(out)
+    engine.pool.free_sequence(seq)
+    return out, stats
+
+
+@torch.inference_mode()
+def exit_early(engine: Engine, head: ExitHead, prompt: list[int], params: SamplingParams, threshold: float
+               ) -> tuple[list[int], GenerationStats]:
+    """Lossy early exit with the target's own layers (`runtime.generate --early-exit-threshold p`): every token
+    runs the first L layers and the exit; where the exit's top probability is >= `threshold` its token is
+    emitted, else the remaining layers run for it and for every exited token since the last such pass (their
+    layer-L states kept), so the target's cache catches up as plain decoding would have filled it."""
+    if params.temperature > 0:
+        raise ValueError("early exit is greedy (temperature 0)")
+    runner, target = engine.runner, engine.runner.model
+    inner, shallow = target.model, range(head.exit_layer)
+    deep = range(head.exit_layer, target.config.num_hidden_layers)
+    stats = GenerationStats(prompt_tokens=len(prompt))
+    (seq,) = engine._start([prompt])
+    start = time.perf_counter()
+    out = [int(runner.forward([seq], last_only=True)[0][-1].argmax())]
+    stats.prefill_s = time.perf_counter() - start
+    start = time.perf_counter()
+    pending: list[torch.Tensor] = []  # layer-L states of the tokens whose later layers have not run
+    while out[-1] not in params.stop_ids and len(out) < params.max_new_tokens:
+        position = len(seq.tokens)
+        seq.tokens.append(out[-1])
+        x = inner.embed_tokens(torch.tensor([[out[-1]]], device=runner.device))
+        pending.append(runner.run_layers(seq, position, position + 1, x, shallow))
+        confidence, token = torch.softmax(exit_logits(head, target, pending[-1][0, -1]), -1).max(-1)
+        if confidence.item() >= threshold:
+            stats.exited += 1
+            out.append(int(token))
+            continue
+        hidden = runner.run_layers(seq, position + 1 - len(pending), position + 1, torch.cat(pending, dim=1), deep)
+        out.append(int(final_logits(target, inner.norm(hidden[0, -1:]))[0].argmax()))
+        stats.target_steps += 1
+        pending = []
+        seq.cached = len(seq.tokens)
     stats.decode_s = time.perf_counter() - start
     stats.new_tokens = len(out)
     engine.pool.free_sequence(seq)

@@ -37,9 +37,9 @@ class GenerateConfig:
                                "found earlier proposes what followed it (0: off); with --draft, lookup first and the "
                                "draft where nothing matches")
     lookup_k: int | None = field(None, help="with --draft and --prompt-lookup: tokens per lookup proposal (default k)")
-    early_exit_threshold: float | None = field(None, help="lossy early exit with --draft (an early-exit or layers "
-                                               "draft): emit the draft's token without the target when its "
-                                               "probability is >= this (greedy; no verification)")
+    early_exit_threshold: float | None = field(None, help="lossy early exit with --draft (an exit-head, early-exit "
+                                               "or layers draft): emit the draft's token without the target when "
+                                               "its probability is >= this (greedy; no verification)")
     chat: bool = field(False, help="wrap the prompt in the tokenizer's chat template")
     max_tokens: int = field(128, help="new tokens at most")
     temperature: float = field(0.0, help="0 for greedy")
@@ -158,16 +158,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             speculative = cfg.draft is not None or cfg.prompt_lookup > 0
             if speculative and not isinstance(target, Engine):
                 raise UserError("draft: speculative decoding runs on the PyTorch engine, not on an ONNX export")
-            from runtime.exit_head import is_exit_head, load_exit_head, self_speculative
+            from runtime.exit_head import exit_early, is_exit_head, load_exit_head, self_speculative
 
             if not speculative:
                 (out,), stats = target.generate([ids], params)
             elif cfg.draft is not None and is_exit_head(cfg.draft):
-                if cfg.prompt_lookup or cfg.early_exit_threshold is not None or cfg.temperature > 0:
-                    raise UserError("draft: an exit head drafts alone, greedy (no --prompt-lookup, "
-                                    "--early-exit-threshold or --temperature)")
-                out, stats = self_speculative(target, load_exit_head(cfg.draft, target.runner.model), ids, params,
-                                              cfg.k)
+                if cfg.prompt_lookup or cfg.temperature > 0:
+                    raise UserError("draft: an exit head drafts alone, greedy (no --prompt-lookup or --temperature)")
+                head = load_exit_head(cfg.draft, target.runner.model)
+                out, stats = (self_speculative(target, head, ids, params, cfg.k) if cfg.early_exit_threshold is None
+                              else exit_early(target, head, ids, params, cfg.early_exit_threshold))
             else:
                 from runtime.eagle import EagleDraft, is_eagle_draft, load_head
 

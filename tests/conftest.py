@@ -144,3 +144,16 @@ def reference_artifact():
     from compress.reference import ReferenceConfig, make_reference
 
     return make_reference(ReferenceConfig(out=str(ROOT / "artifacts" / "reference"), if_missing=True))
+
+
+def fit_on_one_batch(module, vocab_size: int = 128, steps: int = 60, lr: float = 3e-3) -> tuple[dict, dict]:
+    """A head's training module (`module.losses(ids)`, `module.head`) fitted to one random batch: its losses
+    before and after, for tests that it learns."""
+    ids = torch.randint(0, vocab_size, (8, 32), generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.AdamW([p for p in module.head.parameters() if p.requires_grad], lr=lr)
+    before = module.losses(ids)
+    for _ in range(steps):
+        opt.zero_grad()
+        module.losses(ids)["loss"].backward()
+        opt.step()
+    return before, module.losses(ids)

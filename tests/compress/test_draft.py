@@ -163,6 +163,15 @@ def test_smoke_exit_head_shares_the_targets_layers_and_is_exact(tiny_artifact, t
     assert run.stdout.splitlines()[0] == plain.stdout.splitlines()[0] and "acceptance" in run.stdout
     refused = subprocess.run([*base, "--draft", str(out), "--static"], capture_output=True, text=True, cwd=ROOT)
     assert refused.returncode == 2 and "exit-head" in refused.stderr and "Traceback" not in refused.stderr
+    lossy = subprocess.run([*base, "--draft", str(out), "--early-exit-threshold", "0.001"], capture_output=True,
+                           text=True, cwd=ROOT)
+    assert lossy.returncode == 0 and "11 of 12 tokens exited, 0 target passes" in lossy.stdout, lossy.stderr[-500:]
+    from compress.evaluate import EvaluateConfig, evaluate
+
+    curve = evaluate(EvaluateConfig(reference=str(tiny_artifact.path), artifacts=[str(tiny_artifact.path)],
+                                    out=str(tmp_path / "eval"), max_eval_tokens=256, seq_len=128, speed=False,
+                                    early_exit=str(out), exit_thresholds=[1.0, 0.001]))["early_exit"]
+    assert [row["exit_rate"] for row in curve["accuracy"]] == [0.0, 1.0]
     served = subprocess.run([sys.executable, "-m", "runtime.serve", "--artifact", str(tiny_artifact.path), "--draft",
                              str(out)], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert served.returncode == 2 and "exit head" in served.stderr and "Traceback" not in served.stderr

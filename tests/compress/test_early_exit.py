@@ -14,7 +14,8 @@ def test_curve_runs_from_the_target_alone_to_the_exit_model_alone():
     full = accuracy_metrics(target, {"exit": exit_model}, windows)
     with torch.no_grad():
         confidence = torch.softmax(exit_model(windows).logits[:, :-1], -1).max(-1).values.flatten()
-    never, middle, always = exit_accuracy(target, exit_model, windows, [1.01, confidence.median().item(), 1e-9])
+    never, middle, always = exit_accuracy(target, lambda ids: exit_model(ids).logits, windows,
+                                          [1.01, confidence.median().item(), 1e-9])
     assert never["exit_rate"] == 0 and never["kl"] == 0 and never["top1_agreement"] == 1
     assert never["perplexity"] == pytest.approx(full["__reference__"]["perplexity"], rel=1e-6)
     assert always["exit_rate"] == 1

@@ -85,3 +85,38 @@ def test_exit_starts_as_the_targets_own_head_on_layer_l():
         new_exit_head(target, 4)
     with pytest.raises(ValueError, match="greedy"):
         self_speculative(Engine(target), head, PROMPTS[0], SamplingParams(temperature=0.5), 2)
+
+
+def test_lossy_exit_emits_the_exits_confident_tokens_and_the_targets_others():
+    """`exit_early`: where the exit's top probability reaches p, its token; elsewhere the target's, computed after
+    its later layers caught up on the exited tokens (equal to a fresh full forward over everything so far)."""
+    from runtime.exit_head import exit_early
+
+    target, head = target_and_exit()
+    engine = Engine(target, block_size=4, num_blocks=128)
+    prompt, n = PROMPTS[0], 16
+    params = SamplingParams(max_new_tokens=n)
+
+    def exit_at(ids):  # the exit's distribution after `ids`, from the target's own layer-L state
+        with torch.no_grad():
+            hidden = target.model(torch.tensor([ids]), output_hidden_states=True).hidden_states[head.exit_layer]
+            return torch.softmax(exit_logits(head, target, hidden)[0, -1], -1)
+
+    never, stats = exit_early(engine, head, prompt, params, 1.01)
+    assert never == greedy_reference(target, prompt, n) and stats.exited == 0
+    always, stats = exit_early(engine, head, prompt, params, 1e-9)
+    assert stats.exited == n - 1 and stats.target_steps == 0
+    assert all(always[i] == int(exit_at(prompt + always[:i]).argmax()) for i in range(1, n))
+    ranked = sorted(float(exit_at(prompt + never[:i]).max()) for i in range(1, n))
+    threshold = (ranked[n // 2] + ranked[n // 2 + 1]) / 2
+    out, stats = exit_early(engine, head, prompt, params, threshold)
+    exited = 0
+    for i in range(1, n):
+        p = exit_at(prompt + out[:i])
+        if float(p.max()) >= threshold:
+            exited += 1
+            assert out[i] == int(p.argmax()), i
+        else:
+            with torch.no_grad():
+                assert out[i] == int(target(torch.tensor([prompt + out[:i]])).logits[0, -1].argmax()), i
+    assert stats.exited == exited and 0 < exited < n - 1 and engine.pool.used == 0

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from runtime.eagle import new_head
-from tests.conftest import make_tiny_llama
+from tests.conftest import fit_on_one_batch, make_tiny_llama
 from train.distillation import OptimConfig
 from train.eagle import EagleModule
 
@@ -15,14 +15,7 @@ def test_head_learns_the_targets_next_token(unroll):
     target = make_tiny_llama(vocab_size=128, hidden=64, layers=2, seed=3)
     module = EagleModule(new_head(target), target, OptimConfig(lr=3e-3, warmup_steps=2, max_steps=60), kl_weight=1.0,
                          unroll=unroll)
-    ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(1))
-    opt = torch.optim.AdamW([p for p in module.head.parameters() if p.requires_grad], lr=3e-3)
-    before = module.losses(ids)
-    for _ in range(60):
-        opt.zero_grad()
-        module.losses(ids)["loss"].backward()
-        opt.step()
-    after = module.losses(ids)
+    before, after = fit_on_one_batch(module)
     assert after["loss"] < 0.5 * before["loss"]
     assert after["top1"] > before["top1"] + 0.2
     assert not any(p.grad is not None for p in target.parameters())  # the target is never trained

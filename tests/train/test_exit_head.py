@@ -3,7 +3,7 @@
 import torch
 
 from runtime.exit_head import new_exit_head
-from tests.conftest import make_tiny_llama
+from tests.conftest import fit_on_one_batch, make_tiny_llama
 from train.distillation import OptimConfig
 from train.exit_head import ExitModule
 
@@ -17,14 +17,7 @@ def test_exit_learns_the_targets_next_token_from_layer_l():
             layer.mlp.down_proj.weight.mul_(8)
     module = ExitModule(new_exit_head(target, 1), target, OptimConfig(lr=3e-3, warmup_steps=2, max_steps=60),
                         kl_weight=1.0)
-    ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(1))
-    opt = torch.optim.AdamW(module.head.parameters(), lr=3e-3)
-    before = module.losses(ids)
-    for _ in range(60):
-        opt.zero_grad()
-        module.losses(ids)["loss"].backward()
-        opt.step()
-    after = module.losses(ids)
+    before, after = fit_on_one_batch(module)
     assert after["loss"] < 0.5 * before["loss"]
     assert after["top1"] > before["top1"] + 0.2
     assert not any(p.grad is not None for p in target.parameters())  # the target is never trained
