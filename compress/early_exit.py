@@ -58,6 +58,8 @@ def exit_speed(target_path: str, exit_path: str, tokenizer: Any, thresholds: lis
     from runtime.loading import load_model
 
     target = Engine(load_model(target_path, device))
+    params = SamplingParams(max_new_tokens=new_tokens,
+                            stop_ids=tuple(t for t in (tokenizer.eos_token_id,) if t is not None))
     if is_exit_head(exit_path):  # the target's own first layers and the exit
         head = load_exit_head(exit_path, target.runner.model)
 
@@ -68,8 +70,6 @@ def exit_speed(target_path: str, exit_path: str, tokenizer: Any, thresholds: lis
 
         def run(ids: list[int], threshold: float):
             return target.early_exit(exit_engine, ids, params, threshold)
-    params = SamplingParams(max_new_tokens=new_tokens,
-                            stop_ids=tuple(t for t in (tokenizer.eos_token_id,) if t is not None))
     times = {t: [0.0, 0, 0, 0] for t in ["target", *thresholds]}  # decode s, tokens timed, exited, generated
     encoded = encode(tokenizer, chat_prompts(tokenizer, "heldout", prompts))
     target.generate([encoded[0]], params)  # warm-up outside the timing (a GPU's first kernels compile)

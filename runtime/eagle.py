@@ -98,14 +98,17 @@ def new_head(target: nn.Module, layers: int = 1, vocab_ids: torch.Tensor | None 
     return head.to(next(target.parameters()).dtype)
 
 
-def is_eagle_draft(path: str | Path) -> bool:
+def draft_method(path: str | Path) -> str | None:
+    """The `compress.draft` method a draft artifact was made with (None: not a readable draft manifest)."""
     manifest = Path(path) / "shrinkwrap.json"
-    if not manifest.is_file():
-        return False
     try:
-        return json.loads(manifest.read_text(encoding="utf-8")).get("draft", {}).get("method") == "eagle"
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return False
+        return json.loads(manifest.read_text(encoding="utf-8")).get("draft", {}).get("method")
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+
+
+def is_eagle_draft(path: str | Path) -> bool:
+    return draft_method(path) == "eagle"
 
 
 def load_head(path: str | Path, target: nn.Module, vocab_ids: torch.Tensor | None = None) -> EagleHead:

@@ -20,9 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.family import final_logits
+from runtime.eagle import WEIGHTS, draft_method
 from runtime.engine import Engine, GenerationStats, SamplingParams
-
-WEIGHTS = "model.safetensors"
 
 
 class ExitHead(nn.Module):
@@ -55,11 +54,7 @@ def new_exit_head(target: nn.Module, exit_layer: int, intermediate: int | None =
 
 
 def is_exit_head(path: str | Path) -> bool:
-    manifest = Path(path) / "shrinkwrap.json"
-    try:
-        return json.loads(manifest.read_text(encoding="utf-8")).get("draft", {}).get("method") == "exit-head"
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return False
+    return draft_method(path) == "exit-head"
 
 
 def load_exit_head(path: str | Path, target: nn.Module) -> ExitHead:
@@ -73,21 +68,32 @@ def load_exit_head(path: str | Path, target: nn.Module) -> ExitHead:
     return head.to(device=weight.device, dtype=weight.dtype).eval()
 
 
+def _parts(engine: Engine, head: ExitHead, params: SamplingParams, what: str) -> tuple:
+    """The runner, target, its inner model, and the layer ranges before and from the exit (greedy only)."""
+    if params.temperature > 0:
+        raise ValueError(f"{what} with an exit head is greedy (temperature 0)")
+    target = engine.runner.model
+    layers = target.config.num_hidden_layers
+    return engine.runner, target, target.model, range(head.exit_layer), range(head.exit_layer, layers)
+
+
+def _prefill(engine: Engine, prompt: list[int]) -> tuple:
+    """The prompt through every layer: its sequence, the first (greedy) token, stats with the prefill time."""
+    stats = GenerationStats(prompt_tokens=len(prompt))
+    (seq,) = engine._start([prompt])
+    start = time.perf_counter()
+    out = [int(engine.runner.forward([seq], last_only=True)[0][-1].argmax())]
+    stats.prefill_s = time.perf_counter() - start
+    return seq, out, stats
+
+
 @torch.inference_mode()
 def self_speculative(engine: Engine, head: ExitHead, prompt: list[int], params: SamplingParams, k: int = 3
                      ) -> tuple[list[int], GenerationStats]:
     """Greedy self-speculative decoding on the paged engine: the target's own first L layers + the exit draft k
     tokens, the target's remaining layers verify them (with the token after the last) in one pass."""
-    if params.temperature > 0:
-        raise ValueError("self-speculative decoding with an exit head is greedy (temperature 0)")
-    runner, target = engine.runner, engine.runner.model
-    inner, shallow = target.model, range(head.exit_layer)
-    deep = range(head.exit_layer, target.config.num_hidden_layers)
-    stats = GenerationStats(prompt_tokens=len(prompt))
-    (seq,) = engine._start([prompt])
-    start = time.perf_counter()
-    out = [int(runner.forward([seq], last_only=True)[0][-1].argmax())]
-    stats.prefill_s = time.perf_counter() - start
+    runner, target, inner, shallow, deep = _parts(engine, head, params, "self-speculative decoding")
+    seq, out, stats = _prefill(engine, prompt)
     start = time.perf_counter()
     while out[-1] not in params.stop_ids and len(out) < params.max_new_tokens:
         first = len(seq.tokens)  # the position of the newest token, not in any layer's cache yet
@@ -125,16 +131,8 @@ def exit_early(engine: Engine, head: ExitHead, prompt: list[int], params: Sampli
     runs the first L layers and the exit; where the exit's top probability is >= `threshold` its token is
     emitted, else the remaining layers run for it and for every exited token since the last such pass (their
     layer-L states kept), so the target's cache catches up as plain decoding would have filled it."""
-    if params.temperature > 0:
-        raise ValueError("early exit is greedy (temperature 0)")
-    runner, target = engine.runner, engine.runner.model
-    inner, shallow = target.model, range(head.exit_layer)
-    deep = range(head.exit_layer, target.config.num_hidden_layers)
-    stats = GenerationStats(prompt_tokens=len(prompt))
-    (seq,) = engine._start([prompt])
-    start = time.perf_counter()
-    out = [int(runner.forward([seq], last_only=True)[0][-1].argmax())]
-    stats.prefill_s = time.perf_counter() - start
+    runner, target, inner, shallow, deep = _parts(engine, head, params, "early exit")
+    seq, out, stats = _prefill(engine, prompt)
     start = time.perf_counter()
     pending: list[torch.Tensor] = []  # layer-L states of the tokens whose later layers have not run
     while out[-1] not in params.stop_ids and len(out) < params.max_new_tokens:

@@ -11,15 +11,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from train.distillation import OptimConfig
 from train.eagle import EagleModule
 from train.losses import forward_kl
 
 
 class ExitModule(EagleModule):
-    def __init__(self, head: torch.nn.Module, target: torch.nn.Module, optim: OptimConfig,
-                 feature_weight: float = 1.0, kl_weight: float = 0.1):
-        super().__init__(head, target, optim, feature_weight, kl_weight)
+    """Built as `EagleModule(head, target, optim, feature_weight, kl_weight)`; noise, unrolling and gradient
+    checkpointing do not apply to an exit."""
 
     def losses(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.no_grad():
