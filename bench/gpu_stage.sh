@@ -10,6 +10,9 @@
 #          sampled); then HTTP with runtime.bench (random weights of the real shape, artifacts/gpu_like
 #          carried: config, tokenizer, corpus; .whl carried: fastapi, uvicorn, pydantic) at 64 clients and
 #          at concurrency 1, beside the static decoder at batch 1 (`runtime.generate --static`)
+#   serve4: issue 17's third step (carry artifacts/gpu_like and .whl): scheduler tests on CUDA, the serving core
+#          in-process with its steps by kind, HTTP at 64 clients with the new server defaults and the old ones
+#          (asyncio, h11, Python's 5 ms GIL switch) interleaved, concurrency 1 beside runtime.generate --static
 #   decode: CUDA tests of the static decoder and the decode benchmark (no model file needed)
 #   fused: CUDA tests and the tile sweep + benchmark of the fused Triton step (no model file needed)
 #   fused2: the same benchmark with the chosen tiles, no sweep
@@ -125,6 +128,29 @@ case "$1" in
     python3 -m runtime.bench --artifact "$W/random" --device cuda --concurrency 64 --requests 512 --prompt-len 128 \
       --max-tokens 128 --max-running 64 --max-batch-tokens 1024 --baseline-requests 2 \
       --out "$OUT/serve-cuda-64.json" 2>&1 | grep -v -i "warn\|it/s"
+    python3 -m runtime.bench --artifact "$W/random" --device cuda --concurrency 1 --requests 8 --prompt-len 128 \
+      --max-tokens 128 --max-running 64 --no-baseline --out "$OUT/serve-cuda-1.json" 2>&1 | grep -v -i "warn\|it/s"
+    python3 -m runtime.generate --artifact "$W/random" --static --device cuda --max-tokens 128 \
+      --prompt "The fire service says the blaze near the town is now under control, and residents" 2>&1 | tail -1
+    ;;
+  serve4)
+    # issue 17, third step: bursts between prompt chunks; the HTTP side's event loop, parser and GIL hand-over
+    python3 -c 'import uvloop, httptools; print("uvloop", uvloop.__version__, "httptools", httptools.__version__)'
+    python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/runtime/test_scheduler.py 2>&1 \
+      | grep -E "^E |passed|failed" | head -20 || true
+    python3 bench/scheduler_load.py --device cuda --clients 64 --requests 512 --runs batched single_step static_decode \
+      2>&1 | grep -v Warning
+    cp artifacts/bench/scheduler_load.json "$OUT"/
+    python3 bench/random_artifact.py --like artifacts/gpu_like --out "$W/random" 2>&1 | tail -1
+    http64() {  # $1: name, $2: server flags
+      python3 -m runtime.bench --artifact "$W/random" --device cuda --concurrency 64 --requests 512 --prompt-len 128 \
+        --max-tokens 128 --max-running 64 --max-batch-tokens 1024 --no-baseline --server-args "$2" \
+        --out "$OUT/serve-cuda-64-$1.json" 2>&1 | grep -v -i "warn\|it/s"
+    }
+    http64 new-1 "--gil-switch-ms 0.5"
+    http64 old-1 "--loop asyncio --http h11 --gil-switch-ms 5"
+    http64 new-2 "--gil-switch-ms 0.5"
+    http64 old-2 "--loop asyncio --http h11 --gil-switch-ms 5"
     python3 -m runtime.bench --artifact "$W/random" --device cuda --concurrency 1 --requests 8 --prompt-len 128 \
       --max-tokens 128 --max-running 64 --no-baseline --out "$OUT/serve-cuda-1.json" 2>&1 | grep -v -i "warn\|it/s"
     python3 -m runtime.generate --artifact "$W/random" --static --device cuda --max-tokens 128 \

@@ -82,7 +82,10 @@ def load(model: torch.nn.Module, prompts: list[list[int]], clients: int, new_tok
             "output_tok_s": round(out_tokens / wall, 1), "ttft_p50_ms": round(1e3 * statistics.median(ttft), 1),
             "ttft_p99_ms": round(1e3 * percentile(ttft, 99), 1), "itl_p50_ms": round(1e3 * statistics.median(itl), 2),
             "itl_p99_ms": round(1e3 * percentile(itl, 99), 2), "tpot_p50_ms": round(1e3 * statistics.median(tpot), 2),
-            "tpot_p99_ms": round(1e3 * percentile(tpot, 99), 2)}
+            "tpot_p99_ms": round(1e3 * percentile(tpot, 99), 2),
+            "steps": {kind: {"calls": c, "tokens_per_call": round(t / c, 1), "ms_per_call": round(1e3 * sec / c, 3),
+                             "host_ms_per_call": round(1e3 * host / c, 3)}
+                      for kind, (c, t, sec, host) in scheduler.stats.step_kinds.items()}}
 
 
 def static_decode(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int) -> dict:
@@ -97,6 +100,9 @@ def static_decode(model: torch.nn.Module, prompts: list[list[int]], new_tokens: 
     return {"batch": len(prompts), "tok_s": round(len(prompts) * (new_tokens - 1) / decode_s, 1)}
 
 
+RUNS = ("batched", "single_step", "modules_step", "sampled", "per_sequence", "static_decode")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -107,6 +113,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--decode-steps", type=int, default=8, help="greedy steps per device call (the server's "
                         "default on CUDA)")
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS, help="which runs (default: all)")
     args = parser.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -120,26 +127,34 @@ def main() -> None:
     sampled = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.8, top_p=0.95, seed=1)
     for mode in ("fused", "batched"):  # warm-up: kernels, graphs per bucket
         load(model, prompts[:args.clients * 2], args.clients, 24, mode, decode_steps=args.decode_steps)
-    ours = load(model, prompts, args.clients, args.new_tokens, "fused", decode_steps=args.decode_steps)
-    print(f"fused step + graphs, {args.decode_steps} steps per device call: {ours}", flush=True)
-    single = load(model, prompts, args.clients, args.new_tokens, "fused")
-    print(f"fused step + graphs, one step per call: {single}", flush=True)
-    modules = load(model, prompts, args.clients, args.new_tokens, "batched")
-    print(f"HF modules step + graphs: {modules}", flush=True)
-    sampling = load(model, prompts, args.clients, args.new_tokens, "fused", sampled)
-    print(f"fused, sampled (T 0.8, top-p 0.95, seeded): {sampling}", flush=True)
-    base = load(model, prompts[:args.baseline_requests], args.clients, args.new_tokens, "per_sequence")
-    print(f"per-sequence:             {base}", flush=True)
-    ceiling = static_decode(model, prompts[:args.clients], args.new_tokens)
-    print(f"static decoder pure decode: {ceiling}", flush=True)
+    runs = {
+        "batched": (f"fused step + graphs, {args.decode_steps} steps per device call",
+                    lambda: load(model, prompts, args.clients, args.new_tokens, "fused", decode_steps=args.decode_steps)),
+        "single_step": ("fused step + graphs, one step per call",
+                        lambda: load(model, prompts, args.clients, args.new_tokens, "fused")),
+        "modules_step": ("HF modules step + graphs", lambda: load(model, prompts, args.clients, args.new_tokens,
+                                                                  "batched")),
+        "sampled": ("fused, sampled (T 0.8, top-p 0.95, seeded)",
+                    lambda: load(model, prompts, args.clients, args.new_tokens, "fused", sampled)),
+        "per_sequence": ("per-sequence", lambda: load(model, prompts[:args.baseline_requests], args.clients,
+                                                      args.new_tokens, "per_sequence")),
+        "static_decode": ("static decoder pure decode",
+                          lambda: static_decode(model, prompts[:args.clients], args.new_tokens)),
+    }
     result = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU",
-              "clients": args.clients, "new_tokens": args.new_tokens, "batched": ours, "single_step": single, "modules_step": modules,
-              "sampled": sampling, "per_sequence": base,
-              "static_decode": ceiling, "ratio_vs_per_sequence": round(ours["output_tok_s"] / base["output_tok_s"], 2),
-              "share_of_static": round(ours["output_tok_s"] / ceiling["tok_s"], 3),
+              "clients": args.clients, "new_tokens": args.new_tokens,
               "command": "python bench/scheduler_load.py " + " ".join(sys.argv[1:])}
-    print(f"batched / per-sequence x{result['ratio_vs_per_sequence']}, share of the static decoder's pure decode "
-          f"{result['share_of_static']:.1%}")
+    for name in RUNS:
+        if name in args.runs:
+            title, run = runs[name]
+            result[name] = run()
+            print(f"{title}: {result[name]}", flush=True)
+    if "batched" in result and "per_sequence" in result:
+        result["ratio_vs_per_sequence"] = round(result["batched"]["output_tok_s"] / result["per_sequence"]["output_tok_s"], 2)
+        print(f"batched / per-sequence x{result['ratio_vs_per_sequence']}")
+    if "batched" in result and "static_decode" in result:
+        result["share_of_static"] = round(result["batched"]["output_tok_s"] / result["static_decode"]["tok_s"], 3)
+        print(f"share of the static decoder's pure decode {result['share_of_static']:.1%}")
     path = ROOT / "artifacts" / "bench" / "scheduler_load.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -42,6 +43,7 @@ class BenchConfig:
     max_running: int = field(16, help="server: sequences decoded together")
     max_batch_tokens: int = field(256, help="server: tokens per forward step (decodes + prompt chunks)")
     decode_steps: int | None = field(None, help="server: greedy decode steps per device call (default: its own)")
+    server_args: str | None = field(None, help="more flags for the started server, e.g. \"--gil-switch-ms 5\"")
     baseline: bool = field(True, help="also run serial HF generate on the same requests")
     baseline_requests: int | None = field(None, help="run the serial baseline on the first N requests only "
                                           "(it is slow; throughput does not depend on the count)")
@@ -186,7 +188,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     result: dict[str, Any] = {"config": asdict(cfg), "server": served,
                               "server_prefix_cache_hit_blocks": _metric(metrics, "shrinkwrap_prefix_cache_hit_blocks_total"),
                               "acceptance_rate": _metric(metrics, "shrinkwrap_speculative_acceptance_rate"),
-                              "tokens_per_target_step": _metric(metrics, "shrinkwrap_speculative_tokens_per_target_step")}
+                              "tokens_per_target_step": _metric(metrics, "shrinkwrap_speculative_tokens_per_target_step"),
+                              "server_steps": {name: _by_kind(metrics, f"shrinkwrap_{name}_total")
+                                               for name in ("steps", "step_tokens", "step_seconds", "step_host_seconds")}}
     if cfg.baseline:
         print("baseline: the same requests one at a time (HF generate; our ONNX engine for an export) ...", flush=True)
         result["hf_serial"] = hf_serial(cfg, prompts[:cfg.baseline_requests], tokenizer)
@@ -200,6 +204,12 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"latency p50 {s['latency_s']['p50']:.2f} s p99 {s['latency_s']['p99']:.2f} s, inter-token p50 "
           f"{1e3 * (s['inter_token_s']['p50'] or 0):.2f} ms p99 {1e3 * (s['inter_token_s']['p99'] or 0):.2f} ms, "
           f"decode per request p50 {s['decode_tok_s_per_request']['p50'] or 0:.1f} tok/s")
+    steps = result["server_steps"]
+    if steps["steps"]:
+        print("server steps: " + ", ".join(
+            f"{kind} {int(calls)} ({steps['step_tokens'][kind] / calls:.1f} tokens, "
+            f"{1e3 * steps['step_seconds'][kind] / calls:.2f} ms of which host "
+            f"{1e3 * steps['step_host_seconds'][kind] / calls:.2f} ms)" for kind, calls in steps["steps"].items()))
     if cfg.baseline:
         h = result["hf_serial"]
         print(f"{h['baseline']}: {h['throughput_tok_s']:.1f} tok/s, service p50 {h['service_time_s']['p50']:.2f} s, "
@@ -213,6 +223,16 @@ def _metric(text: str, name: str) -> float | None:
         if line.startswith(name + " "):
             return float(line.split()[1])
     return None
+
+
+def _by_kind(text: str, name: str) -> dict[str, float]:
+    """A labelled counter's values by its `kind` label."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(name + '{kind="'):
+            label, value = line[len(name) + 7:].split('"} ')
+            out[label] = float(value)
+    return out
 
 
 def free_port() -> int:
@@ -236,6 +256,8 @@ def launch_server(cfg: BenchConfig) -> tuple[subprocess.Popen, str]:
         cmd += ["--decode-steps", str(cfg.decode_steps)]
     if cfg.draft:
         cmd += ["--draft", cfg.draft, "--k", str(cfg.k)] + (["--force"] if cfg.force else [])
+    if cfg.server_args:
+        cmd += shlex.split(cfg.server_args)
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300

@@ -136,6 +136,7 @@ class SchedulerStats:
     draft_accepted: int = 0
     speculative_steps: int = 0  # target passes of decoding sequences that had a draft
     speculative_tokens: int = 0  # tokens those passes produced
+    step_kinds: dict[str, list[float]] = field(default_factory=dict)  # kind -> [calls, tokens, s, host s]
 
     @property
     def acceptance_rate(self) -> float:
@@ -150,9 +151,10 @@ class Scheduler:
     def __init__(self, engine: Engine, max_context: int, max_running: int = 16, max_queue: int = 64,
                  max_batch_tokens: int = 256, response_cache_size: int = 0, draft: Any = None,
                  k: int = 4, decode_steps: int = 1, draft_max_batch: int | None = None):
-        """decode_steps: when every running sequence is past its prompt and plainly greedy, run up to this many
-        decode steps on the device before coming back to the host (`PagedDecoder.decode_greedy`): new
-        requests then wait at most that many steps to be admitted, and their tokens stream in bursts.
+        """decode_steps: when every sequence past its prompt is plainly greedy, run up to this many decode steps
+        of them on the device before coming back to the host (`PagedDecoder.decode_greedy`), alternating with
+        a step of prompt chunks while prompts wait: a new request waits at most one burst to start its
+        prefill, and tokens stream in bursts.
         draft_max_batch: the draft proposes only while at most this many sequences decode (None: always)."""
         from runtime.eagle import EagleHead
 
@@ -181,6 +183,7 @@ class Scheduler:
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stop = False
+        self._burst_last = False
 
     # ---- called from any thread -------------------------------------------------------------
     def submit(self, request: Request) -> None:
@@ -247,7 +250,8 @@ class Scheduler:
             self.step()
 
     def _worst_case_blocks(self, request: Request) -> int:
-        per = -(-(len(request.prompt) + request.params.max_new_tokens + self.k) // self.pool.block_size)
+        slack = self.k + max(self.decode_steps - 1, 0)  # draft proposals, or a burst's steps past the end
+        per = -(-(len(request.prompt) + request.params.max_new_tokens + slack) // self.pool.block_size)
         return per * request.n
 
     def _generator(self, request: Request, index: int) -> torch.Generator | None:
@@ -333,7 +337,11 @@ class Scheduler:
                 self.running.append(self._new_sample(request, index))  # shares the parent's full blocks
         self._admit()
         if self.decode_steps > 1 and self.k == 0:
-            ran = self._multi_step()
+            # a burst, unless prompts wait and the last call was a burst: prompts that arrive during a burst
+            # are prefilled together in the next step, and decoding rows never wait for more than one step
+            prompts_wait = any(s.prefilling for s in self.running)
+            ran = 0 if prompts_wait and self._burst_last else self._multi_step()
+            self._burst_last = bool(ran)
             if ran:
                 return ran
         decoding = [s for s in self.running if not s.prefilling]
@@ -361,6 +369,7 @@ class Scheduler:
         if chunks:  # the draft reads the same prompt chunks
             self.draft.runner.forward([s.draft_seq for s, _ in chunks], ends=[e for _, e in chunks])
         chosen = self._next_tokens(batch, ends, logits, proposals)
+        results_at = time.perf_counter()
         decoded = 0
         for sample, start, end, rows, full, feats in zip(batch, starts, ends, logits, scored, features, strict=True):
             request = sample.request
@@ -394,34 +403,43 @@ class Scheduler:
                 decoded += 1
                 if self._deliver(sample, token, logprob, top):
                     break
-        self._record_step(decoded, started)
+        kind = "mixed" if len(batch) > len(decoding) else "speculative" if proposals else "decode"
+        self._record_step(decoded, started, kind, results_at)
         return self.max_batch_tokens - budget
 
-    def _record_step(self, decoded: int, started: float) -> None:
-        """Step counters and the smoothed decode rate of a step that began at `started` (perf_counter)."""
-        elapsed = time.perf_counter() - started
+    def _record_step(self, decoded: int, started: float, kind: str, results_at: float) -> None:
+        """Step counters per kind (mixed, decode, speculative, burst: calls, tokens, seconds, seconds after the
+        device's results were back: the host's share) and the smoothed decode rate of a step that began at
+        `started` (perf_counter)."""
+        now = time.perf_counter()
+        elapsed = now - started
         self.stats.steps += 1
         self.stats.generated_tokens += decoded
+        kind_stats = self.stats.step_kinds.setdefault(kind, [0, 0, 0.0, 0.0])
+        kind_stats[0] += 1
+        kind_stats[1] += decoded
+        kind_stats[2] += elapsed
+        kind_stats[3] += now - results_at
         rate = decoded / elapsed if elapsed > 0 else 0.0
         self.stats.decode_tokens_per_s = 0.9 * self.stats.decode_tokens_per_s + 0.1 * rate
 
     def _multi_step(self) -> int:
-        """Several greedy decode steps in one device call, when nothing else needs the host: no prompt chunk
-        to run, every row plainly greedy (no sampling, penalties or logprobs). Tokens run the target's forward
-        (0: not taken)."""
-        if not self.running or any(s.prefilling for s in self.running):
+        """Several greedy decode steps of the rows past their prompts in one device call, when every such row
+        is plainly greedy (no sampling, penalties or logprobs). A row that ends inside the burst (stop token,
+        max_tokens) retires there; its later tokens are dropped (their KV slots lie in the blocks reserved for
+        it). Tokens run the target's forward (0: not taken)."""
+        batch = [s for s in self.running if not s.prefilling]
+        if not batch or any(s.request.params.temperature > 0 or s.request.params.adjusts_logits
+                            or s.request.logprobs is not None for s in batch):
             return 0
-        if any(s.request.params.temperature > 0 or s.request.params.adjusts_logits or s.request.logprobs is not None
-               for s in self.running):
-            return 0
-        steps = min(self.decode_steps, *(min(s.request.params.max_new_tokens - len(s.request.outputs[s.index]),
-                                             self.max_context - len(s.seq.tokens)) for s in self.running))
+        steps = min(self.decode_steps, *(self.max_context - len(s.seq.tokens) for s in batch))
         if steps < 2:
             return 0
         started = time.perf_counter()
-        batch = list(self.running)
         decoded = 0
-        for sample, tokens in zip(batch, self.runner.decode_greedy([s.seq for s in batch], steps), strict=True):
+        new_tokens = self.runner.decode_greedy([s.seq for s in batch], steps)
+        results_at = time.perf_counter()
+        for sample, tokens in zip(batch, new_tokens, strict=True):
             cached = sample.seq.cached
             for token in tokens:
                 sample.seq.tokens.append(token)
@@ -429,7 +447,7 @@ class Scheduler:
                 decoded += 1
                 if self._deliver(sample, token):
                     break
-        self._record_step(decoded, started)
+        self._record_step(decoded, started, "burst", results_at)
         return len(batch) * steps
 
     @staticmethod

@@ -14,6 +14,7 @@ import asyncio
 import functools
 import json
 import re
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -75,6 +76,11 @@ class ServeConfig:
     decode_steps: int | None = field(None, help="greedy decode steps per device call while no prompt waits "
                                      "(default: 8 on CUDA, 1 on the CPU; tokens then stream in bursts)")
     log_level: str = field("warning", help="uvicorn log level", choices=("critical", "error", "warning", "info"))
+    loop: str = field("auto", help="event loop (auto: uvloop where installed)", choices=("auto", "asyncio", "uvloop"))
+    http: str = field("auto", help="HTTP parser (auto: httptools where installed)", choices=("auto", "h11", "httptools"))
+    gil_switch_ms: float = field(0.5, help="longest hold of the interpreter while another thread waits (Python's "
+                                 "default: 5): after each device call the scheduler thread waits behind the HTTP "
+                                 "event loop at most this long")
 
     def validate(self) -> None:
         if not self.artifact:
@@ -87,6 +93,8 @@ class ServeConfig:
                 raise UserError(f"{name}: must be positive")
         if self.max_queue < 0 or self.response_cache < 0:
             raise UserError("max_queue and response_cache must be >= 0")
+        if not 0 < self.gil_switch_ms <= 100:
+            raise UserError(f"gil_switch_ms: must be in (0, 100], got {self.gil_switch_ms}")
 
 
 @dataclass
@@ -509,8 +517,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     server = build_server(cfg)
     print(f"serving {server.model_name!r} on http://{cfg.host}:{cfg.port} (context {server.scheduler.max_context})",
           flush=True)
+    sys.setswitchinterval(cfg.gil_switch_ms / 1e3)
     try:
-        uvicorn.run(create_app(server), host=cfg.host, port=cfg.port, log_level=cfg.log_level)
+        uvicorn.run(create_app(server), host=cfg.host, port=cfg.port, log_level=cfg.log_level, loop=cfg.loop,
+                    http=cfg.http)
     finally:
         server.scheduler.stop()
 

@@ -281,3 +281,27 @@ def test_multi_step_decoding_matches_greedy_and_stops_mid_burst(model, fused):
     assert requests[1].outputs[0] == expected[1][:expected[1].index(stop) + 1]
     assert requests[1].finish_reasons == ["stop"] and requests[2].outputs[0] == expected[2][:7]
     assert scheduler.pool.used == 0 and scheduler.reserved_blocks == 0
+
+
+def test_bursts_go_on_between_the_chunks_of_a_waiting_prompt(model):
+    """A long prompt arriving mid-answer is prefilled in chunks with a burst of the decoding rows between
+    chunks (not one token per chunk), and both answers still equal greedy decoding."""
+    engine = Engine(model, block_size=16, num_blocks=64)
+    scheduler = Scheduler(engine, max_context=256, max_batch_tokens=16, decode_steps=4)
+    gen = torch.Generator().manual_seed(12)
+    short, long = (torch.randint(3, 300, (n,), generator=gen).tolist() for n in (5, 60))
+    first, second = Request(short, SamplingParams(max_new_tokens=30)), Request(long, SamplingParams(max_new_tokens=6))
+    scheduler.submit(first)
+    scheduler.step()  # the short prompt, and its first token
+    scheduler.submit(second)
+    kinds = []
+    while second.first_token_at is None:
+        before = scheduler.stats.step_kinds.get("burst", [0])[0]
+        scheduler.step()
+        kinds.append("burst" if scheduler.stats.step_kinds.get("burst", [0])[0] > before else "mixed")
+    assert kinds == ["burst", "mixed"] * 4  # 60 prompt tokens: 4 chunks of <= 15 next to one decode row each
+    assert len(first.outputs[0]) == 1 + 4 * (4 + 1)  # a burst of 4 before each chunk, a token beside it
+    drain(scheduler, [first, second])
+    assert first.outputs[0] == greedy_reference(model, short, 30)
+    assert second.outputs[0] == greedy_reference(model, long, 6)
+    assert scheduler.pool.used == 0 and scheduler.reserved_blocks == 0
