@@ -136,9 +136,10 @@ case "$1" in
   serve4)
     # issue 17, third step: bursts between prompt chunks; the HTTP side's event loop, parser and GIL hand-over
     python3 -c 'import uvloop, httptools; print("uvloop", uvloop.__version__, "httptools", httptools.__version__)'
-    python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/runtime/test_scheduler.py 2>&1 \
-      | grep -E "^E |passed|failed" | head -20 || true
-    python3 bench/scheduler_load.py --device cuda --clients 64 --requests 512 --runs batched single_step static_decode \
+    python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/runtime/test_scheduler.py \
+      tests/runtime/test_paged_attention.py 2>&1 | grep -E "^E |passed|failed" | head -20 || true
+    python3 bench/scheduler_load.py --device cuda --clients 64 --requests 512 \
+      --runs batched chunks_per_sequence single_step static_decode \
       2>&1 | grep -v Warning
     cp artifacts/bench/scheduler_load.json "$OUT"/
     python3 bench/random_artifact.py --like artifacts/gpu_like --out "$W/random" 2>&1 | tail -1

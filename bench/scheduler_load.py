@@ -36,12 +36,13 @@ def percentile(values: list[float], p: float) -> float:
 
 
 def load(model: torch.nn.Module, prompts: list[list[int]], clients: int, new_tokens: int, mode: str,
-         params: SamplingParams | None = None, decode_steps: int = 1) -> dict:
-    """mode: per_sequence (the old path), batched (HF modules' step), fused (the fused layer kernels' step)."""
+         params: SamplingParams | None = None, decode_steps: int = 1, chunks_together: bool = True) -> dict:
+    """mode: per_sequence (the old path), batched (HF modules' step), fused (the fused layer kernels' step).
+    chunks_together: the prompt chunks of a step attend as one padded batch (False: one call per sequence)."""
     engine = Engine(model, block_size=16, num_blocks=clients * (192 + new_tokens + 16) // 16 + 64)
     batched = mode != "per_sequence"
     engine.runner.batched_decode = batched
-    engine.runner.flat_prefill = batched and engine.runner.flat_prefill  # the baseline: everything per sequence
+    engine.runner.flat_prefill = batched and chunks_together and engine.runner.flat_prefill  # baseline: per sequence
     engine.runner.use_fused = engine.runner.use_fused and mode == "fused"
     scheduler = Scheduler(engine, max_context=512, max_running=clients, max_queue=len(prompts) + 1,
                           max_batch_tokens=4096, decode_steps=decode_steps)
@@ -78,7 +79,8 @@ def load(model: torch.nn.Module, prompts: list[list[int]], clients: int, new_tok
     tpot = [(token_times[id(r)][-1] - token_times[id(r)][0]) / (len(token_times[id(r)]) - 1) for r in finished
             if len(token_times[id(r)]) > 1]  # time per output token after the first (bursts averaged out)
     itl = [b - a for r in finished for a, b in zip(token_times[id(r)], token_times[id(r)][1:], strict=False)]
-    return {"mode": mode, "fused_step": engine.runner.use_fused, "decode_steps": decode_steps, "requests": len(prompts), "output_tokens": out_tokens, "seconds": round(wall, 2),
+    return {"mode": mode, "fused_step": engine.runner.use_fused, "chunks_together": engine.runner.flat_prefill,
+            "decode_steps": decode_steps, "requests": len(prompts), "output_tokens": out_tokens, "seconds": round(wall, 2),
             "output_tok_s": round(out_tokens / wall, 1), "ttft_p50_ms": round(1e3 * statistics.median(ttft), 1),
             "ttft_p99_ms": round(1e3 * percentile(ttft, 99), 1), "itl_p50_ms": round(1e3 * statistics.median(itl), 2),
             "itl_p99_ms": round(1e3 * percentile(itl, 99), 2), "tpot_p50_ms": round(1e3 * statistics.median(tpot), 2),
@@ -100,7 +102,7 @@ def static_decode(model: torch.nn.Module, prompts: list[list[int]], new_tokens: 
     return {"batch": len(prompts), "tok_s": round(len(prompts) * (new_tokens - 1) / decode_s, 1)}
 
 
-RUNS = ("batched", "single_step", "modules_step", "sampled", "per_sequence", "static_decode")
+RUNS = ("batched", "chunks_per_sequence", "single_step", "modules_step", "sampled", "per_sequence", "static_decode")
 
 
 def main() -> None:
@@ -130,6 +132,9 @@ def main() -> None:
     runs = {
         "batched": (f"fused step + graphs, {args.decode_steps} steps per device call",
                     lambda: load(model, prompts, args.clients, args.new_tokens, "fused", decode_steps=args.decode_steps)),
+        "chunks_per_sequence": (f"the same, {args.decode_steps} steps per call, prompt chunks attending per sequence",
+                                lambda: load(model, prompts, args.clients, args.new_tokens, "fused",
+                                             decode_steps=args.decode_steps, chunks_together=False)),
         "single_step": ("fused step + graphs, one step per call",
                         lambda: load(model, prompts, args.clients, args.new_tokens, "fused")),
         "modules_step": ("HF modules step + graphs", lambda: load(model, prompts, args.clients, args.new_tokens,

@@ -43,7 +43,7 @@ from runtime.paged_attention import kernel_applies, paged_decode_attention, page
 from runtime.static_decode import StaticDecoder, capture_graph
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-FLAT_LIMIT = 1 << 26  # query x key entries up to which the prompt chunks of a step attend in one call
+PADDED_LIMIT = 1 << 26  # spans x longest chunk x longest sequence up to which chunks attend in one call
 
 
 def bucket(n: int) -> int | None:
@@ -335,16 +335,53 @@ class PagedDecoder:
 
     # --- prefill and mixed steps ----------------------------------------------------------------------
 
-    def _flat_masks(self, spans: list) -> dict[int | None, torch.Tensor]:
-        """Masks of one attention call over all spans: a query sees its own sequence's keys, causally."""
-        dev = self.device
-        q_seq = torch.cat([torch.full((b - a,), i) for i, (_, a, b) in enumerate(spans)]).to(dev)
-        q_pos = torch.cat([torch.arange(a, b) for _, a, b in spans]).to(dev)
-        k_seq = torch.cat([torch.full((b,), i) for i, (_, _, b) in enumerate(spans)]).to(dev)
-        k_pos = torch.cat([torch.arange(b) for _, _, b in spans]).to(dev)
-        same = q_seq[:, None] == k_seq[None, :]
-        return {w: same & (k_pos[None, :] <= q_pos[:, None]) & (
-            True if w is None else k_pos[None, :] > q_pos[:, None] - w) for w in set(self.windows)}
+    def _padded_layout(self, spans: list) -> dict:
+        """Prompt chunks of several sequences as one padded batch (B spans, the longest chunk's queries, the
+        longest sequence's keys): where each query row comes from in the flat token order, the pool slots of
+        each span's keys (padding: the scratch block) and a mask per attention window. A padding query row
+        sees key 0 only, so no softmax row is empty."""
+        dev, bs = self.device, self.pool.block_size
+        b_count, lq, lk = len(spans), max(b - a for _, a, b in spans), max(b for _, _, b in spans)
+        q_index = np.zeros((b_count, lq), dtype=np.int64)
+        q_pos = np.full((b_count, lq), -1, dtype=np.int64)
+        blocks = np.full((b_count, lk), self.scratch, dtype=np.int64)
+        ends = np.array([b for _, _, b in spans], dtype=np.int64)
+        offset = 0
+        for i, (s, a, b) in enumerate(spans):
+            q_index[i, :b - a] = np.arange(offset, offset + b - a)
+            q_pos[i, :b - a] = np.arange(a, b)
+            table = np.asarray(s.block_table, dtype=np.int64)
+            blocks[i, :b] = table[np.arange(b) // bs]
+            offset += b - a
+        q_pos_t, k_pos = torch.from_numpy(q_pos).to(dev), torch.arange(lk, device=dev)
+        valid_q = q_pos_t >= 0
+        base = (k_pos[None, None, :] <= q_pos_t[:, :, None]) & (k_pos[None, None, :] < torch.from_numpy(ends).to(
+            dev)[:, None, None])
+        masks = {}
+        for w in set(self.windows):
+            m = base if w is None else base & (k_pos[None, None, :] > q_pos_t[:, :, None] - w)
+            masks[w] = (m | (~valid_q[:, :, None] & (k_pos == 0)[None, None, :]))[:, None]
+        offsets = torch.arange(lk, device=dev) % bs
+        return {"q_index": torch.from_numpy(q_index).to(dev), "valid_q": valid_q, "masks": masks,
+                "keys_at": (torch.from_numpy(blocks).to(dev), offsets.expand(b_count, lk))}
+
+    def _padded_attention(self, li: int, q: torch.Tensor, layout: dict, scale: float) -> torch.Tensor:
+        """Attention of the flat queries q (1, heads, n, head_dim) as the padded batch of `layout`:
+        (n, heads * head_dim) in the flat order. Heads are repeated for GQA so SDPA can take its fused
+        masked kernel (its GQA mode with a mask falls back to the plain math, which writes the whole score
+        matrix)."""
+        blocks, offsets = layout["keys_at"]
+        keys = self.pool.k[li][blocks, offsets].transpose(1, 2).to(q.dtype)  # (B, kv_heads, Lk, head_dim)
+        values = self.pool.v[li][blocks, offsets].transpose(1, 2).to(q.dtype)
+        queries = q[0][:, layout["q_index"]].transpose(0, 1)  # (B, heads, Lq, head_dim)
+        mask = layout["masks"][self.windows[li]]
+        if self.softcap is None:
+            rep = self.heads // self.kv_heads
+            keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
+            o = torch.nn.functional.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
+        else:
+            o = attend(queries, keys, values, mask, scale, self.softcap)
+        return o.transpose(1, 2)[layout["valid_q"]].reshape(-1, self.heads * self.head_dim)
 
     def _general(self, spans: list, last_only: bool | list[bool]) -> list[torch.Tensor]:
         inner = self.model.model
@@ -352,14 +389,13 @@ class PagedDecoder:
         positions = torch.cat([torch.arange(a, b) for _, a, b in spans]).to(self.device)
         n = ids.numel()
         new_slots = [self.pool.slots(s, a, b) for s, a, b in spans]
-        all_slots = [self.pool.slots(s, 0, b) for s, _, b in spans]
-        keys_total = sum(b for _, _, b in spans)
-        flat = self.flat_prefill and len(spans) > 1 and n * keys_total <= FLAT_LIMIT
-        if flat:  # every span in one attention call over the concatenated keys, a block-diagonal causal mask
-            flat_masks = self._flat_masks(spans)
+        padded = len(spans) * max(b - a for _, a, b in spans) * max(b for _, _, b in spans)
+        flat = self.flat_prefill and len(spans) > 1 and padded <= PADDED_LIMIT
+        if flat:  # every span in one attention call: a padded batch of the chunks over their sequences' keys
+            layout = self._padded_layout(spans)
             new_at = tuple(torch.cat([slot[j] for slot in new_slots]) for j in (0, 1))
-            all_at = tuple(torch.cat([slot[j] for slot in all_slots]) for j in (0, 1))
         else:
+            all_slots = [self.pool.slots(s, 0, b) for s, _, b in spans]
             masks = {w: [attention_mask(torch.arange(a, b, device=self.device), torch.arange(b, device=self.device),
                                         w) for _, a, b in spans] for w in set(self.windows)}
         x = inner.embed_tokens(ids)[None]
@@ -370,10 +406,7 @@ class PagedDecoder:
             q, k, v = self._fused_qkv(li, x, tables) if self.use_fused else self._qkv(li, layer, x, tables)
             if flat:
                 self.pool.write(li, new_at, k[0].transpose(0, 1), v[0].transpose(0, 1))
-                keys, values = self.pool.read(li, all_at)
-                o = attend(q, keys.transpose(0, 1)[None].to(q.dtype), values.transpose(0, 1)[None].to(q.dtype),
-                           flat_masks[self.windows[li]], attn.scaling, self.softcap)
-                x = self._tail(li, layer, x, o.transpose(1, 2).reshape(1, n, self.heads * self.head_dim))
+                x = self._tail(li, layer, x, self._padded_attention(li, q, layout, attn.scaling)[None])
                 continue
             outs, offset = [], 0
             for i, (_, a, b) in enumerate(spans):
@@ -388,13 +421,12 @@ class PagedDecoder:
             o = torch.cat(outs, dim=2).transpose(1, 2).reshape(1, n, self.heads * self.head_dim)
             x = self._tail(li, layer, x, o)
         x = inner.norm(x)[0]
-        results, offset = [], 0
-        self.features = [x[o:o + b - a] for o, (_, a, b) in zip(
-            [0, *itertools.accumulate(b - a for _, a, b in spans)], spans, strict=False)]
-        for i, (s, a, b) in enumerate(spans):
+        starts = [0, *itertools.accumulate(b - a for _, a, b in spans)]
+        self.features = [x[o:o + b - a] for o, (_, a, b) in zip(starts, spans, strict=False)]
+        wanted = []  # the rows whose logits are asked for: every span's last, or all of its rows
+        for i, (s, _, b) in enumerate(spans):
             last = last_only[i] if isinstance(last_only, list) else last_only
-            rows = x[offset + (b - a) - 1: offset + (b - a)] if last else x[offset: offset + (b - a)]
-            results.append(final_logits(self.model, rows))
-            offset += b - a
+            wanted.append(range(starts[i + 1] - 1, starts[i + 1]) if last else range(starts[i], starts[i + 1]))
             s.cached = b
-        return results
+        index = torch.tensor([r for rows in wanted for r in rows], device=self.device)
+        return list(final_logits(self.model, x[index]).split([len(rows) for rows in wanted]))  # one head call
