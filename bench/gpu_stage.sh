@@ -13,6 +13,7 @@
 #   serve4: issue 17's third step (carry artifacts/gpu_like and .whl): scheduler tests on CUDA, the serving core
 #          in-process with its steps by kind, HTTP at 64 clients with the new server defaults and the old ones
 #          (asyncio, h11, Python's 5 ms GIL switch) interleaved, concurrency 1 beside runtime.generate --static
+#   prefill: the prompt-chunk pass timed (fused or modules, chunks together or per sequence) and profiled
 #   decode: CUDA tests of the static decoder and the decode benchmark (no model file needed)
 #   fused: CUDA tests and the tile sweep + benchmark of the fused Triton step (no model file needed)
 #   fused2: the same benchmark with the chosen tiles, no sweep
@@ -156,6 +157,11 @@ case "$1" in
       --max-tokens 128 --max-running 64 --no-baseline --out "$OUT/serve-cuda-1.json" 2>&1 | grep -v -i "warn\|it/s"
     python3 -m runtime.generate --artifact "$W/random" --static --device cuda --max-tokens 128 \
       --prompt "The fire service says the blaze near the town is now under control, and residents" 2>&1 | tail -1
+    ;;
+  prefill)
+    # the prompt-chunk pass (the server's mixed steps) timed four ways and profiled
+    python3 bench/prefill.py --device cuda --prompts 1 16 32 --repeats 5 2>&1 | grep -v -i "warn\|USDT"
+    cp artifacts/bench/prefill.json "$OUT"/
     ;;
   decode)
     # the decode benchmark alone (SmolLM2-shaped random weights: speed does not depend on their values)
