@@ -2,8 +2,10 @@
 
 Usage: python bench/prefill.py [--device cuda] [--prompts 1 16 32] [--repeats 5]
 Random weights of SmolLM2-135M's shape. For each prompt count: prompts of 64-192 tokens (one prompt: 128)
-prefilled in one `PagedDecoder.forward` call, four ways interleaved (`repeats` rounds, median): the fused
-layer kernels or the HF modules, the chunks attending as one padded batch or per sequence. Then a
+prefilled in one `PagedDecoder.forward` call, five ways interleaved (`repeats` rounds, median): the fused
+layer kernels or the HF modules, the chunks attending as one padded batch or per sequence, and the fused
+padded batch with SDPA's cuDNN backend allowed (each round one token longer: a new shape, as in a
+server, where cuDNN builds a plan per shape; the other ways exclude that backend). Then a
 profile of one fused call at the largest count: wall time, GPU kernel time, the ops that take the most
 host and device time. Writes artifacts/bench/prefill.json.
 """
@@ -26,13 +28,16 @@ from bench.paged_decode import SMOLLM2, sync  # noqa: E402
 from runtime.kv_cache import Sequence  # noqa: E402
 from runtime.paged_decoder import PagedDecoder  # noqa: E402
 
-WAYS = {"fused, together": (True, True), "fused, per sequence": (True, False),
-        "modules, together": (False, True), "modules, per sequence": (False, False)}
+WAYS = {"fused, together": (True, True, False), "fused, per sequence": (True, False, False),
+        "modules, together": (False, True, False), "modules, per sequence": (False, False, False),
+        "fused, together, cuDNN allowed": (True, True, True)}
 
 
-def prefill(runner: PagedDecoder, prompts: list[list[int]], fused: bool, together: bool, device: str) -> float:
+def prefill(runner: PagedDecoder, prompts: list[list[int]], fused: bool, together: bool, device: str,
+            cudnn: bool = False) -> float:
     """Seconds for one forward over every prompt (fresh sequences; their blocks freed afterwards)."""
     runner.use_fused, runner.flat_prefill = fused and runner.fused is not None, together
+    runner.cudnn_attention = cudnn
     seqs = [Sequence(list(p)) for p in prompts]
     sync(device)
     start = time.perf_counter()
@@ -82,11 +87,13 @@ def main() -> None:
         lengths = [128] if count == 1 else torch.randint(64, 193, (count,), generator=gen).tolist()
         prompts = [torch.randint(0, SMOLLM2["vocab_size"], (n,), generator=gen).tolist() for n in lengths]
         times: dict[str, list[float]] = {way: [] for way in WAYS}
-        for fused, together in WAYS.values():  # warm-up: kernels of these shapes
+        for fused, together, _ in WAYS.values():  # warm-up: kernels of these shapes
             prefill(runner, prompts, fused, together, args.device)
         for _ in range(args.repeats):
-            for way, (fused, together) in WAYS.items():
-                times[way].append(prefill(runner, prompts, fused, together, args.device))
+            for way, (fused, together, cudnn) in WAYS.items():
+                if cudnn:  # every round a new shape, as the server meets them
+                    prompts = [p + p[:1] for p in prompts]
+                times[way].append(prefill(runner, prompts, fused, together, args.device, cudnn))
         row = {"prompts": count, "tokens": sum(lengths),
                **{way: round(1e3 * statistics.median(t), 2) for way, t in times.items()}}
         rows.append(row)

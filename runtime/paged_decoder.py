@@ -84,6 +84,9 @@ class PagedDecoder:
         dtype = param.dtype if param.dtype.is_floating_point else torch.float32
         self.device = param.device
         self.flat_prefill = self.device.type == "cuda"  # prompt chunks in one call (the CPU is faster per sequence)
+        # cuDNN's attention builds an execution plan per new shape (tens of ms), and every step of prompt
+        # chunks has a new one: SDPA may pick any backend but that one (True: let it, for benchmarks)
+        self.cudnn_attention = False
         # one block more than the pool hands out: the padding rows of a graph bucket write there
         self.pool = BlockPool(num_blocks + 1, block_size, cfg.num_hidden_layers, self.kv_heads, self.head_dim,
                               dtype=dtype, device=self.device)
@@ -384,6 +387,13 @@ class PagedDecoder:
         return o.transpose(1, 2)[layout["valid_q"]].reshape(-1, self.heads * self.head_dim)
 
     def _general(self, spans: list, last_only: bool | list[bool]) -> list[torch.Tensor]:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        with sdpa_kernel(backends + [SDPBackend.CUDNN_ATTENTION] * self.cudnn_attention):
+            return self._chunks(spans, last_only)
+
+    def _chunks(self, spans: list, last_only: bool | list[bool]) -> list[torch.Tensor]:
         inner = self.model.model
         ids = torch.tensor([t for s, a, b in spans for t in s.tokens[a:b]], device=self.device)
         positions = torch.cat([torch.arange(a, b) for _, a, b in spans]).to(self.device)
