@@ -158,6 +158,24 @@ case "$1" in
     python3 -m runtime.generate --artifact "$W/random" --static --device cuda --max-tokens 128 \
       --prompt "The fire service says the blaze near the town is now under control, and residents" 2>&1 | tail -1
     ;;
+  serve5)
+    # issue 17, the prompt-chunk fix: the prefill pass five ways; the serving core; HTTP at 64 clients and at 1
+    python3 bench/prefill.py --device cuda --prompts 1 16 32 --repeats 5 2>&1 | grep -v -i "warn\|USDT"
+    cp artifacts/bench/prefill.json "$OUT"/
+    python3 bench/scheduler_load.py --device cuda --clients 64 --requests 512 --runs batched single_step static_decode \
+      2>&1 | grep -v Warning
+    cp artifacts/bench/scheduler_load.json "$OUT"/
+    python3 bench/random_artifact.py --like artifacts/gpu_like --out "$W/random" 2>&1 | tail -1
+    for arm in "0.5" "5"; do
+      python3 -m runtime.bench --artifact "$W/random" --device cuda --concurrency 64 --requests 512 --prompt-len 128 \
+        --max-tokens 128 --max-running 64 --max-batch-tokens 1024 --no-baseline --server-args "--gil-switch-ms $arm" \
+        --out "$OUT/serve-cuda-64-switch$arm.json" 2>&1 | grep -v -i "warn\|it/s"
+    done
+    python3 -m runtime.bench --artifact "$W/random" --device cuda --concurrency 1 --requests 8 --prompt-len 128 \
+      --max-tokens 128 --max-running 64 --no-baseline --out "$OUT/serve-cuda-1.json" 2>&1 | grep -v -i "warn\|it/s"
+    python3 -m runtime.generate --artifact "$W/random" --static --device cuda --max-tokens 128 \
+      --prompt "The fire service says the blaze near the town is now under control, and residents" 2>&1 | tail -1
+    ;;
   prefill)
     # the prompt-chunk pass (the server's mixed steps) timed four ways and profiled
     python3 bench/prefill.py --device cuda --prompts 1 16 32 --repeats 5 2>&1 | grep -v -i "warn\|USDT"

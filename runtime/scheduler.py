@@ -147,6 +147,22 @@ class SchedulerStats:
         return self.speculative_tokens / self.speculative_steps if self.speculative_steps else 0.0
 
 
+def worst_case_blocks(request: Request, slack: int, block_size: int) -> int:
+    """KV blocks a request may hold at most: each sample's prompt + max_tokens + `slack` positions."""
+    return -(-(len(request.prompt) + request.params.max_new_tokens + slack) // block_size) * request.n
+
+
+def check_request(request: Request, max_context: int, blocks_needed: int, num_blocks: int) -> None:
+    """What makes a request unservable, whoever runs it (ValueError: HTTP 400)."""
+    if len(request.prompt) + request.params.max_new_tokens > max_context:
+        raise ValueError(f"prompt ({len(request.prompt)}) + max_tokens ({request.params.max_new_tokens}) "
+                         f"exceeds the context ({max_context})")
+    if blocks_needed > num_blocks:
+        raise ValueError("request needs more KV blocks than the pool has")
+    if request.params.max_new_tokens < 1 and not request.prompt_logprobs:
+        raise ValueError("max_tokens must be positive (0 only to score the prompt)")
+
+
 class Scheduler:
     def __init__(self, engine: Engine, max_context: int, max_running: int = 16, max_queue: int = 64,
                  max_batch_tokens: int = 256, response_cache_size: int = 0, draft: Any = None,
@@ -187,13 +203,7 @@ class Scheduler:
 
     # ---- called from any thread -------------------------------------------------------------
     def submit(self, request: Request) -> None:
-        if len(request.prompt) + request.params.max_new_tokens > self.max_context:
-            raise ValueError(f"prompt ({len(request.prompt)}) + max_tokens ({request.params.max_new_tokens}) "
-                             f"exceeds the context ({self.max_context})")
-        if self._worst_case_blocks(request) > self.pool.num_blocks:
-            raise ValueError("request needs more KV blocks than the pool has")
-        if request.params.max_new_tokens < 1 and not request.prompt_logprobs:
-            raise ValueError("max_tokens must be positive (0 only to score the prompt)")
+        check_request(request, self.max_context, self._worst_case_blocks(request), self.pool.num_blocks)
         request.start()
         with self._lock:
             cached = self._cached_response(request)
@@ -249,10 +259,13 @@ class Scheduler:
                     return
             self.step()
 
+    @property
+    def slack(self) -> int:
+        """Positions a sequence may hold past prompt + max_tokens: draft proposals, or a burst's steps."""
+        return self.k + max(self.decode_steps - 1, 0)
+
     def _worst_case_blocks(self, request: Request) -> int:
-        slack = self.k + max(self.decode_steps - 1, 0)  # draft proposals, or a burst's steps past the end
-        per = -(-(len(request.prompt) + request.params.max_new_tokens + slack) // self.pool.block_size)
-        return per * request.n
+        return worst_case_blocks(request, self.slack, self.pool.block_size)
 
     def _generator(self, request: Request, index: int) -> torch.Generator | None:
         seed = request.params.seed
