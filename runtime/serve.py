@@ -78,6 +78,9 @@ class ServeConfig:
     log_level: str = field("warning", help="uvicorn log level", choices=("critical", "error", "warning", "info"))
     loop: str = field("auto", help="event loop (auto: uvloop where installed)", choices=("auto", "asyncio", "uvloop"))
     http: str = field("auto", help="HTTP parser (auto: httptools where installed)", choices=("auto", "h11", "httptools"))
+    engine_process: bool | None = field(None, help="run the scheduler in a process of its own, so the HTTP side "
+                                        "and the scheduler's host work do not share one interpreter lock "
+                                        "(default: on CUDA)")
     gil_switch_ms: float = field(0.5, help="longest hold of the interpreter while another thread waits (Python's "
                                  "default: 5): after each device call the scheduler thread waits behind the HTTP "
                                  "event loop at most this long")
@@ -450,11 +453,9 @@ def _sse(payload: dict[str, Any]) -> str:
 
 
 def build_server(cfg: ServeConfig) -> Server:
-    """Load the model and start the scheduler thread."""
+    """Load the model and start the scheduler: on a thread here, or in a process of its own."""
     from pathlib import Path
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     from runtime.trtllm_backend import import_trtllm, is_trtllm_engine
 
     if is_trtllm_engine(cfg.artifact):  # TensorRT-LLM's executor batches in flight behind the same API
@@ -471,6 +472,22 @@ def build_server(cfg: ServeConfig) -> Server:
         return Server(scheduler, load_tokenizer(cfg.artifact),  # pragma: no cover
                       cfg.model_name or Path(cfg.artifact).resolve().name)
     tokenizer = load_tokenizer(cfg.artifact)
+    own_process = cfg.engine_process if cfg.engine_process is not None else cfg.device.startswith("cuda")
+    if own_process:
+        from runtime.engine_process import EngineClient
+
+        scheduler: Any = EngineClient(cfg)
+    else:
+        scheduler = build_scheduler(cfg, tokenizer)
+    scheduler.start()
+    return Server(scheduler, tokenizer, cfg.model_name or Path(cfg.artifact).resolve().name)
+
+
+def build_scheduler(cfg: ServeConfig, tokenizer: Any = None) -> Scheduler:
+    """Load the model (and draft) and build the scheduler over it, its graphs captured; not started."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.artifact)
     draft = None
     if is_onnx_export(cfg.artifact, cfg.device):
         if cfg.draft is not None:
@@ -503,11 +520,9 @@ def build_server(cfg: ServeConfig) -> Server:
         max_context = min(cfg.max_model_len or limit, limit, cfg.block_size * cfg.num_blocks)
     decode_steps = cfg.decode_steps or (8 if cfg.device.startswith("cuda") else 1)
     draft_max_batch = cfg.draft_max_batch or (None if cfg.device.startswith("cuda") else 1)
-    scheduler = Scheduler(engine, max_context, cfg.max_running, cfg.max_queue, cfg.max_batch_tokens,
-                          cfg.response_cache, draft=draft, k=cfg.k, decode_steps=decode_steps,
-                          draft_max_batch=draft_max_batch)
-    scheduler.start()
-    return Server(scheduler, tokenizer, cfg.model_name or Path(cfg.artifact).resolve().name)
+    return Scheduler(engine, max_context, cfg.max_running, cfg.max_queue, cfg.max_batch_tokens,
+                     cfg.response_cache, draft=draft, k=cfg.k, decode_steps=decode_steps,
+                     draft_max_batch=draft_max_batch)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -26,9 +26,11 @@ def artifact(tmp_path_factory):
     return open_artifact(out)
 
 
-@pytest.fixture(scope="module")
-def server(artifact):
-    with running_server(str(artifact.path), model_name=MODEL, max_model_len=96) as (url, srv):
+@pytest.fixture(scope="module", params=[False, True], ids=["scheduler-thread", "engine-process"])
+def server(artifact, request):
+    """Every server test runs against both: the scheduler on a thread, and in a process of its own."""
+    with running_server(str(artifact.path), model_name=MODEL, max_model_len=96, engine_process=request.param) as (
+            url, srv):
         yield url, srv
 
 
@@ -121,8 +123,10 @@ def test_disconnected_stream_frees_its_blocks(server):
         time.sleep(0.05)
 
 
-def test_full_queue_gets_429_and_nothing_fails(artifact):
-    with running_server(str(artifact.path), model_name=MODEL, max_running=1, max_queue=1) as (url, _):
+@pytest.mark.parametrize("engine_process", [False, True])
+def test_full_queue_gets_429_and_nothing_fails(artifact, engine_process):
+    with running_server(str(artifact.path), model_name=MODEL, max_running=1, max_queue=1,
+                        engine_process=engine_process) as (url, _):
         def one(_):
             return httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "The", "max_tokens": 150,
                                                              "temperature": 0.9}, timeout=60).status_code
@@ -143,8 +147,8 @@ def test_speculative_server_matches_the_plain_one(artifact, tmp_path_factory):
 
 
 def test_multi_step_bursts_stream_the_same_answers(artifact):
-    """--decode-steps 6: tokens arrive in bursts (several per SSE chunk) and the answers, streamed or not,
-    equal the one-step server's, also with concurrent clients."""
+    """--decode-steps 6 (the scheduler in its own process, as on CUDA): tokens arrive in bursts (several per
+    SSE chunk) and the answers, streamed or not, equal the one-step server's, also with concurrent clients."""
     prompts = ["The river", "A new report on the", "Fire crews said", "It was"]
 
     def answers(url: str) -> list[tuple[str, str]]:
@@ -161,7 +165,8 @@ def test_multi_step_bursts_stream_the_same_answers(artifact):
 
     with running_server(str(artifact.path), model_name=MODEL, response_cache=0) as (url, _):
         single = answers(url)
-    with running_server(str(artifact.path), model_name=MODEL, response_cache=0, decode_steps=6) as (url, srv):
+    with running_server(str(artifact.path), model_name=MODEL, response_cache=0, decode_steps=6,
+                        engine_process=True) as (url, srv):
         bursts = answers(url)
         stats = srv.scheduler.stats
         assert stats.generated_tokens > 1.5 * stats.steps  # one token per step without the bursts
