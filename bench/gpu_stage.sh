@@ -168,7 +168,7 @@ case "$1" in
     python3 bench/random_artifact.py --like artifacts/gpu_like --out "$W/random" 2>&1 | tail -1
     for arm in engine-process no-engine-process; do
       python3 -m runtime.bench --artifact "$W/random" --device cuda --concurrency 64 --requests 512 --prompt-len 128 \
-        --max-tokens 128 --max-running 64 --max-batch-tokens 1024 --no-baseline --server-args "--$arm" \
+        --max-tokens 128 --max-running 64 --max-batch-tokens 1024 --no-baseline --server-args="--$arm" \
         --out "$OUT/serve-cuda-64-$arm.json" 2>&1 | grep -v -i "warn\|it/s"
     done
     python3 -m runtime.bench --artifact "$W/random" --device cuda --concurrency 1 --requests 8 --prompt-len 128 \

@@ -43,7 +43,7 @@ class BenchConfig:
     max_running: int = field(16, help="server: sequences decoded together")
     max_batch_tokens: int = field(256, help="server: tokens per forward step (decodes + prompt chunks)")
     decode_steps: int | None = field(None, help="server: greedy decode steps per device call (default: its own)")
-    server_args: str | None = field(None, help="more flags for the started server, e.g. \"--gil-switch-ms 5\"")
+    server_args: str | None = field(None, help="more flags for the started server, written --server-args=\"--flag value\"")
     baseline: bool = field(True, help="also run serial HF generate on the same requests")
     baseline_requests: int | None = field(None, help="run the serial baseline on the first N requests only "
                                           "(it is slow; throughput does not depend on the count)")

@@ -365,7 +365,8 @@ class PagedDecoder:
             m = base if w is None else base & (k_pos[None, None, :] > q_pos_t[:, :, None] - w)
             masks[w] = (m | (~valid_q[:, :, None] & (k_pos == 0)[None, None, :]))[:, None]
         offsets = torch.arange(lk, device=dev) % bs
-        return {"q_index": torch.from_numpy(q_index).to(dev), "valid_q": valid_q, "masks": masks,
+        valid_rows = torch.from_numpy(np.flatnonzero(q_pos.ravel() >= 0)).to(dev)  # no sync per layer
+        return {"q_index": torch.from_numpy(q_index).to(dev), "valid_rows": valid_rows, "masks": masks,
                 "keys_at": (torch.from_numpy(blocks).to(dev), offsets.expand(b_count, lk))}
 
     def _padded_attention(self, li: int, q: torch.Tensor, layout: dict, scale: float) -> torch.Tensor:
@@ -384,7 +385,8 @@ class PagedDecoder:
             o = torch.nn.functional.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
         else:
             o = attend(queries, keys, values, mask, scale, self.softcap)
-        return o.transpose(1, 2)[layout["valid_q"]].reshape(-1, self.heads * self.head_dim)
+        rows = o.transpose(1, 2).reshape(-1, self.heads * self.head_dim)  # (B * Lq, heads * head_dim)
+        return rows.index_select(0, layout["valid_rows"])
 
     def _general(self, spans: list, last_only: bool | list[bool]) -> list[torch.Tensor]:
         from torch.nn.attention import SDPBackend, sdpa_kernel

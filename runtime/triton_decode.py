@@ -233,6 +233,26 @@ def _gemv_rows_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, res_ptr, M, N, K, eps, HA
         tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
+TORCH_GEMM_ROWS = 256  # above this many rows (prompt chunks) cuBLAS beats the small-M Triton tiles
+
+
+def linear_torch(x: torch.Tensor, weight: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 1e-5,
+                 residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
+    """`fused_linear` (without argmax) in separate torch ops, rounding where the kernel rounds: for many rows,
+    where cuBLAS's GEMM outruns the Triton tiles tuned for decode-sized batches."""
+    out_dtype = x.dtype
+    if norm is not None:
+        xf = x.float()
+        x = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(out_dtype).float() * norm.float()
+    acc = torch.nn.functional.linear(x.to(weight.dtype), weight)  # rounded to the weights' dtype, as the kernel
+    if swiglu:
+        gate, up = acc.float().chunk(2, dim=-1)
+        return (torch.nn.functional.silu(gate).to(weight.dtype).float() * up).to(out_dtype)
+    if residual is not None:
+        return (acc.float() + residual.float()).to(out_dtype)
+    return acc.to(out_dtype)
+
+
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 1e-5,
                  residual: torch.Tensor | None = None, swiglu: bool = False, argmax_into: torch.Tensor | None = None
                  ) -> torch.Tensor:
@@ -242,6 +262,8 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, norm: torch.Tensor | Non
     folded into it (read it with `finish_step`).
     """
     m, k = x.shape
+    if m > TORCH_GEMM_ROWS and argmax_into is None:
+        return linear_torch(x, weight, norm, eps, residual, swiglu)
     n = weight.shape[0] // 2 if swiglu else weight.shape[0]
     out = argmax_into if argmax_into is not None else torch.empty(m, n, device=x.device, dtype=x.dtype)
     flags = {"HAS_NORM": norm is not None, "HAS_RES": residual is not None, "SWIGLU": swiglu,
