@@ -64,6 +64,15 @@ def paged_qkv_decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.
     return _triton.run_qkv(qkv, cos, sin, k_pool, v_pool, blocks, offsets, block_tables, lengths, heads, scale)
 
 
+def rope_and_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                   blocks: torch.Tensor, offsets: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                   heads: int) -> torch.Tensor:
+    """Prompt chunks' tokens (Triton only): qkv (tokens, (H + 2 KV) D) from the fused projection, q and k
+    rotated at `positions` (tables (positions, D)), k and v written at (blocks, offsets) -> q (tokens, H, D).
+    One kernel where the torch ops take a dozen launches per layer. Plain Llama layers: full rotary."""
+    return _triton.run_rope_write(qkv, cos, sin, positions, blocks, offsets, k_pool, v_pool, heads)
+
+
 def _interpreting() -> bool:
     import os
 

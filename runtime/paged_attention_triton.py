@@ -113,3 +113,30 @@ def run_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_pool: tor
         KV_HEADS=kv_heads, GROUP=heads // kv_heads, D=dim, BLOCK=k_pool.shape[1], TILE=max(QKV_TILE, k_pool.shape[1]),
         PRECISION="ieee" if qkv.dtype == torch.float32 else None, **_launch_options(4, batch))
     return out
+
+
+@triton.jit
+def _rope_write_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, blocks_ptr, offsets_ptr, k_pool, v_pool, q_out, qkv_stride,
+                       pool_block, pool_slot, pool_head, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
+                       GROUP: tl.constexpr, D: tl.constexpr):
+    """Token t, KV head h of a prompt chunk: rotate its query group and k, write k and v into the pool."""
+    t, h = tl.program_id(0), tl.program_id(1)
+    q, k, v = _new_token(qkv_ptr, qkv_stride, cos_ptr, sin_ptr, t, h, tl.load(pos_ptr + t), HEADS, KV_HEADS, GROUP, D)
+    d = tl.arange(0, D)
+    g = tl.arange(0, 16)
+    tl.store(q_out + t * HEADS * D + (h * GROUP + g)[:, None] * D + d[None, :], q, mask=(g < GROUP)[:, None])
+    slot = tl.load(blocks_ptr + t).to(tl.int64) * pool_block + tl.load(offsets_ptr + t) * pool_slot + h * pool_head
+    tl.store(k_pool + slot + d, k)
+    tl.store(v_pool + slot + d, v)
+
+
+def run_rope_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                   blocks: torch.Tensor, offsets: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                   heads: int) -> torch.Tensor:
+    tokens = qkv.shape[0]
+    kv_heads, dim = k_pool.shape[2], k_pool.shape[3]
+    q = torch.empty(tokens, heads, dim, device=qkv.device, dtype=qkv.dtype)
+    _rope_write_kernel[(tokens, kv_heads)](qkv, cos, sin, positions, blocks, offsets, k_pool, v_pool, q, qkv.stride(0),
+                                           k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), HEADS=heads,
+                                           KV_HEADS=kv_heads, GROUP=heads // kv_heads, D=dim, num_warps=1)
+    return q

@@ -39,7 +39,12 @@ from core.family import (
     sliding_window,
 )
 from runtime.kv_cache import BlockPool, Sequence
-from runtime.paged_attention import kernel_applies, paged_decode_attention, paged_qkv_decode_attention
+from runtime.paged_attention import (
+    kernel_applies,
+    paged_decode_attention,
+    paged_qkv_decode_attention,
+    rope_and_write,
+)
 from runtime.static_decode import StaticDecoder, capture_graph
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -370,14 +375,14 @@ class PagedDecoder:
                 "keys_at": (torch.from_numpy(blocks).to(dev), offsets.expand(b_count, lk))}
 
     def _padded_attention(self, li: int, q: torch.Tensor, layout: dict, scale: float) -> torch.Tensor:
-        """Attention of the flat queries q (1, heads, n, head_dim) as the padded batch of `layout`:
+        """Attention of the flat queries q (n, heads, head_dim) as the padded batch of `layout`:
         (n, heads * head_dim) in the flat order. Heads are repeated for GQA so SDPA can take its fused
         masked kernel (its GQA mode with a mask falls back to the plain math, which writes the whole score
         matrix)."""
         blocks, offsets = layout["keys_at"]
         keys = self.pool.k[li][blocks, offsets].transpose(1, 2).to(q.dtype)  # (B, kv_heads, Lk, head_dim)
         values = self.pool.v[li][blocks, offsets].transpose(1, 2).to(q.dtype)
-        queries = q[0][:, layout["q_index"]].transpose(0, 1)  # (B, heads, Lq, head_dim)
+        queries = q[layout["q_index"]].transpose(1, 2)  # (B, heads, Lq, head_dim)
         mask = layout["masks"][self.windows[li]]
         if self.softcap is None:
             rep = self.heads // self.kv_heads
@@ -411,14 +416,22 @@ class PagedDecoder:
             masks = {w: [attention_mask(torch.arange(a, b, device=self.device), torch.arange(b, device=self.device),
                                         w) for _, a, b in spans] for w in set(self.windows)}
         x = inner.embed_tokens(ids)[None]
-        tables = ((self.fused.cos[positions][None, None], self.fused.sin[positions][None, None]) if self.use_fused
+        tables = (None if flat and self.use_fused else
+                  (self.fused.cos[positions][None, None], self.fused.sin[positions][None, None]) if self.use_fused
                   else rotary_tables(self.model, x, positions[None]))
         for li, layer in enumerate(inner.layers):
             attn = layer.self_attn
+            if flat and self.use_fused:  # projection, rotation + KV write, attention, tail: few launches
+                f = self.fused
+                q = rope_and_write(f.fused_qkv(f.layers[li], x[0]), f.cos, f.sin, positions, *new_at,
+                                   self.pool.k[li], self.pool.v[li], self.heads)
+                x = self._tail(li, layer, x, self._padded_attention(li, q, layout, attn.scaling)[None])
+                continue
             q, k, v = self._fused_qkv(li, x, tables) if self.use_fused else self._qkv(li, layer, x, tables)
             if flat:
                 self.pool.write(li, new_at, k[0].transpose(0, 1), v[0].transpose(0, 1))
-                x = self._tail(li, layer, x, self._padded_attention(li, q, layout, attn.scaling)[None])
+                x = self._tail(li, layer, x, self._padded_attention(li, q[0].transpose(0, 1), layout,
+                                                                    attn.scaling)[None])
                 continue
             outs, offset = [], 0
             for i, (_, a, b) in enumerate(spans):
