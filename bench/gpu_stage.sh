@@ -13,6 +13,8 @@
 #   serve4: issue 17's third step (carry artifacts/gpu_like and .whl): scheduler tests on CUDA, the serving core
 #          in-process with its steps by kind, HTTP at 64 clients with the new server defaults and the old ones
 #          (asyncio, h11, Python's 5 ms GIL switch) interleaved, concurrency 1 beside runtime.generate --static
+#   serve5 / serve6: issue 17's prompt-chunk fixes: the prefill pass five ways, the serving core, HTTP with the
+#          engine process and with the thread, concurrency 1 (serve6: short, HTTP and the CUDA chunk tests only)
 #   prefill: the prompt-chunk pass timed (fused or modules, chunks together or per sequence) and profiled
 #   decode: CUDA tests of the static decoder and the decode benchmark (no model file needed)
 #   fused: CUDA tests and the tile sweep + benchmark of the fused Triton step (no model file needed)
@@ -171,6 +173,20 @@ case "$1" in
         --max-tokens 128 --max-running 64 --max-batch-tokens 1024 --no-baseline --server-args="--$arm" \
         --out "$OUT/serve-cuda-64-$arm.json" 2>&1 | grep -v -i "warn\|it/s"
     done
+    python3 -m runtime.bench --artifact "$W/random" --device cuda --concurrency 1 --requests 8 --prompt-len 128 \
+      --max-tokens 128 --max-running 64 --no-baseline --out "$OUT/serve-cuda-1.json" 2>&1 | grep -v -i "warn\|it/s"
+    python3 -m runtime.generate --artifact "$W/random" --static --device cuda --max-tokens 128 \
+      --prompt "The fire service says the blaze near the town is now under control, and residents" 2>&1 | tail -1
+    ;;
+  serve6)
+    # issue 17, last and short: HTTP at 64 clients (engine process), the CUDA tests of the prompt-chunk path,
+    # concurrency 1 beside runtime.generate --static
+    python3 bench/random_artifact.py --like artifacts/gpu_like --out "$W/random" 2>&1 | tail -1
+    python3 -m runtime.bench --artifact "$W/random" --device cuda --concurrency 64 --requests 512 --prompt-len 128 \
+      --max-tokens 128 --max-running 64 --max-batch-tokens 1024 --no-baseline \
+      --out "$OUT/serve-cuda-64.json" 2>&1 | grep -v -i "warn\|it/s"
+    python3 -m pytest -q -p no:cacheprovider tests/runtime/test_paged_attention.py -k "fused or chunks" 2>&1 \
+      | grep -E "^E |passed|failed" | head -10 || true
     python3 -m runtime.bench --artifact "$W/random" --device cuda --concurrency 1 --requests 8 --prompt-len 128 \
       --max-tokens 128 --max-running 64 --no-baseline --out "$OUT/serve-cuda-1.json" 2>&1 | grep -v -i "warn\|it/s"
     python3 -m runtime.generate --artifact "$W/random" --static --device cuda --max-tokens 128 \
