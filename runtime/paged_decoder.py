@@ -251,10 +251,17 @@ class PagedDecoder:
         return logits
 
     def warm_up(self, max_rows: int) -> None:
-        """Capture the decode graphs of every bucket up to `max_rows` now (a server, before its first
-        request), so no request waits for a capture or a kernel compilation."""
+        """Capture the decode graphs of every bucket up to `max_rows` and run one step of prompt chunks now (a
+        server, before its first request), so no request waits for a capture or a kernel compilation."""
         if self.use_graphs and self.fused is not None:
             self.compile_fused_shapes()
+        if self.flat_prefill:
+            seqs = [Sequence(list(range(1, 1 + n))) for n in (17, 40)]  # a step of prompt chunks, then freed
+            for s in seqs:
+                self.pool.admit(s, reuse_prefix=False)
+            self.forward(seqs)
+            for s in seqs:
+                self.pool.free_sequence(s)
         if self.use_graphs:
             for rows in BUCKETS[:BUCKETS.index(bucket(max_rows) or BUCKETS[-1]) + 1]:
                 for advance in (False, True):
@@ -262,13 +269,14 @@ class PagedDecoder:
 
     def compile_fused_shapes(self) -> None:
         """Run the fused projections once at every row count whose Triton variant differs (GEMV for 1-8 rows,
-        GEMM row tiles 16/32/64), so a prompt chunk of a new size never stalls the running batch for a
-        kernel compilation."""
+        GEMM row tiles 16/32/64, each with a row count that is a multiple of 16 and one that is not: Triton
+        specialises on it), so a prompt chunk of a new size never stalls the running batch for a kernel
+        compilation."""
         from runtime.triton_decode import GEMV_MAX_ROWS
 
         f = self.fused
         p = f.layers[0]
-        for rows in (*range(1, GEMV_MAX_ROWS + 1), 16, 32, 64):
+        for rows in (*range(1, GEMV_MAX_ROWS + 1), 9, 16, 17, 32, 33, 64):
             x = torch.zeros(rows, f.embed.shape[1], device=self.device, dtype=f.dtype)
             f.fused_qkv(p, x)
             f.fused_tail(p, x, torch.zeros(rows, self.heads * self.head_dim, device=self.device, dtype=f.dtype))

@@ -233,8 +233,7 @@ def _gemv_rows_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, res_ptr, M, N, K, eps, HA
         tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-TORCH_GEMM_ROWS = 1024  # above this many rows (large prompt chunks) cuBLAS beats the small-M Triton tiles; below,
-# one fused launch beats several torch ops (the host, not the GPU, bounds such steps)
+TORCH_GEMM_ROWS = 256  # above this many rows (prompt chunks) cuBLAS beats the small-M Triton tiles
 
 
 def linear_torch(x: torch.Tensor, weight: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 1e-5,

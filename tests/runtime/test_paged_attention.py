@@ -179,3 +179,20 @@ def test_cuda_serving_64_concurrent_requests_equal_transformers_and_graph_equals
     runner.use_graphs = False
     eager = torch.cat(runner.forward(seqs))
     torch.testing.assert_close(replayed, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_warm_up_leaves_the_pool_empty_and_answers_unchanged():
+    """The server's warm-up runs a step of prompt chunks (kernels compiled before the first request) on blocks
+    it gives back: the pool is as before and greedy answers do not change."""
+    from runtime.engine import Engine, SamplingParams
+    from tests.conftest import greedy_reference, make_tiny_family
+
+    model = make_tiny_family("llama")
+    engine = Engine(model, block_size=16, num_blocks=32)
+    engine.runner.flat_prefill = True  # CUDA's default, where the warm-up runs its prompt chunks
+    free = len(engine.pool.free)
+    engine.runner.warm_up(4)
+    assert engine.pool.used == 0 and len(engine.pool.free) == free
+    prompts = [[5, 9, 13, 2, 7], list(range(3, 40))]
+    outputs, _ = engine.generate(prompts, SamplingParams(max_new_tokens=6))
+    assert outputs == [greedy_reference(model, p, 6) for p in prompts]
