@@ -50,6 +50,17 @@ join_reference() {  # the GGUF's two halves (.gpu/a kept by an earlier call, .gp
   python3 -m compress.reference --model "$W/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$W/reference" --if-missing 2>&1 \
     | tail -1
 }
+http64() {  # the server under 64 HTTP clients (random weights in $W/random); $1: name, $2: server flags
+  python3 -m runtime.bench --artifact "$W/random" --device cuda --concurrency 64 --requests 512 --prompt-len 128 \
+    --max-tokens 128 --max-running 64 --max-batch-tokens 1024 --no-baseline --server-args="$2" \
+    --out "$OUT/serve-cuda-64-$1.json" 2>&1 | grep -v -i "warn\|it/s"
+}
+serve_concurrency1() {  # one client through HTTP, beside runtime.generate --static at batch 1
+  python3 -m runtime.bench --artifact "$W/random" --device cuda --concurrency 1 --requests 8 --prompt-len 128 \
+    --max-tokens 128 --max-running 64 --no-baseline --out "$OUT/serve-cuda-1.json" 2>&1 | grep -v -i "warn\|it/s"
+  python3 -m runtime.generate --artifact "$W/random" --static --device cuda --max-tokens 128 \
+    --prompt "The fire service says the blaze near the town is now under control, and residents" 2>&1 | tail -1
+}
 case "$1" in
   1)
     cp .gpu/a/* "$W"/
@@ -146,19 +157,11 @@ case "$1" in
       2>&1 | grep -v Warning
     cp artifacts/bench/scheduler_load.json "$OUT"/
     python3 bench/random_artifact.py --like artifacts/gpu_like --out "$W/random" 2>&1 | tail -1
-    http64() {  # $1: name, $2: server flags
-      python3 -m runtime.bench --artifact "$W/random" --device cuda --concurrency 64 --requests 512 --prompt-len 128 \
-        --max-tokens 128 --max-running 64 --max-batch-tokens 1024 --no-baseline --server-args "$2" \
-        --out "$OUT/serve-cuda-64-$1.json" 2>&1 | grep -v -i "warn\|it/s"
-    }
     http64 new-1 "--gil-switch-ms 0.5"
     http64 old-1 "--loop asyncio --http h11 --gil-switch-ms 5"
     http64 new-2 "--gil-switch-ms 0.5"
     http64 old-2 "--loop asyncio --http h11 --gil-switch-ms 5"
-    python3 -m runtime.bench --artifact "$W/random" --device cuda --concurrency 1 --requests 8 --prompt-len 128 \
-      --max-tokens 128 --max-running 64 --no-baseline --out "$OUT/serve-cuda-1.json" 2>&1 | grep -v -i "warn\|it/s"
-    python3 -m runtime.generate --artifact "$W/random" --static --device cuda --max-tokens 128 \
-      --prompt "The fire service says the blaze near the town is now under control, and residents" 2>&1 | tail -1
+    serve_concurrency1
     ;;
   serve5)
     # issue 17, the prompt-chunk fix: the prefill pass five ways; the serving core; HTTP at 64 clients and at 1
@@ -168,29 +171,18 @@ case "$1" in
       2>&1 | grep -v Warning
     cp artifacts/bench/scheduler_load.json "$OUT"/
     python3 bench/random_artifact.py --like artifacts/gpu_like --out "$W/random" 2>&1 | tail -1
-    for arm in engine-process no-engine-process; do
-      python3 -m runtime.bench --artifact "$W/random" --device cuda --concurrency 64 --requests 512 --prompt-len 128 \
-        --max-tokens 128 --max-running 64 --max-batch-tokens 1024 --no-baseline --server-args="--$arm" \
-        --out "$OUT/serve-cuda-64-$arm.json" 2>&1 | grep -v -i "warn\|it/s"
-    done
-    python3 -m runtime.bench --artifact "$W/random" --device cuda --concurrency 1 --requests 8 --prompt-len 128 \
-      --max-tokens 128 --max-running 64 --no-baseline --out "$OUT/serve-cuda-1.json" 2>&1 | grep -v -i "warn\|it/s"
-    python3 -m runtime.generate --artifact "$W/random" --static --device cuda --max-tokens 128 \
-      --prompt "The fire service says the blaze near the town is now under control, and residents" 2>&1 | tail -1
+    http64 engine-process "--engine-process"
+    http64 no-engine-process "--no-engine-process"
+    serve_concurrency1
     ;;
   serve6)
     # issue 17, last and short: HTTP at 64 clients (engine process), the CUDA tests of the prompt-chunk path,
     # concurrency 1 beside runtime.generate --static
     python3 bench/random_artifact.py --like artifacts/gpu_like --out "$W/random" 2>&1 | tail -1
-    python3 -m runtime.bench --artifact "$W/random" --device cuda --concurrency 64 --requests 512 --prompt-len 128 \
-      --max-tokens 128 --max-running 64 --max-batch-tokens 1024 --no-baseline \
-      --out "$OUT/serve-cuda-64.json" 2>&1 | grep -v -i "warn\|it/s"
+    http64 default "--engine-process"
     python3 -m pytest -q -p no:cacheprovider tests/runtime/test_paged_attention.py -k "fused or chunks" 2>&1 \
       | grep -E "^E |passed|failed" | head -10 || true
-    python3 -m runtime.bench --artifact "$W/random" --device cuda --concurrency 1 --requests 8 --prompt-len 128 \
-      --max-tokens 128 --max-running 64 --no-baseline --out "$OUT/serve-cuda-1.json" 2>&1 | grep -v -i "warn\|it/s"
-    python3 -m runtime.generate --artifact "$W/random" --static --device cuda --max-tokens 128 \
-      --prompt "The fire service says the blaze near the town is now under control, and residents" 2>&1 | tail -1
+    serve_concurrency1
     ;;
   prefill)
     # the prompt-chunk pass (the server's mixed steps) timed four ways and profiled
