@@ -21,7 +21,7 @@ from dataclasses import fields
 from typing import Any
 
 from core.errors import UserError
-from runtime.scheduler import QueueFull, Request, SchedulerStats, check_request, worst_case_blocks
+from runtime.scheduler import EngineGone, QueueFull, Request, SchedulerStats, check_request, worst_case_blocks
 
 STATS_FIELDS = tuple(f.name for f in fields(SchedulerStats))
 
@@ -72,6 +72,10 @@ class EngineClient:
     def queue_depth(self) -> int:
         return len(self.waiting)
 
+    @property
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
     def start(self) -> None:
         self._reader = threading.Thread(target=self._read, name="engine-events", daemon=True)
         self._reader.start()
@@ -79,6 +83,8 @@ class EngineClient:
     def submit(self, request: Request) -> None:
         check_request(request, self.max_context, worst_case_blocks(request, self.slack, self.block_size),
                       self.pool.num_blocks)
+        if not self.alive:
+            raise EngineGone(f"the engine process is not running (exit status {self.process.exitcode})")
         request.start()
         with self._lock:
             in_flight = sum(r.n for r in self._live.values())

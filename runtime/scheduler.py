@@ -56,6 +56,10 @@ class QueueFull(RuntimeError):
     """The bounded wait queue is full (HTTP 429)."""
 
 
+class EngineGone(RuntimeError):
+    """The scheduler's process has exited (HTTP 503)."""
+
+
 @dataclass
 class Event:
     kind: str  # "token" | "done"

@@ -48,7 +48,7 @@ from runtime.openai_api import (
     new_id,
     now,
 )
-from runtime.scheduler import Event, QueueFull, Request, Scheduler
+from runtime.scheduler import EngineGone, Event, QueueFull, Request, Scheduler
 
 
 @dataclass
@@ -328,6 +328,8 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        if not getattr(server.scheduler, "alive", True):  # the engine process is gone: let the orchestrator know
+            return error(503, "the engine process is not running", "server_error")
         return {"status": "ok", "model": server.model_name}
 
     @app.get("/v1/models")
@@ -346,6 +348,8 @@ def create_app(server: Server) -> FastAPI:
             first = await anext(generator, None)  # submits: a full queue or a bad request fails here
         except QueueFull as exc:
             return error(429, str(exc), "rate_limit_error")
+        except EngineGone as exc:
+            return error(503, str(exc), "server_error")
         except ValueError as exc:
             return error(400, str(exc)[:500])
         rid, created, n = new_id("chatcmpl" if chat else "cmpl"), now(), body.n

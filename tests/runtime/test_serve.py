@@ -171,3 +171,21 @@ def test_multi_step_bursts_stream_the_same_answers(artifact):
         stats = srv.scheduler.stats
         assert stats.generated_tokens > 1.5 * stats.steps  # one token per step without the bursts
     assert bursts == single and all(plain == streamed for plain, streamed in single)
+
+
+def test_a_dead_engine_process_ends_its_streams_and_fails_health(artifact):
+    """The scheduler's process killed mid-answer: the open stream ends (finish_reason "abort") instead of
+    hanging, /health turns 503 and a new request gets 503 in one line."""
+    with running_server(str(artifact.path), model_name=MODEL, engine_process=True) as (url, srv):
+        assert httpx.get(f"{url}/health").status_code == 200
+        with httpx.stream("POST", f"{url}/v1/completions", json={"model": MODEL, "prompt": "The", "max_tokens": 90,
+                                                                 "temperature": 0.7, "stream": True},
+                          timeout=30) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+            srv.scheduler.process.kill()
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]" and any('"finish_reason":"abort"' in r.replace(" ", "") for r in rest)
+        assert httpx.get(f"{url}/health").status_code == 503
+        failed = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "The", "max_tokens": 4})
+        assert failed.status_code == 503 and "engine process" in failed.json()["error"]["message"]
