@@ -21,16 +21,10 @@ from dataclasses import fields
 from typing import Any
 
 from core.errors import UserError
+from runtime.metrics import PoolCounters
 from runtime.scheduler import EngineGone, QueueFull, Request, SchedulerStats, check_request, worst_case_blocks
 
 STATS_FIELDS = tuple(f.name for f in fields(SchedulerStats))
-
-
-class _PoolView:
-    """What /metrics reads of the child's KV pool, as of its last message."""
-
-    def __init__(self, num_blocks: int):
-        self.num_blocks, self.used, self.prefix_hits = num_blocks, 0, 0
 
 
 class EngineClient:
@@ -59,7 +53,7 @@ class EngineClient:
         self.max_context, self.max_running, self.max_queue = info["max_context"], info["max_running"], info["max_queue"]
         self.k, self.slack, self.block_size = info["k"], info["slack"], info["block_size"]
         self.draft = None
-        self.pool = _PoolView(info["num_blocks"])
+        self.pool = PoolCounters(info["num_blocks"])  # as of the child's last message
         self.stats = SchedulerStats()
         self.running: list[None] = []  # one entry per running sample, as of the last message (for /metrics)
         self.waiting: list[None] = []

@@ -133,13 +133,14 @@ class TrtllmScheduler:  # pragma: no cover - needs TensorRT-LLM and a GPU
     def __init__(self, engine_dir: str | Path, max_context: int, max_queue: int = 64):
         import tensorrt_llm.bindings.executor as trtllm
 
+        from runtime.metrics import PoolCounters
         from runtime.scheduler import SchedulerStats
 
         self.trtllm = trtllm
         self.executor = trtllm.Executor(Path(engine_dir), trtllm.ModelType.DECODER_ONLY, trtllm.ExecutorConfig(1))
         self.max_context, self.max_queue = max_context, max_queue
         self.stats, self.draft, self.running, self.waiting = SchedulerStats(), None, [], []
-        self.pool = _ExecutorPool()
+        self.pool = PoolCounters()  # the executor keeps its own pool
         self.live: dict[int, tuple[Any, int]] = {}  # executor request id -> (our Request, sample index)
         self._stop = False
         self._thread = None
@@ -215,9 +216,3 @@ class TrtllmScheduler:  # pragma: no cover - needs TensorRT-LLM and a GPU
                     del self.live[response.request_id]
                     request.finish(index, reason)
                     self.stats.finished_requests += request.finished == request.n
-
-
-class _ExecutorPool:
-    """What /metrics reads of a KV pool; the executor keeps its own."""
-
-    used, num_blocks, prefix_hits = 0, 0, 0
