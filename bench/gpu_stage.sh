@@ -15,6 +15,8 @@
 #          (asyncio, h11, Python's 5 ms GIL switch) interleaved, concurrency 1 beside runtime.generate --static
 #   serve5 / serve6: issue 17's prompt-chunk fixes: the prefill pass five ways, the serving core, HTTP with the
 #          engine process and with the thread, concurrency 1 (serve6: short, HTTP and the CUDA chunk tests only)
+#   serve7: issue 17, steps with prompt chunks as token rows of the decode kernels (carry artifacts/gpu_like, .whl):
+#          CUDA tests, the prefill pass, the serving core (token rows vs padded), HTTP at 64 clients and at 1
 #   prefill: the prompt-chunk pass timed (fused or modules, chunks together or per sequence) and profiled
 #   decode: CUDA tests of the static decoder and the decode benchmark (no model file needed)
 #   fused: CUDA tests and the tile sweep + benchmark of the fused Triton step (no model file needed)
@@ -182,6 +184,20 @@ case "$1" in
     http64 default "--engine-process"
     python3 -m pytest -q -p no:cacheprovider tests/runtime/test_paged_attention.py -k "fused or chunks" 2>&1 \
       | grep -E "^E |passed|failed" | head -10 || true
+    serve_concurrency1
+    ;;
+  serve7)
+    # issue 17, prompt chunks as token rows of the decode kernels (graphs per token-count bucket): CUDA tests,
+    # the prefill pass six ways, the serving core (token rows vs the padded batch), HTTP at 64 clients and at 1
+    python3 -m pytest -q -p no:cacheprovider tests/runtime/test_paged_attention.py tests/runtime/test_scheduler.py \
+      -k "cuda or fused or chunks or token_rows or warm" 2>&1 | grep -E "^E |passed|failed" | head -10 || true
+    python3 bench/prefill.py --device cuda --prompts 1 4 16 32 --repeats 5 2>&1 | grep -v -i "warn\|USDT"
+    cp artifacts/bench/prefill.json "$OUT"/
+    python3 bench/scheduler_load.py --device cuda --clients 64 --requests 512 --runs batched padded_chunks \
+      static_decode 2>&1 | grep -v Warning
+    cp artifacts/bench/scheduler_load.json "$OUT"/
+    python3 bench/random_artifact.py --like artifacts/gpu_like --out "$W/random" 2>&1 | tail -1
+    http64 token-rows "--engine-process"
     serve_concurrency1
     ;;
   prefill)

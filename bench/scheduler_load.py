@@ -3,7 +3,8 @@
 Usage: python bench/scheduler_load.py [--device cuda] [--clients 64] [--requests 512] [--baseline-requests 128]
 Random weights of SmolLM2-135M's shape, bf16 on CUDA. Clients keep `clients` greedy requests in flight
 (prompts 64-192 tokens, 128 new tokens), as runtime.bench does over HTTP. Runs: the engine's batched
-decode through the fused layer kernels (CUDA graphs), the same through the HF modules, the fused one
+decode through the fused layer kernels (CUDA graphs; steps with prompt chunks as token rows of the decode
+kernels), the same with those steps as one padded attention batch (the previous step), the same through the HF modules, the fused one
 with sampled requests (temperature, top-p, seeds: the batch sampler), and, for the ratio, the
 per-sequence decode they replace (fewer requests: it is slow), then the static decoder's pure decode at batch `clients` on the same
 token counts (the engine underneath, the ceiling the server is measured against). Writes
@@ -36,14 +37,19 @@ def percentile(values: list[float], p: float) -> float:
 
 
 def load(model: torch.nn.Module, prompts: list[list[int]], clients: int, new_tokens: int, mode: str,
-         params: SamplingParams | None = None, decode_steps: int = 1, chunks_together: bool = True) -> dict:
+         params: SamplingParams | None = None, decode_steps: int = 1, chunks_together: bool = True,
+         token_rows: bool = True) -> dict:
     """mode: per_sequence (the old path), batched (HF modules' step), fused (the fused layer kernels' step).
-    chunks_together: the prompt chunks of a step attend as one padded batch (False: one call per sequence)."""
+    chunks_together: the prompt chunks of a step attend as one padded batch (False: one call per sequence);
+    token_rows: steps with prompt chunks run as token rows of the decode kernels (fused; False: padded
+    batch). The engine is warmed up as the server does (graphs captured) before the clock starts."""
     engine = Engine(model, block_size=16, num_blocks=clients * (192 + new_tokens + 16) // 16 + 64)
     batched = mode != "per_sequence"
     engine.runner.batched_decode = batched
     engine.runner.flat_prefill = batched and chunks_together and engine.runner.flat_prefill  # baseline: per sequence
     engine.runner.use_fused = engine.runner.use_fused and mode == "fused"
+    engine.runner.token_rows = engine.runner.token_rows and token_rows and chunks_together
+    engine.runner.warm_up(clients, 4096)
     scheduler = Scheduler(engine, max_context=512, max_running=clients, max_queue=len(prompts) + 1,
                           max_batch_tokens=4096, decode_steps=decode_steps)
     slots = threading.Semaphore(clients)
@@ -80,6 +86,7 @@ def load(model: torch.nn.Module, prompts: list[list[int]], clients: int, new_tok
             if len(token_times[id(r)]) > 1]  # time per output token after the first (bursts averaged out)
     itl = [b - a for r in finished for a, b in zip(token_times[id(r)], token_times[id(r)][1:], strict=False)]
     return {"mode": mode, "fused_step": engine.runner.use_fused, "chunks_together": engine.runner.flat_prefill,
+            "token_rows": engine.runner.use_fused and engine.runner.token_rows,
             "decode_steps": decode_steps, "requests": len(prompts), "output_tokens": out_tokens, "seconds": round(wall, 2),
             "output_tok_s": round(out_tokens / wall, 1), "ttft_p50_ms": round(1e3 * statistics.median(ttft), 1),
             "ttft_p99_ms": round(1e3 * percentile(ttft, 99), 1), "itl_p50_ms": round(1e3 * statistics.median(itl), 2),
@@ -102,7 +109,7 @@ def static_decode(model: torch.nn.Module, prompts: list[list[int]], new_tokens: 
     return {"batch": len(prompts), "tok_s": round(len(prompts) * (new_tokens - 1) / decode_s, 1)}
 
 
-RUNS = ("batched", "chunks_per_sequence", "single_step", "modules_step", "sampled", "per_sequence", "static_decode")
+RUNS = ("batched", "padded_chunks", "chunks_per_sequence", "single_step", "modules_step", "sampled", "per_sequence", "static_decode")
 
 
 def main() -> None:
@@ -132,6 +139,9 @@ def main() -> None:
     runs = {
         "batched": (f"fused step + graphs, {args.decode_steps} steps per device call",
                     lambda: load(model, prompts, args.clients, args.new_tokens, "fused", decode_steps=args.decode_steps)),
+        "padded_chunks": ("the same, prompt chunks as one padded batch (the last session's step)",
+                          lambda: load(model, prompts, args.clients, args.new_tokens, "fused",
+                                       decode_steps=args.decode_steps, token_rows=False)),
         "chunks_per_sequence": (f"the same, {args.decode_steps} steps per call, prompt chunks attending per sequence",
                                 lambda: load(model, prompts, args.clients, args.new_tokens, "fused",
                                              decode_steps=args.decode_steps, chunks_together=False)),

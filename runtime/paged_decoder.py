@@ -48,6 +48,7 @@ from runtime.paged_attention import (
 from runtime.static_decode import StaticDecoder, capture_graph
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+ROW_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)  # token rows of a step with prompt chunks, under graphs
 PADDED_LIMIT = 1 << 26  # spans x longest chunk x longest sequence up to which chunks attend in one call
 
 
@@ -101,11 +102,14 @@ class PagedDecoder:
         applies = kernel_applies(probe, self.pool.k[0], self.softcap, interpreter=bool(fused))
         self.use_graphs = self.device.type == "cuda" and applies
         self.graphs: dict[tuple[int, bool, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.row_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         context = getattr(cfg, "max_position_embeddings", None) or num_blocks * block_size
         self.max_table = min(num_blocks, -(-context // block_size))  # block-table width of the graphs' buffers
         wanted = self.device.type == "cuda" if fused is None else fused
         self.fused = fused_weights(model, context) if wanted and applies else None
         self.use_fused = self.fused is not None  # False: the HF modules' step (benchmarks compare the two)
+        # steps with prompt chunks as token rows of the decode kernels (fused path; False: the padded batch)
+        self.token_rows = self.device.type == "cuda"
 
     @torch.inference_mode()
     def forward(self, seqs: list[Sequence], last_only: bool | list[bool] = True, ends: list[int] | None = None
@@ -118,6 +122,8 @@ class PagedDecoder:
         # features come from the HF-module decode step; the fused step and its graphs do not produce them
         if not self.batched_decode or (self.keep_features and (self.use_fused or self.use_graphs)):
             return self._general(spans, last_only)
+        if self.use_fused and self.token_rows and any(b - a != 1 for _, a, b in spans):
+            return self._token_rows(spans, last_only)
         # one new token: the batched decode step; longer spans (prompt chunks): the general pass
         single = [i for i, (_, a, b) in enumerate(spans) if b - a == 1]
         longer = [i for i, (_, a, b) in enumerate(spans) if b - a != 1]
@@ -166,18 +172,21 @@ class PagedDecoder:
     META = ("ids", "positions", "blocks", "offsets", "lengths")  # one column each, then the block table
 
     def _decode_inputs(self, spans: list, rows: int, width: int) -> torch.Tensor:
-        """Host-built metadata of a decode step in one flat int32 array (one copy to the device): the `META`
-        columns of `rows` entries each, then the (rows, width) block table; padding rows write to the
-        scratch block."""
-        bs, n = self.pool.block_size, len(spans)
+        """Host-built metadata of a step in one flat int32 array (one copy to the device): the `META` columns
+        of `rows` entries each, one per new token (position p of a span sees positions <= p), then the
+        (rows, width) block table; padding rows write to the scratch block."""
+        bs = self.pool.block_size
+        entries = [(s.tokens[p], p, s.block_table[p // bs], p % bs, p + 1) for s, a, b in spans for p in range(a, b)]
+        n = len(entries)
         columns = np.zeros((len(self.META), rows), dtype=np.int32)
-        columns[:, :n] = np.array([(s.tokens[a], a, s.block_table[a // bs], a % bs, b) for s, a, b in spans],
-                                  dtype=np.int32).reshape(n, len(self.META)).T
+        columns[:, :n] = np.array(entries, dtype=np.int32).reshape(n, len(self.META)).T
         columns[2, n:], columns[4, n:] = self.scratch, 1
         tables = np.zeros((rows, width), dtype=np.int32)
         tables[n:] = self.scratch  # every column: a multi-step decode advances padding rows too
-        for i, (s, _, _) in enumerate(spans):
-            tables[i, :len(s.block_table)] = s.block_table
+        row = 0
+        for s, a, b in spans:
+            tables[row:row + b - a, :len(s.block_table)] = s.block_table
+            row += b - a
         return torch.from_numpy(np.concatenate([columns.ravel(), tables.ravel()]))
 
     def _step_args(self, meta: torch.Tensor, rows: int) -> dict[str, torch.Tensor]:
@@ -250,9 +259,10 @@ class PagedDecoder:
         args["offsets"].copy_(args["positions"] % bs)
         return logits
 
-    def warm_up(self, max_rows: int) -> None:
-        """Capture the decode graphs of every bucket up to `max_rows` and run one step of prompt chunks now (a
-        server, before its first request), so no request waits for a capture or a kernel compilation."""
+    def warm_up(self, max_rows: int, max_tokens: int = 0) -> None:
+        """Capture the decode graphs of every bucket up to `max_rows` (and, where steps with prompt chunks run
+        as token rows, their graphs up to `max_tokens` rows) and run one step of prompt chunks now (a server,
+        before its first request), so no request waits for a capture or a kernel compilation."""
         if self.use_graphs and self.fused is not None:
             self.compile_fused_shapes()
         if self.flat_prefill:
@@ -266,13 +276,18 @@ class PagedDecoder:
             for rows in BUCKETS[:BUCKETS.index(bucket(max_rows) or BUCKETS[-1]) + 1]:
                 for advance in (False, True):
                     self._graph(rows, advance)
+            if self.use_fused and self.token_rows:
+                for rows in ROW_BUCKETS:
+                    self._row_graph(rows)
+                    if rows >= max_tokens:
+                        break
 
     def compile_fused_shapes(self) -> None:
-        """Run the fused projections once at every row count whose Triton variant differs (GEMV for 1-8 rows,
-        GEMM row tiles 16/32/64, each with a row count that is a multiple of 16 and one that is not: Triton
-        specialises on it), so a prompt chunk of a new size never stalls the running batch for a kernel
-        compilation."""
-        from runtime.triton_decode import GEMV_MAX_ROWS
+        """Run the fused projections and the LM head once at every row count whose Triton variant differs
+        (GEMV for 1-8 rows, GEMM row tiles 16/32/64, each with a row count that is a multiple of 16 and one
+        that is not: Triton specialises on it), so a prompt chunk of a new size never stalls the running
+        batch for a kernel compilation."""
+        from runtime.triton_decode import GEMV_MAX_ROWS, fused_linear
 
         f = self.fused
         p = f.layers[0]
@@ -280,6 +295,7 @@ class PagedDecoder:
             x = torch.zeros(rows, f.embed.shape[1], device=self.device, dtype=f.dtype)
             f.fused_qkv(p, x)
             f.fused_tail(p, x, torch.zeros(rows, self.heads * self.head_dim, device=self.device, dtype=f.dtype))
+            fused_linear(x, f.lm_head, norm=f.norm, eps=f.eps)
 
     def _capture(self, rows: int, advance: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
         """A CUDA graph of one decode step of `rows` rows over a static metadata buffer (`max_table` blocks
@@ -350,6 +366,57 @@ class PagedDecoder:
         return fused_linear(f._fused_layers(ids, pools, attention), f.lm_head, norm=f.norm, eps=f.eps)
 
     # --- prefill and mixed steps ----------------------------------------------------------------------
+
+    def _token_rows(self, spans: list, last_only: bool | list[bool]) -> list[torch.Tensor]:
+        """A step with prompt chunks through the fused kernels, every new token one row of the decode step's
+        metadata (its sequence's block table, its position): per layer the fused projection, one kernel that
+        rotates and writes every row's K/V, then the paged decode kernel over all rows (row p sees positions
+        <= p, so causality needs no mask). Five launches per layer whatever the chunks, replayed from a CUDA
+        graph per token-count bucket (`ROW_BUCKETS`); the LM head runs on the wanted rows only."""
+        from runtime.triton_decode import fused_linear
+
+        n, width = sum(b - a for _, a, b in spans), max(len(s.block_table) for s, _, _ in spans)
+        rows = next((r for r in ROW_BUCKETS if r >= n), None)
+        if self.use_graphs and rows is not None and width <= self.max_table:
+            graph, meta, hidden = self._row_graph(rows)
+            meta.copy_(self._decode_inputs(spans, rows, self.max_table), non_blocking=True)
+            graph.replay()
+        else:
+            hidden = self._rows_step(**self._step_args(self._decode_inputs(spans, n, width).to(self.device), n))
+        wanted, start = [], 0  # every span's last row, or all of its rows
+        for i, (s, a, b) in enumerate(spans):
+            last = last_only[i] if isinstance(last_only, list) else last_only
+            wanted.append(range(start + b - a - 1 if last else start, start + b - a))
+            start += b - a
+            s.cached = b
+        index = torch.tensor([r for span_rows in wanted for r in span_rows], device=self.device)
+        f = self.fused
+        logits = fused_linear(hidden.index_select(0, index), f.lm_head, norm=f.norm, eps=f.eps)
+        return list(logits.split([len(r) for r in wanted]))
+
+    def _rows_step(self, ids: torch.Tensor, positions: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor,
+                   block_tables: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The last layer's output rows (before the final norm) of `_token_rows`' step."""
+        f = self.fused
+        pools = [(self.pool.k[li], self.pool.v[li]) for li in range(len(f.layers))]
+
+        def attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
+            q = rope_and_write(qkv, f.cos, f.sin, positions, blocks, offsets, k_pool, v_pool, self.heads)
+            return paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, f.scale,
+                                          interpreter=True).view(q.shape[0], -1)
+        return f._fused_layers(ids, pools, attention)
+
+    def _row_graph(self, rows: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+        """The CUDA graph of `_rows_step` over `rows` token rows (captured on first use or by `warm_up`); its
+        warm-up runs write only to the scratch block."""
+        if rows not in self.row_graphs:
+            meta = self._decode_inputs([], rows, self.max_table).to(self.device)
+            output: dict[str, torch.Tensor] = {}
+
+            def step() -> None:
+                output["hidden"] = self._rows_step(**self._step_args(meta, rows))
+            self.row_graphs[rows] = capture_graph(step, []), meta, output["hidden"]
+        return self.row_graphs[rows]
 
     def _padded_layout(self, spans: list) -> dict:
         """Prompt chunks of several sequences as one padded batch (B spans, the longest chunk's queries, the

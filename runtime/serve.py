@@ -514,7 +514,7 @@ def build_scheduler(cfg: ServeConfig, tokenizer: Any = None) -> Scheduler:
         if not isinstance(model, torch.nn.Module) or not hasattr(model, "model"):
             raise UserError(f"{cfg.artifact}: the server runs decoder-only PyTorch or ONNX artifacts")
         engine = Engine(model, cfg.block_size, cfg.num_blocks)
-        engine.runner.warm_up(cfg.max_running)
+        engine.runner.warm_up(cfg.max_running, cfg.max_batch_tokens)
         if cfg.draft is not None:
             from runtime.eagle import is_eagle_draft, load_head
 

@@ -137,6 +137,37 @@ def test_fused_decode_step_equals_the_module_step_and_transformers():
     assert _greedy_with(fused, prompts, 12) == [greedy_reference(model, p, 12) for p in prompts]
 
 
+def test_token_rows_step_equals_the_module_pass_and_transformers():
+    """Steps with prompt chunks as token rows of the decode kernels (CUDA's default; Triton's interpreter here):
+    chunks over cached prefixes beside decode rows, logits of last or all rows, the same as the HF modules'
+    pass; greedy through it = HF greedy."""
+    pytest.importorskip("triton")
+    from runtime.kv_cache import Sequence
+    from runtime.paged_decoder import PagedDecoder
+    from tests.conftest import greedy_reference, make_tiny_family
+
+    model = make_tiny_family("llama")
+    gen = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (9, 21, 14, 40)]
+    outputs = []
+    for fused in (False, True):
+        runner = PagedDecoder(model, block_size=16, num_blocks=32, fused=fused)
+        runner.token_rows = fused
+        assert runner.use_fused == fused
+        seqs = [Sequence(list(p)) for p in prompts]
+        runner.forward(seqs[:3], ends=[5, 20, 13])  # cached prefixes; seqs 1 and 2 then decode one token
+        outputs.append(runner.forward(seqs, last_only=[False, True, False, True], ends=[9, 21, 14, 33]))
+        for s in seqs:
+            s.tokens.append(7)
+        outputs.append(runner.forward(seqs, last_only=[True, True, True, False]))  # 3 decode rows, 1 chunk
+    for plain, rows in zip(outputs[:2], outputs[2:], strict=True):
+        for want, got in zip(plain, rows, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    runner = PagedDecoder(model, block_size=16, num_blocks=32, fused=True)
+    runner.token_rows = True
+    assert _greedy_with(runner, prompts, 6) == [greedy_reference(model, p, 6) for p in prompts]
+
+
 def test_fused_step_is_refused_where_it_does_not_compute_the_model():
     from runtime.paged_decoder import PagedDecoder
     from tests.conftest import make_tiny_family
@@ -179,6 +210,28 @@ def test_cuda_serving_64_concurrent_requests_equal_transformers_and_graph_equals
     runner.use_graphs = False
     eager = torch.cat(runner.forward(seqs))
     torch.testing.assert_close(replayed, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_token_rows_graph_equals_eager():
+    """A step of prompt chunks replayed from its token-count bucket's graph = the same step run eagerly."""
+    from runtime.kv_cache import Sequence
+    from runtime.paged_decoder import PagedDecoder
+    from tests.conftest import make_tiny_family
+
+    runner = PagedDecoder(make_tiny_family("llama").cuda(), block_size=16, num_blocks=64)
+    assert runner.use_fused and runner.token_rows and runner.use_graphs
+    gen = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (9, 70, 1, 33)]  # 113 rows: bucket 128
+    results = []
+    for graphs in (True, False):
+        runner.use_graphs = graphs
+        seqs = [Sequence(list(p)) for p in prompts]
+        results.append(torch.cat(runner.forward(seqs, last_only=False)))
+        for s in seqs:
+            runner.pool.free_sequence(s)
+    assert list(runner.row_graphs) == [128]
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-5)
 
 
 def test_warm_up_leaves_the_pool_empty_and_answers_unchanged():
