@@ -17,6 +17,7 @@
 #          engine process and with the thread, concurrency 1 (serve6: short, HTTP and the CUDA chunk tests only)
 #   serve7: issue 17, steps with prompt chunks as token rows of the decode kernels (carry artifacts/gpu_like, .whl):
 #          CUDA tests, the prefill pass, the serving core (token rows vs padded), HTTP at 64 clients and at 1
+#   serve8: issue 17, HTTP at 64 clients from one client process and from four, CPU share of each process
 #   prefill: the prompt-chunk pass timed (fused or modules, chunks together or per sequence) and profiled
 #   decode: CUDA tests of the static decoder and the decode benchmark (no model file needed)
 #   fused: CUDA tests and the tile sweep + benchmark of the fused Triton step (no model file needed)
@@ -52,9 +53,11 @@ join_reference() {  # the GGUF's two halves (.gpu/a kept by an earlier call, .gp
   python3 -m compress.reference --model "$W/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$W/reference" --if-missing 2>&1 \
     | tail -1
 }
-http64() {  # the server under 64 HTTP clients (random weights in $W/random); $1: name, $2: server flags
+http64() {  # the server under 64 HTTP clients (random weights in $W/random); $1: name, $2: server flags,
+            # $3: client processes (default 1)
   python3 -m runtime.bench --artifact "$W/random" --device cuda --concurrency 64 --requests 512 --prompt-len 128 \
     --max-tokens 128 --max-running 64 --max-batch-tokens 1024 --no-baseline --server-args="$2" \
+    --client-processes "${3:-1}" \
     --out "$OUT/serve-cuda-64-$1.json" 2>&1 | grep -v -i "warn\|it/s"
 }
 serve_concurrency1() {  # one client through HTTP, beside runtime.generate --static at batch 1
@@ -199,6 +202,15 @@ case "$1" in
     python3 bench/random_artifact.py --like artifacts/gpu_like --out "$W/random" 2>&1 | tail -1
     http64 token-rows "--engine-process"
     serve_concurrency1
+    ;;
+  serve8)
+    # issue 17: who limits HTTP (CPU share of client, server, engine process): one client process vs four
+    python3 -m pytest -q -p no:cacheprovider tests/runtime/test_paged_attention.py -k "token_rows" 2>&1 \
+      | grep -E "^E |passed|failed" | head -10 || true
+    python3 bench/random_artifact.py --like artifacts/gpu_like --out "$W/random" 2>&1 | tail -1
+    http64 one-client "--engine-process" 1
+    http64 four-clients "--engine-process" 4
+    http64 four-clients-thread "--no-engine-process" 4
     ;;
   prefill)
     # the prompt-chunk pass (the server's mixed steps) timed four ways and profiled

@@ -35,6 +35,7 @@ class BenchConfig:
     k: int = field(4, help="draft tokens per target step (with --draft)")
     force: bool = field(False, help="let the started server use a draft made for another target")
     concurrency: int = field(16, help="clients sending at once")
+    client_processes: int = field(1, help="client processes sharing the load (a fast server outruns one)")
     requests: int = field(64, help="requests in total")
     prompt_len: int = field(128, help="mean prompt length in tokens (mixed: L/2 .. 3L/2)")
     max_tokens: int = field(64, help="new tokens per request")
@@ -53,8 +54,8 @@ class BenchConfig:
     def validate(self) -> None:
         if not self.artifact:
             raise UserError("artifact: required (the baseline and the tokenizer come from it)")
-        if min(self.concurrency, self.requests, self.prompt_len, self.max_tokens) < 1:
-            raise UserError("concurrency, requests, prompt_len and max_tokens must be positive")
+        if min(self.concurrency, self.requests, self.prompt_len, self.max_tokens, self.client_processes) < 1:
+            raise UserError("concurrency, requests, prompt_len, max_tokens and client_processes must be positive")
         if self.baseline_requests is not None and self.baseline_requests < 1:
             raise UserError("baseline_requests: must be positive")
 
@@ -75,23 +76,25 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
     return {"p50": float(np.percentile(values, 50)), "p99": float(np.percentile(values, 99))}
 
 
-async def load_test(url: str, model: str, prompts: list[list[int]], cfg: BenchConfig) -> dict[str, Any]:
+async def _load_slice(url: str, model: str, prompts: list[list[int]], concurrency: int, max_tokens: int,
+                      time_limit_s: float) -> dict[str, Any]:
+    """One client process's share of the load: `concurrency` streams at a time; raw samples (merged by
+    `load_test`), its wall-clock span and the CPU seconds it spent."""
     import httpx
 
-    gate = asyncio.Semaphore(cfg.concurrency)
-    statuses: Counter[str] = Counter()
-    ttfts, latencies, tokens, itls, decode_rates = [], [], [], [], []
+    gate = asyncio.Semaphore(concurrency)
+    raw: dict[str, Any] = {"statuses": Counter(), "ttft": [], "latency": [], "tokens": [], "itl": [], "decode": []}
 
     async def one(client: httpx.AsyncClient, prompt: list[int]) -> None:
         async with gate:
-            body = {"model": model, "prompt": prompt, "max_tokens": cfg.max_tokens, "temperature": 0,
+            body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                     "stream": True, "stream_options": {"include_usage": True}}
             start = time.perf_counter()
             first = None
             arrivals: list[float] = []
             try:
                 async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
-                    statuses[str(response.status_code)] += 1
+                    raw["statuses"][str(response.status_code)] += 1
                     if response.status_code != 200:
                         await response.aread()
                         return
@@ -104,28 +107,73 @@ async def load_test(url: str, model: str, prompts: list[list[int]], cfg: BenchCo
                             if first is None:
                                 first = arrivals[-1] - start
                         if chunk.get("usage"):
-                            tokens.append(chunk["usage"]["completion_tokens"])
-                latencies.append(time.perf_counter() - start)
-                ttfts.append(first if first is not None else latencies[-1])
-                itls.extend(b - a for a, b in zip(arrivals, arrivals[1:], strict=False))
-                if len(arrivals) > 1 and tokens:  # this request's decode rate after its first token
-                    decode_rates.append((tokens[-1] - 1) / (arrivals[-1] - arrivals[0]))
+                            raw["tokens"].append(chunk["usage"]["completion_tokens"])
+                raw["latency"].append(time.perf_counter() - start)
+                raw["ttft"].append(first if first is not None else raw["latency"][-1])
+                raw["itl"].extend(b - a for a, b in zip(arrivals, arrivals[1:], strict=False))
+                if len(arrivals) > 1 and raw["tokens"]:  # this request's decode rate after its first token
+                    raw["decode"].append((raw["tokens"][-1] - 1) / (arrivals[-1] - arrivals[0]))
             except httpx.HTTPError as exc:
-                statuses[type(exc).__name__] += 1
+                raw["statuses"][type(exc).__name__] += 1
 
-    limits = httpx.Limits(max_connections=cfg.concurrency + 4)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(cfg.time_limit_s), limits=limits) as client:
-        start = time.perf_counter()
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    cpu = time.process_time()
+    async with httpx.AsyncClient(timeout=httpx.Timeout(time_limit_s), limits=limits) as client:
+        raw["start"] = time.time()
         tasks = [asyncio.create_task(one(client, p)) for p in prompts]
-        done, pending = await asyncio.wait(tasks, timeout=cfg.time_limit_s)
+        done, pending = await asyncio.wait(tasks, timeout=time_limit_s)
         for task in pending:
             task.cancel()
-            statuses["unfinished"] += 1
-        wall = time.perf_counter() - start
-    return {"wall_s": wall, "completed": len(latencies), "statuses": dict(statuses),
-            "generated_tokens": int(sum(tokens)), "throughput_tok_s": sum(tokens) / wall,
-            "requests_per_s": len(latencies) / wall, "ttft_s": percentiles(ttfts), "latency_s": percentiles(latencies),
-            "inter_token_s": percentiles(itls), "decode_tok_s_per_request": percentiles(decode_rates)}
+            raw["statuses"]["unfinished"] += 1
+        raw["end"] = time.time()
+    raw["cpu_s"] = time.process_time() - cpu
+    return raw
+
+
+def _slice_main(args: tuple) -> dict[str, Any]:
+    return asyncio.run(_load_slice(*args))
+
+
+def load_test(url: str, model: str, prompts: list[list[int]], cfg: BenchConfig) -> dict[str, Any]:
+    """The load from `cfg.client_processes` client processes (one: this one), `cfg.concurrency` streams in
+    all: one Python client parses some ten thousand SSE chunks a second, which a GPU server outruns."""
+    n = min(cfg.client_processes, cfg.concurrency)
+    shares = [cfg.concurrency // n + (i < cfg.concurrency % n) for i in range(n)]
+    jobs = [(url, model, prompts[i::n], shares[i], cfg.max_tokens, cfg.time_limit_s) for i in range(n)]
+    if n == 1:
+        slices = [_slice_main(jobs[0])]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+            slices = list(pool.map(_slice_main, jobs))
+    wall = max(r["end"] for r in slices) - min(r["start"] for r in slices)
+    merged = {key: [v for r in slices for v in r[key]] for key in ("ttft", "latency", "tokens", "itl", "decode")}
+    statuses = sum((r["statuses"] for r in slices), Counter())
+    return {"wall_s": wall, "completed": len(merged["latency"]), "statuses": dict(statuses),
+            "generated_tokens": int(sum(merged["tokens"])), "throughput_tok_s": sum(merged["tokens"]) / wall,
+            "requests_per_s": len(merged["latency"]) / wall, "ttft_s": percentiles(merged["ttft"]),
+            "latency_s": percentiles(merged["latency"]), "inter_token_s": percentiles(merged["itl"]),
+            "decode_tok_s_per_request": percentiles(merged["decode"]), "client_processes": n,
+            "client_cpu_share": sum(r["cpu_s"] for r in slices) / (n * wall)}
+
+
+def _cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of a process and of each of its children, by name."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    out = {"server": sum(proc.cpu_times()[:2])}
+    for child in proc.children(recursive=True):
+        try:
+            cmd = " ".join(child.cmdline())
+            name = ("resource tracker" if "resource_tracker" in cmd else "engine process" if "spawn_main" in cmd
+                    else child.name())
+            out[name] = out.get(name, 0.0) + sum(child.cpu_times()[:2])
+        except psutil.Error:
+            pass
+    return out
 
 
 def hf_serial(cfg: BenchConfig, prompts: list[list[int]], tokenizer: Any) -> dict[str, Any]:
@@ -179,7 +227,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
         print(f"load test: {cfg.requests} requests, {cfg.concurrency} clients, prompts "
               f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, {cfg.max_tokens} new tokens", flush=True)
-        served = asyncio.run(load_test(url, model, prompts, cfg))
+        before = _cpu_seconds(proc.pid) if proc is not None else {}
+        served = load_test(url, model, prompts, cfg)
+        after = _cpu_seconds(proc.pid) if proc is not None else {}
+        served["server_cpu_share"] = {name: (after[name] - before.get(name, 0.0)) / served["wall_s"] for name in after}
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
     finally:
         if proc is not None:
@@ -204,6 +255,9 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"latency p50 {s['latency_s']['p50']:.2f} s p99 {s['latency_s']['p99']:.2f} s, inter-token p50 "
           f"{1e3 * (s['inter_token_s']['p50'] or 0):.2f} ms p99 {1e3 * (s['inter_token_s']['p99'] or 0):.2f} ms, "
           f"decode per request p50 {s['decode_tok_s_per_request']['p50'] or 0:.1f} tok/s")
+    print(f"CPU busy (share of the wall time): {s['client_processes']} client process(es) "
+          f"{s['client_cpu_share']:.0%} each, " + ", ".join(f"{name} {share:.0%}"
+                                                        for name, share in s.get("server_cpu_share", {}).items()))
     steps = result["server_steps"]
     if steps["steps"]:
         print("server steps: " + ", ".join(

@@ -182,7 +182,10 @@ def _engine_main(cfg: Any, commands: Any, events: Any) -> None:
     while True:
         busy = scheduler.running or scheduler.waiting or scheduler.pending_siblings
         while commands.poll(0 if busy else None):
-            command = commands.recv()
+            try:
+                command = commands.recv()
+            except EOFError:  # the server is gone (terminated): nothing left to serve
+                return
             if command[0] == "stop":
                 return
             if command[0] == "cancel":

@@ -7,13 +7,15 @@ def test_load_test_against_a_started_server(tiny_artifact, tmp_path):
     out = tmp_path / "serve.json"
     proc = subprocess.run([sys.executable, "-m", "runtime.bench", "--artifact", str(tiny_artifact.path),
                            "--concurrency", "3", "--requests", "6", "--prompt-len", "16", "--max-tokens", "5",
-                           "--out", str(out), "--server-args", "--loop asyncio --http h11 --gil-switch-ms 2"],
+                           "--client-processes", "2", "--out", str(out), "--server-args", "--loop asyncio --http h11 --gil-switch-ms 2"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     served = result["server"]
     assert served["completed"] == 6 and served["statuses"] == {"200": 6}
     assert 0 < served["generated_tokens"] <= 30 and served["ttft_s"]["p50"] <= served["latency_s"]["p99"]
+    assert served["client_processes"] == 2 and 0 < served["client_cpu_share"]  # two client processes, merged
+    assert served["server_cpu_share"]["server"] > 0
     steps = result["server_steps"]  # the server's own account of its steps, read from /metrics
     assert sum(steps["step_tokens"].values()) == served["generated_tokens"]
     assert all(steps["step_host_seconds"][k] <= steps["step_seconds"][k] for k in steps["steps"])

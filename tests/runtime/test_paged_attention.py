@@ -146,7 +146,7 @@ def test_token_rows_step_equals_the_module_pass_and_transformers():
     from runtime.paged_decoder import PagedDecoder
     from tests.conftest import greedy_reference, make_tiny_family
 
-    model = make_tiny_family("llama")
+    model = make_tiny_family("llama").to("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator().manual_seed(6)
     prompts = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (9, 21, 14, 40)]
     outputs = []
