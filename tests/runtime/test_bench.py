@@ -14,7 +14,7 @@ def test_load_test_against_a_started_server(tiny_artifact, tmp_path):
     served = result["server"]
     assert served["completed"] == 6 and served["statuses"] == {"200": 6}
     assert 0 < served["generated_tokens"] <= 30 and served["ttft_s"]["p50"] <= served["latency_s"]["p99"]
-    assert served["client_processes"] == 2 and 0 < served["client_cpu_share"]  # two client processes, merged
+    assert served["client_processes"] == 2 and served["client_cpu_share"] > 0  # two client processes, merged
     assert served["server_cpu_share"]["server"] > 0
     steps = result["server_steps"]  # the server's own account of its steps, read from /metrics
     assert sum(steps["step_tokens"].values()) == served["generated_tokens"]
