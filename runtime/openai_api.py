@@ -207,12 +207,21 @@ class TextStream:
         self.stopped = False
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.special = set(getattr(tokenizer, "all_special_ids", ()))
+        # a fast tokenizer that cleans up no spaces decodes as its Rust backend does: call that directly (the
+        # Python wrapper costs more than the decoding, twice per token at every stream)
+        backend = getattr(tokenizer, "_tokenizer", None)
+        self.backend = (backend if hasattr(backend, "decode") and not getattr(
+            tokenizer, "clean_up_tokenization_spaces", True) else None)
 
     def _decode(self, tokens: list[int]) -> str:
+        if self.backend is not None:
+            return self.backend.decode(tokens, skip_special_tokens=True)
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
-    def push(self, token: int) -> str:
-        self.tokens.append(token)
+    def push(self, *tokens: int) -> str:
+        """The text now safe to send after these tokens (several at once: one decoding for them all; a stop
+        string is then found in their text, not at the token that completed it)."""
+        self.tokens.extend(tokens)
         if self.stopped:
             return ""
         prefix = self._decode(self.tokens[self.prefix_at:self.read_at])

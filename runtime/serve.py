@@ -143,8 +143,8 @@ class Server:
         except Exception as exc:  # noqa: BLE001 - whatever the tokenizer refuses is the client's input
             raise ValueError(f"{what}: cannot be tokenized ({type(exc).__name__})") from None
 
-    def prompts(self, body: CompletionRequest | ChatRequest) -> list[tuple[list[int], str]]:
-        """(token ids, text that echo returns) per prompt of the request."""
+    def prompts(self, body: CompletionRequest | ChatRequest, echo: bool = True) -> list[tuple[list[int], str]]:
+        """(token ids, text that echo returns: only with `echo`) per prompt of the request."""
         if isinstance(body, ChatRequest):
             messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                         for m in body.messages]
@@ -163,7 +163,7 @@ class Server:
                 continue
             if any(not 0 <= t < self.vocab for t in prompt):
                 raise ValueError(f"{where}: token ids must be in [0, {self.vocab})")
-            out.append((list(prompt), self.tokenizer.decode(prompt, skip_special_tokens=False)))
+            out.append((list(prompt), self.tokenizer.decode(prompt, skip_special_tokens=False) if echo else ""))
         return out
 
     def make_jobs(self, body: CompletionRequest | ChatRequest) -> list[Job]:
@@ -175,7 +175,7 @@ class Server:
             raise ValueError(f"logit_bias: token ids must be in [0, {self.vocab})")
         top_n, echo = body.top_logprobs_count(), body.echo_prompt()
         jobs = []
-        prompts = self.prompts(body)
+        prompts = self.prompts(body, echo)
         for i, (prompt, text) in enumerate(prompts):
             where = prompt_name(i, len(prompts))
             if not prompt:
@@ -237,6 +237,7 @@ class Server:
                 while not events.empty():  # everything already here leaves as one chunk per sample
                     burst.append(events.get_nowait())
                 deltas: dict[tuple[int, int], str] = {}
+                unpushed: dict[tuple[int, int], list[int]] = {}  # no stop strings: one push per sample and burst
                 for j, event in burst:
                     key = (j, event.index)
                     if key not in open_samples:
@@ -247,6 +248,9 @@ class Server:
                             self.ttft.observe(time.monotonic() - started)
                             first = False
                         pending[key].append((event.token, event.logprob, event.top_logprobs))
+                        if not stream.stops:
+                            unpushed.setdefault(key, []).append(event.token)
+                            continue
                         delta = stream.push(event.token)
                         if stream.stopped:
                             open_samples.discard(key)
@@ -255,7 +259,12 @@ class Server:
                             deltas[key] = deltas.get(key, "") + delta
                     else:
                         open_samples.discard(key)
-                        yield index, deltas.pop(key, "") + stream.flush(), event.finish_reason, pending.pop(key)
+                        text = stream.push(*unpushed.pop(key)) if key in unpushed else ""
+                        yield index, deltas.pop(key, "") + text + stream.flush(), event.finish_reason, pending.pop(key)
+                for key, tokens in unpushed.items():
+                    delta = jobs[key[0]].streams[key[1]].push(*tokens)
+                    if delta:
+                        deltas[key] = deltas.get(key, "") + delta
                 for (j, i), text in deltas.items():
                     yield j * n + i, text, None, pending[(j, i)]
                     pending[(j, i)] = []

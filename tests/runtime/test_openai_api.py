@@ -39,6 +39,29 @@ def test_streamed_deltas_join_to_the_whole_decode(make):
 
 
 @pytest.mark.parametrize("make", [make_tiny_tokenizer, metaspace_tokenizer], ids=["byte-level", "metaspace"])
+def test_several_tokens_per_push_and_the_backend_decode_give_the_same_text(make):
+    """The server pushes a burst's tokens at once (no stop strings) and decodes with the Rust backend where the
+    wrapper would add nothing: the same text as one token at a time through `tokenizer.decode`."""
+    tokenizer = make()
+    ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    whole = tokenizer.decode(ids, skip_special_tokens=True)
+    stream = TextStream(tokenizer, [])
+    assert stream.backend is not None  # both are fast tokenizers without space clean-up
+    bursts, at = [], 0
+    for n in [1, 5, 3, 8, 2] * len(ids):  # bursts of varying sizes, covering every token once
+        bursts.append(ids[at:at + n])
+        at += n
+        if at >= len(ids):
+            break
+    deltas = [stream.push(*burst) for burst in bursts]
+    assert "".join(deltas) + stream.flush() == whole
+    assert all("\ufffd" not in d for d in deltas) and sum(1 for d in deltas if d) > len(bursts) // 3
+    wrapped = TextStream(tokenizer, [])
+    wrapped.backend = None  # through tokenizer.decode
+    assert "".join(wrapped.push(t) for t in ids) + wrapped.flush() == whole
+
+
+@pytest.mark.parametrize("make", [make_tiny_tokenizer, metaspace_tokenizer], ids=["byte-level", "metaspace"])
 def test_stop_strings_cut_where_the_whole_decode_would(make):
     tokenizer = make()
     ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
