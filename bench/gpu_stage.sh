@@ -18,6 +18,8 @@
 #   serve7: issue 17, steps with prompt chunks as token rows of the decode kernels (carry artifacts/gpu_like, .whl):
 #          CUDA tests, the prefill pass, the serving core (token rows vs padded), HTTP at 64 clients and at 1
 #   serve8: issue 17, HTTP at 64 clients from one client process and from four, CPU share of each process
+#   serve9: issue 17, final figures: CUDA tests, the serving core, HTTP at 64 clients (four client processes and
+#          one), concurrency 1 beside the static decoder on the same prompts
 #   prefill: the prompt-chunk pass timed (fused or modules, chunks together or per sequence) and profiled
 #   decode: CUDA tests of the static decoder and the decode benchmark (no model file needed)
 #   fused: CUDA tests and the tile sweep + benchmark of the fused Triton step (no model file needed)
@@ -60,9 +62,9 @@ http64() {  # the server under 64 HTTP clients (random weights in $W/random); $1
     --client-processes "${3:-1}" \
     --out "$OUT/serve-cuda-64-$1.json" 2>&1 | grep -v -i "warn\|it/s"
 }
-serve_concurrency1() {  # one client through HTTP, beside runtime.generate --static at batch 1
+serve_concurrency1() {  # one client through HTTP, beside the static decoder at batch 1 on the same prompts
   python3 -m runtime.bench --artifact "$W/random" --device cuda --concurrency 1 --requests 8 --prompt-len 128 \
-    --max-tokens 128 --max-running 64 --no-baseline --out "$OUT/serve-cuda-1.json" 2>&1 | grep -v -i "warn\|it/s"
+    --max-tokens 128 --max-running 64 --no-baseline --static-baseline --out "$OUT/serve-cuda-1.json" 2>&1 | grep -v -i "warn\|it/s"
   python3 -m runtime.generate --artifact "$W/random" --static --device cuda --max-tokens 128 \
     --prompt "The fire service says the blaze near the town is now under control, and residents" 2>&1 | tail -1
 }
@@ -211,6 +213,19 @@ case "$1" in
     http64 one-client "--engine-process" 1
     http64 four-clients "--engine-process" 4
     http64 four-clients-thread "--no-engine-process" 4
+    ;;
+  serve9)
+    # issue 17, final figures: CUDA tests; the serving core in-process; HTTP at 64 clients from four client
+    # processes and from one; concurrency 1 beside the static decoder on the same prompts
+    python3 -m pytest -q -p no:cacheprovider tests/runtime/test_paged_attention.py tests/runtime/test_scheduler.py \
+      2>&1 | grep -E "^E |passed|failed" | head -10 || true
+    python3 bench/scheduler_load.py --device cuda --clients 64 --requests 512 --runs batched padded_chunks \
+      static_decode 2>&1 | grep -v Warning
+    cp artifacts/bench/scheduler_load.json "$OUT"/
+    python3 bench/random_artifact.py --like artifacts/gpu_like --out "$W/random" 2>&1 | tail -1
+    http64 four-clients "--engine-process" 4
+    http64 one-client "--engine-process" 1
+    serve_concurrency1
     ;;
   prefill)
     # the prompt-chunk pass (the server's mixed steps) timed four ways and profiled

@@ -46,6 +46,8 @@ class BenchConfig:
     decode_steps: int | None = field(None, help="server: greedy decode steps per device call (default: its own)")
     server_args: str | None = field(None, help="more flags for the started server, written --server-args=\"--flag value\"")
     baseline: bool = field(True, help="also run serial HF generate on the same requests")
+    static_baseline: bool = field(False, help="also decode the same prompts one at a time with our static decoder "
+                                  "(runtime.generate --static): the server's per-request decode rate against it")
     baseline_requests: int | None = field(None, help="run the serial baseline on the first N requests only "
                                           "(it is slow; throughput does not depend on the count)")
     out: str | None = field(None, help="JSON output (default artifacts/bench/serve-<device>.json)")
@@ -211,6 +213,27 @@ def hf_serial(cfg: BenchConfig, prompts: list[list[int]], tokenizer: Any) -> dic
             "service_time_s": percentiles(service), "latency_if_all_arrive_at_once_s": percentiles(finish)}
 
 
+def static_serial(cfg: BenchConfig, prompts: list[list[int]]) -> dict[str, Any]:
+    """The same prompts through `StaticDecoder` at batch 1 (fused kernels + CUDA graph on CUDA, as
+    `runtime.generate --static`), greedy, `max_tokens` each: decode tok/s per request after the first token."""
+    import torch
+
+    from runtime.loading import load_model
+    from runtime.static_decode import StaticDecoder
+
+    cuda = cfg.device.startswith("cuda")
+    model = load_model(cfg.artifact, cfg.device, dtype=torch.bfloat16 if cuda else None)
+    static = StaticDecoder(model, max_batch=1, max_len=max(map(len, prompts)) + cfg.max_tokens + 1)
+    if cuda and not static.unfusable:
+        static.use_fused_kernels()
+    static.generate([prompts[0]], 2)  # compile the kernels and capture the graph outside the timing
+    rates = []
+    for prompt in prompts:
+        static.generate([prompt], cfg.max_tokens)
+        rates.append((cfg.max_tokens - 1) / static.timings[1])
+    return {"baseline": "static decoder, batch 1", "decode_tok_s_per_request": percentiles(rates)}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_config(BenchConfig, argv, "python -m runtime.bench", __doc__.splitlines()[0])
     from runtime.loading import load_tokenizer
@@ -246,6 +269,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("baseline: the same requests one at a time (HF generate; our ONNX engine for an export) ...", flush=True)
         result["hf_serial"] = hf_serial(cfg, prompts[:cfg.baseline_requests], tokenizer)
         result["throughput_ratio"] = served["throughput_tok_s"] / result["hf_serial"]["throughput_tok_s"]
+    if cfg.static_baseline:
+        print("static baseline: the same prompts one at a time through our static decoder ...", flush=True)
+        result["static_serial"] = static_serial(cfg, prompts)
+        result["decode_share_of_static"] = (served["decode_tok_s_per_request"]["p50"] or 0) / result[
+            "static_serial"]["decode_tok_s_per_request"]["p50"]
     out = Path(cfg.out or f"artifacts/bench/serve-{cfg.device.split(':')[0]}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -264,6 +292,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{kind} {int(calls)} ({steps['step_tokens'][kind] / calls:.1f} tokens, "
             f"{1e3 * steps['step_seconds'][kind] / calls:.2f} ms of which host "
             f"{1e3 * steps['step_host_seconds'][kind] / calls:.2f} ms)" for kind, calls in steps["steps"].items()))
+    if cfg.static_baseline:
+        print(f"static decoder at batch 1, same prompts: decode per request p50 "
+              f"{result['static_serial']['decode_tok_s_per_request']['p50']:.1f} tok/s; the server's share "
+              f"{result['decode_share_of_static']:.1%}")
     if cfg.baseline:
         h = result["hf_serial"]
         print(f"{h['baseline']}: {h['throughput_tok_s']:.1f} tok/s, service p50 {h['service_time_s']['p50']:.2f} s, "

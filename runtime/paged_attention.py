@@ -73,6 +73,13 @@ def rope_and_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, posi
     return _triton.run_rope_write(qkv, cos, sin, positions, blocks, offsets, k_pool, v_pool, heads)
 
 
+def advance_decode(best: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,
+                   blocks: torch.Tensor, offsets: torch.Tensor, block_tables: torch.Tensor, block_size: int) -> None:
+    """A multi-step decode's next metadata in one kernel (Triton only): ids <- the argmax packed in `best` by
+    `fused_linear(..., argmax_into=best)`, positions and lengths + 1, (blocks, offsets) of the new position."""
+    _triton.run_advance(best, ids, positions, lengths, blocks, offsets, block_tables, block_size)
+
+
 def _interpreting() -> bool:
     import os
 

@@ -140,3 +140,27 @@ def run_rope_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, posi
                                            k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), HEADS=heads,
                                            KV_HEADS=kv_heads, GROUP=heads // kv_heads, D=dim, num_warps=1)
     return q
+
+
+@triton.jit
+def _advance_kernel(best_ptr, ids_ptr, pos_ptr, len_ptr, blocks_ptr, offsets_ptr, tables_ptr, table_stride, width,
+                    rows, BLOCK: tl.constexpr, R: tl.constexpr):
+    """A multi-step decode's metadata for its next step, in one launch: the argmax packed by the LM head becomes
+    each row's input id, positions and lengths + 1, the new position's block from the row's table."""
+    r = tl.arange(0, R)
+    ok = r < rows
+    best = tl.load(best_ptr + r, mask=ok, other=0)
+    tl.store(ids_ptr + r, (0xFFFFFFFF - (best & 0xFFFFFFFF)).to(tl.int32), mask=ok)
+    pos = tl.load(pos_ptr + r, mask=ok, other=0) + 1
+    tl.store(pos_ptr + r, pos, mask=ok)
+    tl.store(len_ptr + r, tl.load(len_ptr + r, mask=ok, other=0) + 1, mask=ok)
+    column = tl.minimum(pos // BLOCK, width - 1)  # (the last step's advance may point past the reserved blocks)
+    tl.store(blocks_ptr + r, tl.load(tables_ptr + r * table_stride + column, mask=ok, other=0), mask=ok)
+    tl.store(offsets_ptr + r, pos % BLOCK, mask=ok)
+
+
+def run_advance(best: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor,
+                blocks: torch.Tensor, offsets: torch.Tensor, block_tables: torch.Tensor, block_size: int) -> None:
+    rows = ids.shape[0]
+    _advance_kernel[(1,)](best, ids, positions, lengths, blocks, offsets, block_tables, block_tables.stride(0),
+                          block_tables.shape[1], rows, BLOCK=block_size, R=triton.next_power_of_2(rows), num_warps=1)

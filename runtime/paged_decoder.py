@@ -40,6 +40,7 @@ from core.family import (
 )
 from runtime.kv_cache import BlockPool, Sequence
 from runtime.paged_attention import (
+    advance_decode,
     kernel_applies,
     paged_decode_attention,
     paged_qkv_decode_attention,
@@ -246,14 +247,26 @@ class PagedDecoder:
 
     def _advance_step(self, meta: torch.Tensor, rows: int) -> torch.Tensor:
         """One decode step over the flat metadata, then the metadata of the next: its argmax as the input ids,
-        positions and lengths + 1, and the KV slot of the new position from the block table."""
+        positions and lengths + 1, and the KV slot of the new position from the block table. Fused: the LM
+        head folds each row's argmax into a packed int64 (no logits written) and one kernel advances the
+        metadata; returns those packed values (else the logits)."""
         args = self._step_args(meta, rows)
+        bs = self.pool.block_size
+        tables = args["block_tables"]  # (the last step's advance may point past the reserved blocks: unused)
+        if self.use_fused:
+            from runtime.triton_decode import ARGMAX_EMPTY, fused_linear
+
+            f = self.fused
+            best = torch.full((rows,), ARGMAX_EMPTY, dtype=torch.int64, device=self.device)
+            fused_linear(self._fused_hidden(args["ids"], args["blocks"], args["offsets"], tables, args["lengths"]),
+                         f.lm_head, norm=f.norm, eps=f.eps, argmax_into=best)
+            advance_decode(best, args["ids"], args["positions"], args["lengths"], args["blocks"], args["offsets"],
+                           tables, bs)
+            return best
         logits = self._decode_step(**args)
         args["ids"].copy_(logits.argmax(-1))
         args["positions"].add_(1)
         args["lengths"].add_(1)
-        bs = self.pool.block_size
-        tables = args["block_tables"]  # (the last step's advance may point past the reserved blocks: unused)
         column = (args["positions"] // bs).long().clamp(max=tables.shape[1] - 1)
         args["blocks"].copy_(tables.gather(1, column[:, None])[:, 0])
         args["offsets"].copy_(args["positions"] % bs)
@@ -358,12 +371,19 @@ class PagedDecoder:
         from runtime.triton_decode import fused_linear
 
         f = self.fused
+        return fused_linear(self._fused_hidden(ids, blocks, offsets, block_tables, lengths), f.lm_head, norm=f.norm,
+                            eps=f.eps)
+
+    def _fused_hidden(self, ids: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor,
+                      block_tables: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The fused decode step's last layer output (before the final norm and the LM head)."""
+        f = self.fused
         pools = [(self.pool.k[li], self.pool.v[li]) for li in range(len(f.layers))]
 
         def attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
             return paged_qkv_decode_attention(qkv, f.cos, f.sin, k_pool, v_pool, blocks, offsets, block_tables,
                                               lengths, self.heads, f.scale)
-        return fused_linear(f._fused_layers(ids, pools, attention), f.lm_head, norm=f.norm, eps=f.eps)
+        return f._fused_layers(ids, pools, attention)
 
     # --- prefill and mixed steps ----------------------------------------------------------------------
 
