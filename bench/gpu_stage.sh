@@ -20,6 +20,7 @@
 #   serve8: issue 17, HTTP at 64 clients from one client process and from four, CPU share of each process
 #   serve9: issue 17, final figures: CUDA tests, the serving core, HTTP at 64 clients (four client processes and
 #          one), concurrency 1 beside the static decoder on the same prompts
+#   serve10: issue 17, token rows with one table per sequence: tests, prefill, serving core, HTTP, concurrency 1
 #   prefill: the prompt-chunk pass timed (fused or modules, chunks together or per sequence) and profiled
 #   decode: CUDA tests of the static decoder and the decode benchmark (no model file needed)
 #   fused: CUDA tests and the tile sweep + benchmark of the fused Triton step (no model file needed)
@@ -225,6 +226,20 @@ case "$1" in
     python3 bench/random_artifact.py --like artifacts/gpu_like --out "$W/random" 2>&1 | tail -1
     http64 four-clients "--engine-process" 4
     http64 one-client "--engine-process" 1
+    serve_concurrency1
+    ;;
+  serve10)
+    # issue 17: token rows reading one table per sequence, attention in 64-position tiles: CUDA tests, the
+    # prefill pass, the serving core, HTTP at 64 clients (four client processes), concurrency 1
+    python3 -m pytest -q -p no:cacheprovider tests/runtime/test_paged_attention.py 2>&1 \
+      | grep -E "^E |passed|failed" | head -10 || true
+    python3 bench/prefill.py --device cuda --prompts 1 4 16 --repeats 5 2>&1 | grep -v -i "warn\|USDT"
+    cp artifacts/bench/prefill.json "$OUT"/
+    python3 bench/scheduler_load.py --device cuda --clients 64 --requests 512 --runs batched static_decode \
+      2>&1 | grep -v Warning
+    cp artifacts/bench/scheduler_load.json "$OUT"/
+    python3 bench/random_artifact.py --like artifacts/gpu_like --out "$W/random" 2>&1 | tail -1
+    http64 four-clients "--engine-process" 4
     serve_concurrency1
     ;;
   prefill)

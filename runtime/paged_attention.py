@@ -47,11 +47,15 @@ def kernel_applies(q: torch.Tensor, k_pool: torch.Tensor, softcap: float | None,
 
 def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
                            lengths: torch.Tensor, scale: float, window: int | None = None,
-                           softcap: float | None = None, interpreter: bool = False) -> torch.Tensor:
-    """The Triton kernel where it applies (CUDA; the interpreter when tests ask), else the gathered reference."""
+                           softcap: float | None = None, interpreter: bool = False,
+                           table_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton kernel where it applies (CUDA; the interpreter when tests ask), else the gathered reference.
+    `table_rows` (B,): the row of `block_tables` each query reads (default: its own; several query rows of one
+    prompt chunk share their sequence's)."""
     if not kernel_applies(q, k_pool, softcap, interpreter):
-        return paged_decode_attention_torch(q, k_pool, v_pool, block_tables, lengths, scale, window, softcap)
-    return _triton.run(q, k_pool, v_pool, block_tables, lengths, scale, window)
+        tables = block_tables if table_rows is None else block_tables[table_rows.long()]
+        return paged_decode_attention_torch(q, k_pool, v_pool, tables, lengths, scale, window, softcap)
+    return _triton.run(q, k_pool, v_pool, block_tables, lengths, scale, window, table_rows)
 
 
 def paged_qkv_decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_pool: torch.Tensor,

@@ -15,12 +15,17 @@ from runtime.triton_decode import (
     gdc_wait,
 )
 
+QKV_TILE = 64  # positions per step of the attention loops (a multiple of the block size)
+
 
 @triton.jit
-def _paged_decode_kernel(q_ptr, k_pool, v_pool, tables_ptr, lengths_ptr, out_ptr, q_stride_b, q_stride_h,
-                         pool_block, pool_slot, pool_head, table_stride, out_stride_b, out_stride_h, scale, window,
-                         GROUP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
-    """Sequence b, KV head h: its query group against the blocks of its table, online softmax."""
+def _paged_decode_kernel(q_ptr, k_pool, v_pool, tables_ptr, table_rows_ptr, lengths_ptr, out_ptr, q_stride_b,
+                         q_stride_h, pool_block, pool_slot, pool_head, table_stride, out_stride_b, out_stride_h, scale,
+                         window, GROUP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr,
+                         ROW_TABLES: tl.constexpr, PRECISION: tl.constexpr):
+    """Query row b, KV head h: its query group against the blocks of its table (row b of the tables, or the
+    row `table_rows[b]` names: the token rows of one prompt chunk share their sequence's), TILE positions
+    per step (gathered from TILE // BLOCK blocks), online softmax."""
     b, h = tl.program_id(0), tl.program_id(1)
     d = tl.arange(0, D)
     g = tl.arange(0, 16)
@@ -28,17 +33,18 @@ def _paged_decode_kernel(q_ptr, k_pool, v_pool, tables_ptr, lengths_ptr, out_ptr
     q = tl.load(q_ptr + b * q_stride_b + (h * GROUP + g)[:, None] * q_stride_h + d[None, :], mask=g_ok[:, None],
                 other=0.0)
     length = tl.load(lengths_ptr + b)
-    # start at the block holding the oldest visible position, so no tile is wholly masked (no window: 2^30)
-    first = tl.maximum(length - window, 0) // BLOCK
+    table = tables_ptr + (tl.load(table_rows_ptr + b).to(tl.int64) if ROW_TABLES else b) * table_stride
+    # start at the tile holding the oldest visible position, so no tile is wholly masked (no window: 2^30)
+    first = tl.maximum(length - window, 0) // TILE * TILE
     best = tl.full((16,), float("-inf"), tl.float32)
     total = tl.zeros((16,), tl.float32)
     acc = tl.zeros((16, D), tl.float32)
-    slots = tl.arange(0, BLOCK)
-    for j in range(first, tl.cdiv(length, BLOCK)):
-        block = tl.load(tables_ptr + b * table_stride + j).to(tl.int64)
-        cols = j * BLOCK + slots
-        ok = (cols < length) & (cols > length - 1 - window)
-        at = block * pool_block + slots[:, None] * pool_slot + h * pool_head + d[None, :]
+    cols = tl.arange(0, TILE)
+    for start in range(first, length, TILE):
+        at_col = start + cols
+        ok = (at_col < length) & (at_col > length - 1 - window)
+        block = tl.load(table + at_col // BLOCK, mask=ok, other=0).to(tl.int64)
+        at = block[:, None] * pool_block + (at_col % BLOCK)[:, None] * pool_slot + h * pool_head + d[None, :]
         best, total, acc = _attend_tile(q, k_pool + at, v_pool + at, ok, ok[None, :], best, total, acc, scale,
                                         PRECISION)
     out = acc / total[:, None]
@@ -47,15 +53,17 @@ def _paged_decode_kernel(q_ptr, k_pool, v_pool, tables_ptr, lengths_ptr, out_ptr
 
 
 def run(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
-        lengths: torch.Tensor, scale: float, window: int | None) -> torch.Tensor:
+        lengths: torch.Tensor, scale: float, window: int | None, table_rows: torch.Tensor | None = None
+        ) -> torch.Tensor:
     batch, heads, dim = q.shape
     kv_heads = k_pool.shape[2]
     q = q.to(k_pool.dtype)
     out = torch.empty_like(q)
     _paged_decode_kernel[(batch, kv_heads)](
-        q, k_pool, v_pool, block_tables, lengths, out, q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1),
-        k_pool.stride(2), block_tables.stride(0), out.stride(0), out.stride(1), scale, window or 2**30,
-        GROUP=heads // kv_heads, D=dim, BLOCK=k_pool.shape[1],
+        q, k_pool, v_pool, block_tables, lengths if table_rows is None else table_rows, lengths, out, q.stride(0),
+        q.stride(1), k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), block_tables.stride(0), out.stride(0),
+        out.stride(1), scale, window or 2**30, GROUP=heads // kv_heads, D=dim, BLOCK=k_pool.shape[1],
+        TILE=max(QKV_TILE, k_pool.shape[1]), ROW_TABLES=table_rows is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else None, num_warps=4)
     return out
 
@@ -98,7 +106,6 @@ def _paged_qkv_decode_kernel(qkv_ptr, cos_ptr, sin_ptr, k_pool, v_pool, tables_p
              mask=g_ok[:, None])
 
 
-QKV_TILE = 64  # positions per step of the fused step's attention (a multiple of the block size)
 
 
 def run_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,

@@ -104,6 +104,7 @@ class PagedDecoder:
         self.use_graphs = self.device.type == "cuda" and applies
         self.graphs: dict[tuple[int, bool, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.row_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.max_spans = 64  # sequences per token-rows graph step (`warm_up` sets the server's max_running)
         context = getattr(cfg, "max_position_embeddings", None) or num_blocks * block_size
         self.max_table = min(num_blocks, -(-context // block_size))  # block-table width of the graphs' buffers
         wanted = self.device.type == "cuda" if fused is None else fused
@@ -285,6 +286,7 @@ class PagedDecoder:
             self.forward(seqs)
             for s in seqs:
                 self.pool.free_sequence(s)
+        self.max_spans = max(max_rows, 1)
         if self.use_graphs:
             for rows in BUCKETS[:BUCKETS.index(bucket(max_rows) or BUCKETS[-1]) + 1]:
                 for advance in (False, True):
@@ -387,9 +389,11 @@ class PagedDecoder:
 
     # --- prefill and mixed steps ----------------------------------------------------------------------
 
+    ROW_META = ("ids", "positions", "blocks", "offsets", "lengths", "table_rows")  # then one table per sequence
+
     def _token_rows(self, spans: list, last_only: bool | list[bool]) -> list[torch.Tensor]:
         """A step with prompt chunks through the fused kernels, every new token one row of the decode step's
-        metadata (its sequence's block table, its position): per layer the fused projection, one kernel that
+        metadata (its position, its sequence's block table): per layer the fused projection, one kernel that
         rotates and writes every row's K/V, then the paged decode kernel over all rows (row p sees positions
         <= p, so causality needs no mask). Five launches per layer whatever the chunks, replayed from a CUDA
         graph per token-count bucket (`ROW_BUCKETS`); the LM head runs on the wanted rows only."""
@@ -397,12 +401,13 @@ class PagedDecoder:
 
         n, width = sum(b - a for _, a, b in spans), max(len(s.block_table) for s, _, _ in spans)
         rows = next((r for r in ROW_BUCKETS if r >= n), None)
-        if self.use_graphs and rows is not None and width <= self.max_table:
+        if self.use_graphs and rows is not None and width <= self.max_table and len(spans) <= self.max_spans:
             graph, meta, hidden = self._row_graph(rows)
-            meta.copy_(self._decode_inputs(spans, rows, self.max_table), non_blocking=True)
+            meta.copy_(self._row_inputs(spans, rows, self.max_table, self._span_rows(rows)), non_blocking=True)
             graph.replay()
         else:
-            hidden = self._rows_step(**self._step_args(self._decode_inputs(spans, n, width).to(self.device), n))
+            meta = self._row_inputs(spans, n, width, len(spans) + 1).to(self.device)
+            hidden = self._rows_step(**self._row_args(meta, n, width))
         wanted, start = [], 0  # every span's last row, or all of its rows
         for i, (s, a, b) in enumerate(spans):
             last = last_only[i] if isinstance(last_only, list) else last_only
@@ -414,27 +419,56 @@ class PagedDecoder:
         logits = fused_linear(hidden.index_select(0, index), f.lm_head, norm=f.norm, eps=f.eps)
         return list(logits.split([len(r) for r in wanted]))
 
+    def _span_rows(self, rows: int) -> int:
+        """Block-table rows of a token-rows graph of `rows` rows: its sequences', then the padding rows' one."""
+        return min(rows, self.max_spans) + 1
+
+    def _row_inputs(self, spans: list, rows: int, width: int, span_rows: int) -> torch.Tensor:
+        """A token-rows step's metadata in one flat int32 array: the `ROW_META` columns (`rows` entries; padding
+        rows write to the scratch block and read table row len(spans), all scratch), then `span_rows` block
+        tables `width` wide, one per sequence."""
+        bs = self.pool.block_size
+        columns = np.zeros((len(self.ROW_META), rows), dtype=np.int32)
+        columns[2], columns[4], columns[5] = self.scratch, 1, len(spans)
+        tables = np.zeros((span_rows, width), dtype=np.int32)
+        tables[len(spans):] = self.scratch
+        at = 0
+        for i, (s, a, b) in enumerate(spans):
+            table = np.asarray(s.block_table, dtype=np.int32)
+            positions = np.arange(a, b, dtype=np.int32)
+            columns[:, at:at + b - a] = (s.tokens[a:b], positions, table[positions // bs], positions % bs,
+                                         positions + 1, np.full(b - a, i, dtype=np.int32))
+            tables[i, :len(table)] = table
+            at += b - a
+        return torch.from_numpy(np.concatenate([columns.ravel(), tables.ravel()]))
+
+    def _row_args(self, meta: torch.Tensor, rows: int, width: int) -> dict[str, torch.Tensor]:
+        """`_rows_step`'s keyword arguments: views of the flat metadata (tables `width` wide)."""
+        args = {name: meta[i * rows:(i + 1) * rows] for i, name in enumerate(self.ROW_META)}
+        args["block_tables"] = meta[len(self.ROW_META) * rows:].view(-1, width)
+        return args
+
     def _rows_step(self, ids: torch.Tensor, positions: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor,
-                   block_tables: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+                   lengths: torch.Tensor, table_rows: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
         """The last layer's output rows (before the final norm) of `_token_rows`' step."""
         f = self.fused
         pools = [(self.pool.k[li], self.pool.v[li]) for li in range(len(f.layers))]
 
         def attention(qkv: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
             q = rope_and_write(qkv, f.cos, f.sin, positions, blocks, offsets, k_pool, v_pool, self.heads)
-            return paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, f.scale,
-                                          interpreter=True).view(q.shape[0], -1)
+            return paged_decode_attention(q, k_pool, v_pool, block_tables, lengths, f.scale, interpreter=True,
+                                          table_rows=table_rows).view(q.shape[0], -1)
         return f._fused_layers(ids, pools, attention)
 
     def _row_graph(self, rows: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
         """The CUDA graph of `_rows_step` over `rows` token rows (captured on first use or by `warm_up`); its
         warm-up runs write only to the scratch block."""
         if rows not in self.row_graphs:
-            meta = self._decode_inputs([], rows, self.max_table).to(self.device)
+            meta = self._row_inputs([], rows, self.max_table, self._span_rows(rows)).to(self.device)
             output: dict[str, torch.Tensor] = {}
 
             def step() -> None:
-                output["hidden"] = self._rows_step(**self._step_args(meta, rows))
+                output["hidden"] = self._rows_step(**self._row_args(meta, rows, self.max_table))
             self.row_graphs[rows] = capture_graph(step, []), meta, output["hidden"]
         return self.row_graphs[rows]
 

@@ -55,6 +55,27 @@ def test_kernel_equals_per_sequence_attention(window, heads, kv_heads):
     torch.testing.assert_close(got, _per_sequence(q, k, v, tables, lengths, 0.2, window), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("window", [None, 40])
+def test_query_rows_sharing_a_table_equal_per_sequence_attention(window):
+    """The token rows of a prompt chunk: several query rows read one sequence's table (`table_rows`), at
+    lengths spanning several 64-position tiles; the kernel and the gathered path = per-sequence attention."""
+    pytest.importorskip("triton")
+    gen = torch.Generator().manual_seed(4)
+    k, v = torch.randn(2, 40, 16, 3, 32, generator=gen)
+    seqs = [list(range(9)), [10, 11, 12, 13, 14]]
+    lengths, table_rows = torch.tensor([1, 65, 130, 70, 129]), torch.tensor([0, 0, 0, 1, 0], dtype=torch.int32)
+    q = torch.randn(5, 9, 32, generator=gen)
+    block_tables = torch.tensor([seqs[0], seqs[1] + [0] * 4], dtype=torch.int32)
+    want = _per_sequence(q, k, v, [seqs[int(r)] for r in table_rows], lengths, 0.2, window)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    got = paged_decode_attention(*(t.to(device) for t in (q, k, v, block_tables, lengths)), 0.2, window,
+                                 interpreter=True, table_rows=table_rows.to(device)).cpu()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    gathered = paged_decode_attention(q, k, v, block_tables, lengths, 0.2, window, softcap=None,
+                                      table_rows=table_rows)  # interpreter not asked: the gathered path
+    torch.testing.assert_close(gathered, want, rtol=1e-4, atol=1e-4)
+
+
 def test_softcap_and_odd_shapes_take_the_gathered_path():
     q, k, v, tables_t, lengths, _ = _case(2, dim=24)  # head size 24: not a power of two
     assert not kernel_applies(q, k, None, interpreter=True)
