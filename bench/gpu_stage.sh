@@ -21,6 +21,7 @@
 #   serve9: issue 17, final figures: CUDA tests, the serving core, HTTP at 64 clients (four client processes and
 #          one), concurrency 1 beside the static decoder on the same prompts
 #   serve10: issue 17, token rows with one table per sequence: tests, prefill, serving core, HTTP, concurrency 1
+#   serve11: issue 17, short: the cuBLAS path's epilogues fused; test, serving core, HTTP at 64 clients
 #   prefill: the prompt-chunk pass timed (fused or modules, chunks together or per sequence) and profiled
 #   decode: CUDA tests of the static decoder and the decode benchmark (no model file needed)
 #   fused: CUDA tests and the tile sweep + benchmark of the fused Triton step (no model file needed)
@@ -241,6 +242,16 @@ case "$1" in
     python3 bench/random_artifact.py --like artifacts/gpu_like --out "$W/random" 2>&1 | tail -1
     http64 four-clients "--engine-process" 4
     serve_concurrency1
+    ;;
+  serve11)
+    # issue 17, short: the cuBLAS path's epilogues in few kernels (RMSNorm kernel, bf16 residual/SwiGLU): its CUDA
+    # test, the serving core, HTTP at 64 clients (four client processes)
+    python3 -m pytest -q -p no:cacheprovider tests/runtime/test_triton_decode.py -k equals_unfused 2>&1 \
+      | grep -E "^E |passed|failed" | head -10 || true
+    python3 bench/scheduler_load.py --device cuda --clients 64 --requests 512 --runs batched 2>&1 | grep -v Warning
+    cp artifacts/bench/scheduler_load.json "$OUT"/
+    python3 bench/random_artifact.py --like artifacts/gpu_like --out "$W/random" 2>&1 | tail -1
+    http64 four-clients "--engine-process" 4
     ;;
   prefill)
     # the prompt-chunk pass (the server's mixed steps) timed four ways and profiled

@@ -236,20 +236,44 @@ def _gemv_rows_kernel(x_ptr, w_ptr, out_ptr, norm_ptr, res_ptr, M, N, K, eps, HA
 TORCH_GEMM_ROWS = 256  # above this many rows (prompt chunks) cuBLAS beats the small-M Triton tiles
 
 
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, k, x_stride, out_stride, eps, K_PAD: tl.constexpr):
+    """Row r: RMSNorm rounded to x's dtype, times the norm weight, rounded to the output's (as the fused kernels)."""
+    row = tl.program_id(0)
+    cols = tl.arange(0, K_PAD)
+    ok = cols < k
+    x = tl.load(x_ptr + row * x_stride + cols, mask=ok, other=0.0).to(tl.float32)
+    normed = (x * tl.rsqrt(tl.sum(x * x, 0) / k + eps)).to(x_ptr.dtype.element_ty).to(tl.float32)
+    y = normed * tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * out_stride + cols, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def rms_norm_rows(x: torch.Tensor, norm: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """x (M, K) -> RMSNorm(x) * norm in `dtype`, one kernel (torch's ops take seven)."""
+    m, k = x.shape
+    out = torch.empty(m, k, device=x.device, dtype=dtype)
+    _rms_norm_kernel[(m,)](x, norm, out, k, x.stride(0), out.stride(0), eps, K_PAD=triton.next_power_of_2(k),
+                           num_warps=4)
+    return out
+
+
 def linear_torch(x: torch.Tensor, weight: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 1e-5,
                  residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
-    """`fused_linear` (without argmax) in separate torch ops, rounding where the kernel rounds: for many rows,
-    where cuBLAS's GEMM outruns the Triton tiles tuned for decode-sized batches."""
+    """`fused_linear` (without argmax) as cuBLAS's GEMM between few kernels, rounding where the kernel rounds:
+    for many rows, where cuBLAS outruns the Triton tiles tuned for decode-sized batches. (A bf16 torch op
+    computes in fp32 and rounds once, so the epilogues need no fp32 copies when every dtype is the weights'.)"""
     out_dtype = x.dtype
     if norm is not None:
-        xf = x.float()
-        x = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(out_dtype).float() * norm.float()
+        x = rms_norm_rows(x, norm, eps, weight.dtype)
     acc = torch.nn.functional.linear(x.to(weight.dtype), weight)  # rounded to the weights' dtype, as the kernel
+    same = out_dtype == weight.dtype and (residual is None or residual.dtype == weight.dtype)
     if swiglu:
-        gate, up = acc.float().chunk(2, dim=-1)
-        return (torch.nn.functional.silu(gate).to(weight.dtype).float() * up).to(out_dtype)
+        gate, up = acc.chunk(2, dim=-1)
+        if same:
+            return torch.nn.functional.silu(gate) * up
+        return (torch.nn.functional.silu(gate.float()).to(weight.dtype).float() * up.float()).to(out_dtype)
     if residual is not None:
-        return (acc.float() + residual.float()).to(out_dtype)
+        return acc + residual if same else (acc.float() + residual.float()).to(out_dtype)
     return acc.to(out_dtype)
 
 
