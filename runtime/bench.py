@@ -254,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         served = load_test(url, model, prompts, cfg)
         after = _cpu_seconds(proc.pid) if proc is not None else {}
         served["server_cpu_share"] = {name: (after[name] - before.get(name, 0.0)) / served["wall_s"] for name in after}
-        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        metrics = _samples(httpx.get(f"{url}/metrics", timeout=10).text)
     finally:
         if proc is not None:
             proc.terminate()
@@ -304,21 +304,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"wrote {out}")
 
 
-def _metric(text: str, name: str) -> float | None:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return None
+def _samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """The server's /metrics text as sample name -> (labels, value) pairs (prometheus_client's parser)."""
+    from prometheus_client.parser import text_string_to_metric_families
 
-
-def _by_kind(text: str, name: str) -> dict[str, float]:
-    """A labelled counter's values by its `kind` label."""
-    out = {}
-    for line in text.splitlines():
-        if line.startswith(name + '{kind="'):
-            label, value = line[len(name) + 7:].split('"} ')
-            out[label] = float(value)
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append((sample.labels, sample.value))
     return out
+
+
+def _metric(samples: dict, name: str) -> float | None:
+    """An unlabelled sample's value (None: the server does not export it)."""
+    return next((value for labels, value in samples.get(name, []) if not labels), None)
+
+
+def _by_kind(samples: dict, name: str) -> dict[str, float]:
+    """A labelled counter's values by its `kind` label."""
+    return {labels["kind"]: value for labels, value in samples.get(name, []) if "kind" in labels}
 
 
 def free_port() -> int:
