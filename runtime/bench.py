@@ -35,7 +35,8 @@ class BenchConfig:
     k: int = field(4, help="draft tokens per target step (with --draft)")
     force: bool = field(False, help="let the started server use a draft made for another target")
     concurrency: int = field(16, help="clients sending at once")
-    client_processes: int = field(1, help="client processes sharing the load (a fast server outruns one)")
+    client_processes: int | None = field(None, help="client processes sharing the load (default: 4 on CUDA, where "
+                                         "one Python client is slower than the server; else 1)")
     requests: int = field(64, help="requests in total")
     prompt_len: int = field(128, help="mean prompt length in tokens (mixed: L/2 .. 3L/2)")
     max_tokens: int = field(64, help="new tokens per request")
@@ -56,6 +57,8 @@ class BenchConfig:
     def validate(self) -> None:
         if not self.artifact:
             raise UserError("artifact: required (the baseline and the tokenizer come from it)")
+        if self.client_processes is None:
+            self.client_processes = 4 if self.device.startswith("cuda") else 1
         if min(self.concurrency, self.requests, self.prompt_len, self.max_tokens, self.client_processes) < 1:
             raise UserError("concurrency, requests, prompt_len, max_tokens and client_processes must be positive")
         if self.baseline_requests is not None and self.baseline_requests < 1:
@@ -286,6 +289,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"CPU busy (share of the wall time): {s['client_processes']} client process(es) "
           f"{s['client_cpu_share']:.0%} each, " + ", ".join(f"{name} {share:.0%}"
                                                         for name, share in s.get("server_cpu_share", {}).items()))
+    if s["client_cpu_share"] > 0.9:
+        print(f"note: the load generator was busy {s['client_cpu_share']:.0%} of the time: the figures may be its "
+              "limit, not the server's (raise --client-processes)")
     steps = result["server_steps"]
     if steps["steps"]:
         print("server steps: " + ", ".join(
