@@ -36,9 +36,13 @@ class ChunkSteps:
 
         n, width = sum(b - a for _, a, b in spans), max(len(s.block_table) for s, _, _ in spans)
         rows = next((r for r in ROW_BUCKETS if r >= n), None)
-        if self.use_graphs and rows is not None and width <= self.max_table and len(spans) <= self.max_spans:
+        graphed = self.use_graphs and rows is not None and width <= self.max_table
+        if graphed:
             graph, meta, hidden = self._row_graph(rows)
-            meta.copy_(self._row_inputs(spans, rows, self.max_table, self._span_rows(rows)), non_blocking=True)
+            span_rows = (meta.numel() - len(self.ROW_META) * rows) // self.max_table  # as captured
+            graphed = len(spans) < span_rows
+        if graphed:
+            meta.copy_(self._row_inputs(spans, rows, self.max_table, span_rows), non_blocking=True)
             graph.replay()
         else:
             meta = self._row_inputs(spans, n, width, len(spans) + 1).to(self.device)
@@ -49,13 +53,14 @@ class ChunkSteps:
             wanted.append(range(start + b - a - 1 if last else start, start + b - a))
             start += b - a
             s.cached = b
-        index = torch.tensor([r for span_rows in wanted for r in span_rows], device=self.device)
+        index = torch.tensor([r for picked in wanted for r in picked], device=self.device)
         f = self.fused
         logits = fused_linear(hidden.index_select(0, index), f.lm_head, norm=f.norm, eps=f.eps)
         return list(logits.split([len(r) for r in wanted]))
 
     def _span_rows(self, rows: int) -> int:
-        """Block-table rows of a token-rows graph of `rows` rows: its sequences', then the padding rows' one."""
+        """Block-table rows of a token-rows graph captured now for `rows` rows: its sequences' (up to
+        `max_spans`; a step of more runs eagerly), then the padding rows' one."""
         return min(rows, self.max_spans) + 1
 
     def _row_inputs(self, spans: list, rows: int, width: int, span_rows: int) -> torch.Tensor:

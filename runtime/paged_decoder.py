@@ -274,6 +274,7 @@ class PagedDecoder(ChunkSteps):
         """Capture the decode graphs of every bucket up to `max_rows` (and, where steps with prompt chunks run
         as token rows, their graphs up to `max_tokens` rows) and run one step of prompt chunks now (a server,
         before its first request), so no request waits for a capture or a kernel compilation."""
+        self.max_spans = max(max_rows, 1)
         if self.use_graphs and self.fused is not None:
             self.compile_fused_shapes()
         if self.flat_prefill:
@@ -283,7 +284,6 @@ class PagedDecoder(ChunkSteps):
             self.forward(seqs)
             for s in seqs:
                 self.pool.free_sequence(s)
-        self.max_spans = max(max_rows, 1)
         if self.use_graphs:
             for rows in BUCKETS[:BUCKETS.index(bucket(max_rows) or BUCKETS[-1]) + 1]:
                 for advance in (False, True):
