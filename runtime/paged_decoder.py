@@ -171,21 +171,18 @@ class PagedDecoder(ChunkSteps):
     META = ("ids", "positions", "blocks", "offsets", "lengths")  # one column each, then the block table
 
     def _decode_inputs(self, spans: list, rows: int, width: int) -> torch.Tensor:
-        """Host-built metadata of a step in one flat int32 array (one copy to the device): the `META` columns
-        of `rows` entries each, one per new token (position p of a span sees positions <= p), then the
-        (rows, width) block table; padding rows write to the scratch block."""
-        bs = self.pool.block_size
-        entries = [(s.tokens[p], p, s.block_table[p // bs], p % bs, p + 1) for s, a, b in spans for p in range(a, b)]
-        n = len(entries)
+        """Host-built metadata of a decode step in one flat int32 array (one copy to the device): the `META`
+        columns of `rows` entries each, then the (rows, width) block table; padding rows write to the
+        scratch block."""
+        bs, n = self.pool.block_size, len(spans)
         columns = np.zeros((len(self.META), rows), dtype=np.int32)
-        columns[:, :n] = np.array(entries, dtype=np.int32).reshape(n, len(self.META)).T
+        columns[:, :n] = np.array([(s.tokens[a], a, s.block_table[a // bs], a % bs, b) for s, a, b in spans],
+                                  dtype=np.int32).reshape(n, len(self.META)).T
         columns[2, n:], columns[4, n:] = self.scratch, 1
         tables = np.zeros((rows, width), dtype=np.int32)
         tables[n:] = self.scratch  # every column: a multi-step decode advances padding rows too
-        row = 0
-        for s, a, b in spans:
-            tables[row:row + b - a, :len(s.block_table)] = s.block_table
-            row += b - a
+        for i, (s, _, _) in enumerate(spans):
+            tables[i, :len(s.block_table)] = s.block_table
         return torch.from_numpy(np.concatenate([columns.ravel(), tables.ravel()]))
 
     def _step_args(self, meta: torch.Tensor, rows: int) -> dict[str, torch.Tensor]:
