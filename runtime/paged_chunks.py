@@ -47,16 +47,21 @@ class ChunkSteps:
         else:
             meta = self._row_inputs(spans, n, width, len(spans) + 1).to(self.device)
             hidden = self._rows_step(**self._row_args(meta, n, width))
-        wanted, start = [], 0  # every span's last row, or all of its rows
+        index, counts = self._wanted_rows(spans, last_only)
+        f = self.fused
+        return list(fused_linear(hidden.index_select(0, index), f.lm_head, norm=f.norm, eps=f.eps).split(counts))
+
+    def _wanted_rows(self, spans: list, last_only: bool | list[bool]) -> tuple[torch.Tensor, list[int]]:
+        """The rows whose logits a step returns, in its flat token order (every span's last, or all of its
+        rows: `last_only`, per span or for all) and how many per span; the spans' tokens are cached now."""
+        picked, counts, start = [], [], 0
         for i, (s, a, b) in enumerate(spans):
             last = last_only[i] if isinstance(last_only, list) else last_only
-            wanted.append(range(start + b - a - 1 if last else start, start + b - a))
+            picked.extend(range(start + b - a - 1 if last else start, start + b - a))
+            counts.append(1 if last else b - a)
             start += b - a
             s.cached = b
-        index = torch.tensor([r for picked in wanted for r in picked], device=self.device)
-        f = self.fused
-        logits = fused_linear(hidden.index_select(0, index), f.lm_head, norm=f.norm, eps=f.eps)
-        return list(logits.split([len(r) for r in wanted]))
+        return torch.tensor(picked, device=self.device), counts
 
     def _span_rows(self, rows: int) -> int:
         """Block-table rows of a token-rows graph captured now for `rows` rows: its sequences' (up to
@@ -217,10 +222,5 @@ class ChunkSteps:
         x = inner.norm(x)[0]
         starts = [0, *itertools.accumulate(b - a for _, a, b in spans)]
         self.features = [x[o:o + b - a] for o, (_, a, b) in zip(starts, spans, strict=False)]
-        wanted = []  # the rows whose logits are asked for: every span's last, or all of its rows
-        for i, (s, _, b) in enumerate(spans):
-            last = last_only[i] if isinstance(last_only, list) else last_only
-            wanted.append(range(starts[i + 1] - 1, starts[i + 1]) if last else range(starts[i], starts[i + 1]))
-            s.cached = b
-        index = torch.tensor([r for rows in wanted for r in rows], device=self.device)
-        return list(final_logits(self.model, x[index]).split([len(rows) for rows in wanted]))  # one head call
+        index, counts = self._wanted_rows(spans, last_only)
+        return list(final_logits(self.model, x[index]).split(counts))  # one head call
