@@ -11,6 +11,7 @@ from runtime.triton_decode import (
     _launch_options,
     _new_token,
     _start_softmax,
+    _unpack_max,
     gdc_launch_dependents,
     gdc_wait,
 )
@@ -157,7 +158,7 @@ def _advance_kernel(best_ptr, ids_ptr, pos_ptr, len_ptr, blocks_ptr, offsets_ptr
     r = tl.arange(0, R)
     ok = r < rows
     best = tl.load(best_ptr + r, mask=ok, other=0)
-    tl.store(ids_ptr + r, (0xFFFFFFFF - (best & 0xFFFFFFFF)).to(tl.int32), mask=ok)
+    tl.store(ids_ptr + r, _unpack_max(best).to(tl.int32), mask=ok)
     pos = tl.load(pos_ptr + r, mask=ok, other=0) + 1
     tl.store(pos_ptr + r, pos, mask=ok)
     tl.store(len_ptr + r, tl.load(len_ptr + r, mask=ok, other=0) + 1, mask=ok)

@@ -63,6 +63,12 @@ def _pack_max(values, cols, ok):
 
 
 @triton.jit
+def _unpack_max(best):
+    """The column packed by `_pack_max`."""
+    return 0xFFFFFFFF - (best & 0xFFFFFFFF)
+
+
+@triton.jit
 def _finish_step_kernel(best_ptr, tokens_ptr, pos_ptr, col_ptr, B, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Unpack the argmax into the next input tokens, reset it, advance positions and the cache column."""
     if PDL:
@@ -70,7 +76,7 @@ def _finish_step_kernel(best_ptr, tokens_ptr, pos_ptr, col_ptr, B, BLOCK: tl.con
     rows = tl.arange(0, BLOCK)
     ok = rows < B
     best = tl.load(best_ptr + rows, mask=ok, other=0)
-    tl.store(tokens_ptr + rows, 0xFFFFFFFF - (best & 0xFFFFFFFF), mask=ok)
+    tl.store(tokens_ptr + rows, _unpack_max(best), mask=ok)
     tl.store(best_ptr + rows, tl.full((BLOCK,), -9223372036854775807, tl.int64), mask=ok)
     tl.store(pos_ptr + rows, tl.load(pos_ptr + rows, mask=ok) + 1, mask=ok)
     tl.store(col_ptr, tl.load(col_ptr) + 1)
