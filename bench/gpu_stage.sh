@@ -22,6 +22,8 @@
 #          one), concurrency 1 beside the static decoder on the same prompts
 #   serve10: issue 17, token rows with one table per sequence: tests, prefill, serving core, HTTP, concurrency 1
 #   serve11: issue 17, short: the cuBLAS path's epilogues fused; test, serving core, HTTP at 64 clients
+#   serve12: issue 17, HTTP at 64 clients with 1, 2 and 4 front-end processes over the one engine process
+#          (`--api-processes`), 4 and 8 client processes; the token-rows CUDA tests
 #   prefill: the prompt-chunk pass timed (fused or modules, chunks together or per sequence) and profiled
 #   decode: CUDA tests of the static decoder and the decode benchmark (no model file needed)
 #   fused: CUDA tests and the tile sweep + benchmark of the fused Triton step (no model file needed)
@@ -252,6 +254,18 @@ case "$1" in
     cp artifacts/bench/scheduler_load.json "$OUT"/
     python3 bench/random_artifact.py --like artifacts/gpu_like --out "$W/random" 2>&1 | tail -1
     http64 four-clients "--engine-process" 4
+    ;;
+  serve12)
+    # issue 17: several HTTP front ends over the one engine process, interleaved with one, at 4 and 8 client processes
+    python3 -m pytest -q -p no:cacheprovider tests/runtime/test_paged_attention.py -k "token_rows" 2>&1 \
+      | grep -E "^E |passed|failed" | head -10 || true
+    python3 bench/random_artifact.py --like artifacts/gpu_like --out "$W/random" 2>&1 | tail -1
+    http64 api1-c4 "--engine-process" 4
+    http64 api2-c4 "--api-processes 2" 4
+    http64 api2-c8 "--api-processes 2" 8
+    http64 api4-c8 "--api-processes 4" 8
+    http64 api1-c8 "--engine-process" 8
+    http64 api2-c4-again "--api-processes 2" 4
     ;;
   prefill)
     # the prompt-chunk pass (the server's mixed steps) timed four ways and profiled

@@ -173,8 +173,8 @@ def _cpu_seconds(pid: int) -> dict[str, float]:
     for child in proc.children(recursive=True):
         try:
             cmd = " ".join(child.cmdline())
-            name = ("resource tracker" if "resource_tracker" in cmd else "engine process" if "spawn_main" in cmd
-                    else child.name())
+            name = ("resource tracker" if "resource_tracker" in cmd else
+                    child.environ().get("SHRINKWRAP_ROLE", "spawned process") if "spawn_main" in cmd else child.name())
             out[name] = out.get(name, 0.0) + sum(child.cpu_times()[:2])
         except psutil.Error:
             pass

@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 import re
 import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -81,6 +83,8 @@ class ServeConfig:
     engine_process: bool | None = field(None, help="run the scheduler in a process of its own, so the HTTP side "
                                         "and the scheduler's host work do not share one interpreter lock "
                                         "(default: on CUDA)")
+    api_processes: int = field(1, help="HTTP front-end processes over the one engine process (more than one: the "
+                               "engine runs in a process of its own; at GPU speed one front end cannot keep up)")
     gil_switch_ms: float = field(0.5, help="longest hold of the interpreter while another thread waits (Python's "
                                  "default: 5): after each device call the scheduler thread waits behind the HTTP "
                                  "event loop at most this long")
@@ -91,11 +95,14 @@ class ServeConfig:
         if not 0 < self.port < 65536:
             raise UserError(f"port: must be in 1..65535, got {self.port}")
         for name in ("max_running", "max_batch_tokens", "block_size", "num_blocks", "k", "decode_steps",
-                     "draft_max_batch"):
+                     "draft_max_batch", "api_processes"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"{name}: must be positive")
         if self.max_queue < 0 or self.response_cache < 0:
             raise UserError("max_queue and response_cache must be >= 0")
+        if self.api_processes > 1 and self.engine_process is False:
+            raise UserError("api_processes: more than one front end needs the engine in a process of its own "
+                            "(drop --no-engine-process)")
         if not 0 < self.gil_switch_ms <= 100:
             raise UserError(f"gil_switch_ms: must be in (0, 100], got {self.gil_switch_ms}")
 
@@ -122,6 +129,13 @@ class Server:
         self._pumps: dict[asyncio.AbstractEventLoop, EventPump] = {}
         self.registry = CollectorRegistry()
         self.registry.register(SchedulerCollector(scheduler))
+        self.exposed = self.registry  # what /metrics shows
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # one of several front ends: add up theirs
+            from prometheus_client.multiprocess import MultiProcessCollector
+
+            self.exposed = CollectorRegistry()
+            MultiProcessCollector(self.exposed)
+            self.exposed.register(SchedulerCollector(scheduler))
         buckets = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
         self.ttft = Histogram("shrinkwrap_time_to_first_token_seconds", "Time to first token", buckets=buckets,
                               registry=self.registry)
@@ -348,7 +362,7 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(generate_latest(server.registry), media_type=CONTENT_TYPE_LATEST)
+        return PlainTextResponse(generate_latest(server.exposed), media_type=CONTENT_TYPE_LATEST)
 
     async def handle(body: CompletionRequest | ChatRequest, http: HttpRequest, chat: bool):
         try:
@@ -467,8 +481,6 @@ def _sse(payload: dict[str, Any]) -> str:
 
 def build_server(cfg: ServeConfig) -> Server:
     """Load the model and start the scheduler: on a thread here, or in a process of its own."""
-    from pathlib import Path
-
     from runtime.trtllm_backend import import_trtllm, is_trtllm_engine
 
     if is_trtllm_engine(cfg.artifact):  # TensorRT-LLM's executor batches in flight behind the same API
@@ -482,18 +494,21 @@ def build_server(cfg: ServeConfig) -> Server:
         limit = min(cfg.max_model_len or engine_len, engine_len)
         scheduler = TrtllmScheduler(cfg.artifact, limit, cfg.max_queue)  # pragma: no cover
         scheduler.start()  # pragma: no cover
-        return Server(scheduler, load_tokenizer(cfg.artifact),  # pragma: no cover
-                      cfg.model_name or Path(cfg.artifact).resolve().name)
+        return Server(scheduler, load_tokenizer(cfg.artifact), model_name(cfg))  # pragma: no cover
     tokenizer = load_tokenizer(cfg.artifact)
     own_process = cfg.engine_process if cfg.engine_process is not None else cfg.device.startswith("cuda")
     if own_process:
         from runtime.engine_process import EngineClient
 
-        scheduler: Any = EngineClient(cfg)
+        scheduler: Any = EngineClient.spawn(cfg)
     else:
         scheduler = build_scheduler(cfg, tokenizer)
     scheduler.start()
-    return Server(scheduler, tokenizer, cfg.model_name or Path(cfg.artifact).resolve().name)
+    return Server(scheduler, tokenizer, model_name(cfg))
+
+
+def model_name(cfg: ServeConfig) -> str:
+    return cfg.model_name or Path(cfg.artifact).resolve().name
 
 
 def build_scheduler(cfg: ServeConfig, tokenizer: Any = None) -> Scheduler:
@@ -542,6 +557,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     import uvicorn
 
     cfg = parse_config(ServeConfig, argv, "python -m runtime.serve", __doc__.splitlines()[0])
+    if cfg.api_processes > 1:
+        from runtime.front_ends import serve_front_ends
+
+        return serve_front_ends(cfg)
     server = build_server(cfg)
     print(f"serving {server.model_name!r} on http://{cfg.host}:{cfg.port} (context {server.scheduler.max_context})",
           flush=True)

@@ -29,3 +29,37 @@ def running_server(artifact: str, **options):
         http.should_exit = True
         thread.join(10)
         server.scheduler.stop()
+
+
+@contextlib.contextmanager
+def server_process(artifact: str, *flags: str):
+    """`python -m runtime.serve` as a user starts it (its own process group), on a free port; stopped with
+    SIGTERM as a supervisor would, and every process it started must be gone after."""
+    import subprocess
+    import sys
+
+    import httpx
+    import psutil
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--artifact", artifact, "--port", str(port),
+                             *flags], start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            assert proc.poll() is None, f"the server exited with status {proc.returncode}"
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.2)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        yield url, children
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, f"left running: {[p.pid for p in alive]}"
