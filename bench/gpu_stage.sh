@@ -24,6 +24,8 @@
 #   serve11: issue 17, short: the cuBLAS path's epilogues fused; test, serving core, HTTP at 64 clients
 #   serve12: issue 17, HTTP at 64 clients with 1, 2 and 4 front-end processes over the one engine process
 #          (`--api-processes`), 4 and 8 client processes; the token-rows CUDA tests
+#   serve13: issue 17, final: CUDA tests of the paged kernels and scheduler; HTTP at 64 clients with the server's
+#          defaults (two front ends on CUDA) twice; concurrency 1 beside the static decoder
 #   prefill: the prompt-chunk pass timed (fused or modules, chunks together or per sequence) and profiled
 #   decode: CUDA tests of the static decoder and the decode benchmark (no model file needed)
 #   fused: CUDA tests and the tile sweep + benchmark of the fused Triton step (no model file needed)
@@ -266,6 +268,15 @@ case "$1" in
     http64 api4-c8 "--api-processes 4" 8
     http64 api1-c8 "--engine-process" 8
     http64 api2-c4-again "--api-processes 2" 4
+    ;;
+  serve13)
+    # issue 17, final figures with the server's defaults (two HTTP front ends over the engine process on CUDA)
+    python3 -m pytest -q -p no:cacheprovider tests/runtime/test_paged_attention.py tests/runtime/test_scheduler.py \
+      2>&1 | grep -E "^E |passed|failed" | head -10 || true
+    python3 bench/random_artifact.py --like artifacts/gpu_like --out "$W/random" 2>&1 | tail -1
+    http64 defaults-1 "" 4
+    http64 defaults-2 "" 4
+    serve_concurrency1
     ;;
   prefill)
     # the prompt-chunk pass (the server's mixed steps) timed four ways and profiled

@@ -83,8 +83,9 @@ class ServeConfig:
     engine_process: bool | None = field(None, help="run the scheduler in a process of its own, so the HTTP side "
                                         "and the scheduler's host work do not share one interpreter lock "
                                         "(default: on CUDA)")
-    api_processes: int = field(1, help="HTTP front-end processes over the one engine process (more than one: the "
-                               "engine runs in a process of its own; at GPU speed one front end cannot keep up)")
+    api_processes: int | None = field(None, help="HTTP front-end processes over the one engine process (more than "
+                                      "one: the engine runs in a process of its own; default: 2 on CUDA, where one "
+                                      "front end cannot keep up with the engine, else 1)")
     gil_switch_ms: float = field(0.5, help="longest hold of the interpreter while another thread waits (Python's "
                                  "default: 5): after each device call the scheduler thread waits behind the HTTP "
                                  "event loop at most this long")
@@ -100,6 +101,8 @@ class ServeConfig:
                 raise UserError(f"{name}: must be positive")
         if self.max_queue < 0 or self.response_cache < 0:
             raise UserError("max_queue and response_cache must be >= 0")
+        if self.api_processes is None:
+            self.api_processes = 2 if self.device.startswith("cuda") and self.engine_process is not False else 1
         if self.api_processes > 1 and self.engine_process is False:
             raise UserError("api_processes: more than one front end needs the engine in a process of its own "
                             "(drop --no-engine-process)")

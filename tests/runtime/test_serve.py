@@ -227,3 +227,20 @@ def test_two_front_end_processes_share_one_engine_queue_and_metrics(artifact):
         assert set(codes) <= {200, 429} and 429 in codes and 200 in codes
         after = responses()
         assert {s: after[s] - before[s] for s in after} == {"200": codes.count(200), "429": codes.count(429)}
+
+
+def test_front_end_count_defaults_by_device_and_needs_the_engine_process():
+    from core.errors import UserError
+    from runtime.serve import ServeConfig
+
+    def resolved(**options) -> int:
+        cfg = ServeConfig(artifact="a", **options)
+        cfg.validate()
+        return cfg.api_processes
+
+    assert resolved(device="cuda") == 2 and resolved(device="cpu") == 1
+    assert resolved(device="cuda", engine_process=False) == 1 and resolved(device="cpu", api_processes=3) == 3
+    with pytest.raises(UserError, match="api_processes"):
+        resolved(api_processes=2, engine_process=False)
+    with pytest.raises(UserError, match="api_processes"):
+        resolved(api_processes=0)
