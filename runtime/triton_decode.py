@@ -490,7 +490,9 @@ def _verify_attention_kernel(qkv_ptr, k_cache, v_cache, cos_ptr, sin_ptr, pos_pt
     for start in range(0, col + T, BLOCK_L):
         cols = start + tl.arange(0, BLOCK_L)
         seen = cols < col + T
-        ok = seen & (tl.load(valid_ptr + cols, mask=seen, other=0) != 0)
+        # the new columns are valid by construction: their `valid` entries are program 0's to write, and another
+        # program (KV head) may run before it does (read them, and a graph replay drops the new tokens at random)
+        ok = seen & ((cols >= col) | (tl.load(valid_ptr + cols, mask=cols < col, other=0) != 0))
         at = h * cache_h + cols[:, None] * cache_l + d[None, :]
         allowed = ok[None, :] & (cols[None, :] <= (col + qt)[:, None])  # causal among the new tokens
         best, total, acc = _attend_tile(q, k_cache + at, v_cache + at, ok, allowed, best, total, acc, scale, PRECISION)
