@@ -100,9 +100,7 @@ def load(model: torch.nn.Module, prompts: list[list[int]], clients: int, new_tok
 def static_decode(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int) -> dict:
     from runtime.static_decode import StaticDecoder
 
-    static = StaticDecoder(model, max_batch=len(prompts), max_len=max(map(len, prompts)) + new_tokens + 8)
-    if static.device.type == "cuda" and not static.unfusable:
-        static.use_fused_kernels()
+    static = StaticDecoder.fastest(model, max_batch=len(prompts), max_len=max(map(len, prompts)) + new_tokens + 8)
     static.generate(prompts, 4)  # compile and capture
     static.generate(prompts, new_tokens)
     decode_s = static.timings[1]

@@ -61,9 +61,8 @@ def target_answers(model: torch.nn.Module, tokenizer: Any, prompts: list[str], m
     from runtime.static_decode import StaticDecoder
 
     ids = encode(tokenizer, prompts)
-    static = StaticDecoder(model, max_batch=min(batch_size, len(ids)), max_len=max(map(len, ids)) + max_new_tokens)
-    if static.device.type == "cuda" and not static.unfusable:
-        static.use_fused_kernels()
+    static = StaticDecoder.fastest(model, max_batch=min(batch_size, len(ids)),
+                                   max_len=max(map(len, ids)) + max_new_tokens)
     eos = tokenizer.eos_token_id
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")

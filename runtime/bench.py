@@ -226,9 +226,7 @@ def static_serial(cfg: BenchConfig, prompts: list[list[int]]) -> dict[str, Any]:
 
     cuda = cfg.device.startswith("cuda")
     model = load_model(cfg.artifact, cfg.device, dtype=torch.bfloat16 if cuda else None)
-    static = StaticDecoder(model, max_batch=1, max_len=max(map(len, prompts)) + cfg.max_tokens + 1)
-    if cuda and not static.unfusable:
-        static.use_fused_kernels()
+    static = StaticDecoder.fastest(model, max_batch=1, max_len=max(map(len, prompts)) + cfg.max_tokens + 1)
     static.generate([prompts[0]], 2)  # compile the kernels and capture the graph outside the timing
     rates = []
     for prompt in prompts:

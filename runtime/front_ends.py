@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -72,6 +73,14 @@ def serve_front_ends(cfg: Any) -> None:
         os.rmdir(metrics_dir)
 
 
+def _end_with_parent(parent: int) -> None:
+    """A supervisor killed outright (SIGKILL, OOM) cannot stop its front ends: each stops itself (uvicorn's
+    graceful SIGTERM), and the engine follows when the last one's pipes close."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _front_end_main(cfg: Any, link: Any, sock: socket.socket) -> None:
     import uvicorn
 
@@ -80,6 +89,7 @@ def _front_end_main(cfg: Any, link: Any, sock: socket.socket) -> None:
     from runtime.serve import Server, create_app, model_name
 
     sys.setswitchinterval(cfg.gil_switch_ms / 1e3)
+    threading.Thread(target=_end_with_parent, args=(os.getppid(),), name="parent-watch", daemon=True).start()
     scheduler = EngineClient(link)
     scheduler.start()
     server = Server(scheduler, load_tokenizer(cfg.artifact), model_name(cfg))

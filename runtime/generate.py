@@ -91,11 +91,9 @@ def static_generate(cfg: GenerateConfig, ids: list[int], stop: tuple[int, ...]) 
         model = load_model(name, cfg.device, dtype=torch.bfloat16 if cuda else None)
         models.append(model)
         try:
-            decoders.append(StaticDecoder(model, max_batch=1, max_len=len(ids) + cfg.max_tokens + cfg.k))
+            decoders.append(StaticDecoder.fastest(model, max_batch=1, max_len=len(ids) + cfg.max_tokens + cfg.k))
         except ValueError as exc:
             raise UserError(f"static: {name}: {exc}") from None
-        if cuda and not decoders[-1].unfusable:  # else the eager step, still replayed from a CUDA graph
-            decoders[-1].use_fused_kernels()
     if cfg.prompt_lookup:
         speculator = StaticLookupSpeculator(decoders[0], k=cfg.k, max_ngram=cfg.prompt_lookup)
     elif cfg.draft is None:

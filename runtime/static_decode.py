@@ -262,6 +262,15 @@ class StaticDecoder(nn.Module):
                                     self.heads, self.kv_heads, self.head_dim)
         return self._fused_layers(None, self.cache(1), attention, x=x)
 
+    @classmethod
+    def fastest(cls, model: nn.Module, max_batch: int, max_len: int) -> StaticDecoder:
+        """With the fused kernels where they compute this model on CUDA; else the eager step (on CUDA still
+        replayed from a graph)."""
+        decoder = cls(model, max_batch, max_len)
+        if decoder.device.type == "cuda" and not decoder.unfusable:
+            decoder.use_fused_kernels()
+        return decoder
+
     def use_fused_kernels(self) -> None:
         """Decode with `fused_step` (needs Triton; on the CPU only under TRITON_INTERPRET=1)."""
         from runtime.triton_decode import ARGMAX_EMPTY

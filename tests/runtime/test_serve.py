@@ -244,3 +244,18 @@ def test_front_end_count_defaults_by_device_and_needs_the_engine_process():
         resolved(api_processes=2, engine_process=False)
     with pytest.raises(UserError, match="api_processes"):
         resolved(api_processes=0)
+
+
+def test_front_ends_and_engine_end_when_the_supervisor_is_killed(artifact):
+    """SIGKILL leaves the supervisor no chance to stop its children: they must stop themselves."""
+    import os
+    import signal
+
+    import psutil
+
+    from tests.runtime.server_helpers import server_process
+
+    with server_process(str(artifact.path), "--model-name", MODEL, "--api-processes", "2") as (url, children):
+        os.kill(psutil.Process(children[0].pid).ppid(), signal.SIGKILL)
+        gone, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, f"left running: {[p.pid for p in alive]}"
