@@ -37,10 +37,14 @@ def serve_front_ends(cfg: Any) -> None:
     except OSError as exc:
         raise UserError(f"port: cannot listen on {cfg.host}:{cfg.port} ({exc.strerror})") from None
     sock.listen(2048)
+    ctx = multiprocessing.get_context("spawn")
+    try:
+        engine, links = start_engine(cfg, cfg.api_processes)
+    except BaseException:
+        sock.close()
+        raise
     metrics_dir = tempfile.mkdtemp(prefix="shrinkwrap-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # read by each front end's prometheus_client import
-    ctx = multiprocessing.get_context("spawn")
-    engine, links = start_engine(cfg, cfg.api_processes)
     front_ends = []
     try:
         for link in links:
