@@ -104,3 +104,23 @@ def test_static_prompt_lookup_equals_target_greedy(fused):
     stop = greedy_reference(target, PROMPT, 24)[10]
     expected = greedy_reference(target, PROMPT, 24)
     assert spec.generate(PROMPT, 24, stop_ids=(stop,)) == expected[:expected.index(stop) + 1]
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="a race between GPU programs: the interpreter runs them in order")
+def test_fused_verify_graphs_equal_target_greedy_every_time():
+    """The verify attention's KV-head programs once read the new tokens' `valid` flags before program 0 had
+    written them, so graph replays dropped the new tokens from attention at random: repeat, with fresh and
+    reused speculators, until a race would have shown."""
+    from runtime.static_speculative import StaticLookupSpeculator
+
+    target, _ = tiny_pair()
+    target = target.to(DEVICE)
+    prompts = (PROMPT + PROMPT[:5], PROMPT, [9] * 6)
+    expected = [greedy_reference(target, p, 24) for p in prompts]
+    for _ in range(10):
+        for order in ((2,), (0, 1, 2), (2, 0, 1)):
+            decoder = StaticDecoder(target, 1, 96)
+            decoder.use_fused_kernels()
+            spec = StaticLookupSpeculator(decoder, k=3)
+            for i in order:
+                assert spec.generate(list(prompts[i]), 24, use_graph=True) == expected[i]
