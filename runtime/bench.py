@@ -340,8 +340,6 @@ def free_port() -> int:
 
 def launch_server(cfg: BenchConfig) -> tuple[subprocess.Popen, str]:
     """`python -m runtime.serve` on a free loopback port; waits for /health."""
-    import httpx
-
     port = free_port()
     cmd = [sys.executable, "-m", "runtime.serve", "--artifact", cfg.artifact, "--port", str(port), "--device",
            cfg.device, "--max-running", str(cfg.max_running), "--max-batch-tokens", str(cfg.max_batch_tokens),
@@ -354,19 +352,27 @@ def launch_server(cfg: BenchConfig) -> tuple[subprocess.Popen, str]:
         cmd += shlex.split(cfg.server_args)
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
+    wait_until_healthy(proc, url, 300)
+    return proc, url
+
+
+def wait_until_healthy(proc: subprocess.Popen, url: str, timeout_s: float) -> None:
+    """Until the started server's /health answers 200; a server that exits or stays down is an error."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
     while True:
         if proc.poll() is not None:
             raise UserError(f"the server exited with status {proc.returncode}")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
+                return
         except httpx.HTTPError:
             pass
         if time.monotonic() > deadline:
             proc.terminate()
-            raise UserError("the server did not come up within 300 s")
-        time.sleep(0.5)
+            raise UserError(f"the server did not come up within {timeout_s:.0f} s")
+        time.sleep(0.2)
 
 
 if __name__ == "__main__":

@@ -38,24 +38,16 @@ def server_process(artifact: str, *flags: str):
     import subprocess
     import sys
 
-    import httpx
     import psutil
+
+    from runtime.bench import wait_until_healthy
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "runtime.serve", "--artifact", artifact, "--port", str(port),
                              *flags], start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
     try:
-        while True:
-            assert proc.poll() is None, f"the server exited with status {proc.returncode}"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.2)
+        wait_until_healthy(proc, url, 120)
         children = psutil.Process(proc.pid).children(recursive=True)
         yield url, children
     finally:
