@@ -3,6 +3,10 @@
 # halves because one call carries at most 64 MiB). Usage: bash bench/gpu_stage.sh STAGE
 #   1: keep the first half, install the gguf wheel, 2:4 sparse kernel benchmark
 #   2: join the model, build the reference, gradient-checkpointing memory, GPTQ wall time on CUDA
+#   spec3: (keeps the first half) issue 19 after the verify-attention race fix: the CUDA tests of the static
+#          decoder, fused kernels, static speculators and EAGLE heads
+#   spec4: join the model; an EAGLE head trained 5 min on the target's 16,000 answers (carried back as a tar)
+#   spec5: (after spec4) the head and prompt lookup in the static speculator, k = 1..3, held-out chat prompts
 #   3: distillation of the 15-layer student on the H200 (bf16-mixed), held-out metrics
 #   paged: CUDA tests of the batched paged decode attention; engine decode steps, batched vs per sequence
 #   serve1 / serve2 / serve3: GPU serving (issue 17), in two calls (serve3: the final figures, shorter): CUDA tests of the paged kernels, fused step, scheduler and
@@ -439,6 +443,29 @@ t = make_tiny_tokenizer(); save_reference(Path('$W/tiny'), make_tiny_llama(vocab
       --max-tokens 64 --prompt "Summarize: the fire service says the blaze near the town is now under control." 2>&1 | tail -2
     OUT="$OUT/engine" python3 bench/engine.py --target "$W/reference" --draft "$W/draft4" --device cuda --prompts 4 \
       --new-tokens 64 --k 3 2>&1 | grep -v -i "warn\|Loading weights" | tail -3
+    ;;
+  spec3)
+    cp .gpu/a/* "$W"/
+    python3 -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'
+    python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/runtime/test_static_speculative.py \
+      tests/runtime/test_static_decode.py tests/runtime/test_triton_decode.py tests/runtime/test_eagle.py 2>&1 \
+      | grep -E "^E |passed|failed|Error" | head -30 || true
+    ;;
+  spec4)
+    join_reference
+    timeout 480 python3 -m compress.draft --target "$W/reference" --method eagle --out "$W/eagle-long" \
+      --prompts 16000 --answer-tokens 128 --eval-prompts 8 --k 3 --seq-len 512 --batch-size 16 \
+      --max-steps 40000 --max-minutes "${MINUTES:-5}" --lr 1e-3 --no-gradient-checkpointing --accelerator gpu \
+      --overwrite > "$OUT/eagle-long.log" 2>&1 || true
+    grep -v -i "warn\|it/s\]" "$OUT/eagle-long.log" | tail -4
+    cp "$(ls "$W"/eagle-long.work/target-answers-*.jsonl | head -1)" "$W/answers.jsonl"
+    gzip -c "$W/answers.jsonl" > "$OUT/answers.jsonl.gz"
+    [ -d "$W/eagle-long" ] && tar -C "$W" -cf "$OUT/eagle-long.tar" eagle-long
+    ;;
+  spec5)
+    OUT="$OUT/long" timeout 420 python3 bench/static_speculative.py --target "$W/reference" --draft "$W/eagle-long" \
+      --device cuda --k 1 2 3 --small gemv-rows --draft-vocab 8192 --vocab-from "$W/answers.jsonl" --lookup 2 3 \
+      --new-tokens 128 2>&1 | grep -v -i "warn\|Loading weights" | tail -19
     ;;
   3)
     shift

@@ -13,7 +13,7 @@ artifacts/bench/static-speculative-<device>.json.
 With an EAGLE head as --draft (`compress.draft --method eagle`), each --draft-vocab N runs the head
 restricted to the N tokens most frequent in --vocab-from (its training text; 0: as trained), and
 each k also times the target's verify pass alone (a CUDA graph of it), so a cycle splits into
-verify and drafting.
+verify and drafting. --lookup K... adds prompt lookup (n-grams of the prompt and output so far) arms.
 """
 
 from __future__ import annotations
@@ -33,7 +33,11 @@ from runtime import triton_decode  # noqa: E402
 from runtime.eagle import is_eagle_draft, load_head  # noqa: E402
 from runtime.loading import load_model, load_tokenizer  # noqa: E402
 from runtime.static_decode import StaticDecoder, capture_graph  # noqa: E402
-from runtime.static_speculative import StaticEagleSpeculator, StaticSpeculator  # noqa: E402
+from runtime.static_speculative import (  # noqa: E402
+    StaticEagleSpeculator,
+    StaticLookupSpeculator,
+    StaticSpeculator,
+)
 
 
 def mean(values: list[float]) -> float:
@@ -83,6 +87,8 @@ def main() -> None:
                         help="EAGLE head: propose only the N tokens most frequent in --vocab-from (0: as trained)")
     parser.add_argument("--vocab-from", default=None, help="EAGLE head: its training text (JSONL, compress.draft's "
                         "<out>.work/target-answers-*.jsonl)")
+    parser.add_argument("--lookup", type=int, nargs="*", default=[],
+                        help="also prompt lookup (no draft model) with these k, beside the draft's arms")
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
     tokenizer = load_tokenizer(args.target)
@@ -110,6 +116,8 @@ def main() -> None:
                        for small in settings for v in args.draft_vocab for k in args.k}
     else:
         speculators = {f"{small}_k{k}": StaticSpeculator(target, draft, k) for small in settings for k in args.k}
+    speculators.update({f"{small}_lookup_k{k}": StaticLookupSpeculator(target, k) for small in settings
+                        for k in args.lookup})
     stop = (tokenizer.eos_token_id,)
     if cuda:  # compile the kernels and capture the graphs outside the timing (each with its verify kernels)
         target.generate([prompts[0]], 2)
@@ -134,6 +142,8 @@ def main() -> None:
         answer = plain[:next((i + 1 for i, t in enumerate(plain) if t in stop), len(plain))]
         row["answer_tokens"] = len(answer)
         for name, spec in speculators.items():
+            if cuda:  # lookup captures a graph per proposal count on first use: with its arm's verify kernels
+                triton_decode.TILES["small"] = (name.split("_")[0],)
             for budget, stop_ids, expected in (("eos", stop, answer), ("fixed", (), plain)):
                 out = spec.generate(ids, args.new_tokens, stop_ids)
                 s = spec.stats
