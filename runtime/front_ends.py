@@ -13,6 +13,7 @@ from any front end.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -79,9 +80,11 @@ def serve_front_ends(cfg: Any) -> None:
 
 def _end_with_parent(parent: int) -> None:
     """A supervisor killed outright (SIGKILL, OOM) cannot stop its front ends: each stops itself (uvicorn's
-    graceful SIGTERM), and the engine follows when the last one's pipes close."""
+    graceful SIGTERM), and the engine follows when the last one's pipes close. Nor can it remove the metrics
+    folder: the front ends do (a metric written after that goes to an unlinked file, harmlessly)."""
     while os.getppid() == parent:
         time.sleep(1.0)
+    shutil.rmtree(os.environ.get("PROMETHEUS_MULTIPROC_DIR", ""), ignore_errors=True)
     os.kill(os.getpid(), signal.SIGTERM)
 
 

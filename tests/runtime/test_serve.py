@@ -195,7 +195,8 @@ def test_two_front_end_processes_share_one_engine_queue_and_metrics(artifact):
     """--api-processes 2: two HTTP front ends over one engine process. Answers equal the one-process
     server's, the queue bound holds over both (429 beyond max_running + max_queue in flight, wherever a
     request lands), /metrics counts every front end's responses, and when the supervisor is killed outright
-    its front ends and engine stop by themselves (SIGTERM's clean stop: every `server_process`)."""
+    its front ends and engine stop by themselves and leave no metrics folder (SIGTERM's clean stop: every
+    `server_process`)."""
     import os
     import signal
 
@@ -233,10 +234,15 @@ def test_two_front_end_processes_share_one_engine_queue_and_metrics(artifact):
         assert set(codes) <= {200, 429} and 429 in codes and 200 in codes
         after = responses()
         assert {s: after[s] - before[s] for s in after} == {"200": codes.count(200), "429": codes.count(429)}
-        # SIGKILL leaves the supervisor no chance to stop its children: they must stop themselves
+        # SIGKILL leaves the supervisor no chance to stop its children: they must stop themselves, and
+        # remove the metrics folder it made
+        metrics_dir = next(p.environ()["PROMETHEUS_MULTIPROC_DIR"] for p in children
+                           if "front end" in p.environ().get("SHRINKWRAP_ROLE", ""))
+        assert os.listdir(metrics_dir)
         os.kill(children[0].ppid(), signal.SIGKILL)
         gone, alive = psutil.wait_procs(children, timeout=30)
         assert not alive, f"left running: {[p.pid for p in alive]}"
+        assert not os.path.exists(metrics_dir)
 
 
 def test_front_end_count_defaults_by_device_and_needs_the_engine_process():
