@@ -7,6 +7,8 @@
 #          decoder, fused kernels, static speculators and EAGLE heads
 #   spec4: join the model; an EAGLE head trained 5 min on the target's 16,000 answers (carried back as a tar)
 #   spec5: (after spec4) the head and prompt lookup in the static speculator, k = 1..3, held-out chat prompts
+#   spec6a / spec6: (the first half and .gpu/a/eagle-long.tar; then .gpu/b, .whl, artifacts/gpu_like) the server
+#          on the real target with and without the EAGLE head (k = 2) through HTTP at concurrency 1, 8 and 64
 #   3: distillation of the 15-layer student on the H200 (bf16-mixed), held-out metrics
 #   paged: CUDA tests of the batched paged decode attention; engine decode steps, batched vs per sequence
 #   serve1 / serve2 / serve3: GPU serving (issue 17), in two calls (serve3: the final figures, shorter): CUDA tests of the paged kernels, fused step, scheduler and
@@ -466,6 +468,22 @@ t = make_tiny_tokenizer(); save_reference(Path('$W/tiny'), make_tiny_llama(vocab
     OUT="$OUT/long" timeout 420 python3 bench/static_speculative.py --target "$W/reference" --draft "$W/eagle-long" \
       --device cuda --k 1 2 3 --small gemv-rows --draft-vocab 8192 --vocab-from "$W/answers.jsonl" --lookup 2 3 \
       --new-tokens 128 2>&1 | grep -v -i "warn\|Loading weights" | tail -19
+    ;;
+  spec6a)
+    cp .gpu/a/gguf.* "$W"/
+    tar -C "$W" -xf .gpu/a/eagle-long.tar
+    ;;
+  spec6)
+    join_reference
+    for c in 1 8 64; do
+      n=$((c == 1 ? 8 : c * 4))
+      for arm in plain eagle; do
+        flags=(); [ "$arm" = eagle ] && flags=(--draft "$W/eagle-long" --k 2 --force)
+        timeout 150 python3 -m runtime.bench --artifact "$W/reference" --device cuda --concurrency "$c" --requests "$n" \
+          --prompt-len 128 --max-tokens 128 --max-running 64 --max-batch-tokens 1024 --no-baseline "${flags[@]}" \
+          --out "$OUT/serve-c$c-$arm.json" 2>&1 | grep -v -i "warn\|it/s" | tail -4 || true
+      done
+    done
     ;;
   3)
     shift
