@@ -9,6 +9,9 @@
 #   spec5: (after spec4) the head and prompt lookup in the static speculator, k = 1..3, held-out chat prompts
 #   spec6a / spec6: (the first half and .gpu/a/eagle-long.tar; then .gpu/b, .whl, artifacts/gpu_like) the server
 #          on the real target with and without the EAGLE head (k = 2) through HTTP at concurrency 1, 8 and 64
+#   spec7: (carry .gpu/a/eagle-long.tar, .whl, artifacts/gpu_like) an EAGLE head's features from the token-rows
+#          step: the CUDA tests, then the server on random weights of the real shape with and without the head
+#          at concurrency 1 and 8 (acceptance meaningless there: the step costs)
 #   3: distillation of the 15-layer student on the H200 (bf16-mixed), held-out metrics
 #   paged: CUDA tests of the batched paged decode attention; engine decode steps, batched vs per sequence
 #   serve1 / serve2 / serve3: GPU serving (issue 17), in two calls (serve3: the final figures, shorter): CUDA tests of the paged kernels, fused step, scheduler and
@@ -482,6 +485,20 @@ t = make_tiny_tokenizer(); save_reference(Path('$W/tiny'), make_tiny_llama(vocab
         timeout 150 python3 -m runtime.bench --artifact "$W/reference" --device cuda --concurrency "$c" --requests "$n" \
           --prompt-len 128 --max-tokens 128 --max-running 64 --max-batch-tokens 1024 --no-baseline "${flags[@]}" \
           --out "$OUT/serve-c$c-$arm.json" 2>&1 | grep -v -i "warn\|it/s" | tail -4 || true
+      done
+    done
+    ;;
+  spec7)
+    tar -C "$W" -xf .gpu/a/eagle-long.tar
+    timeout 120 python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/runtime/test_paged_attention.py \
+      tests/runtime/test_scheduler.py -k "eagle or token_rows or cuda" 2>&1 | grep -E "^E |passed|failed" | head -10 || true
+    python3 bench/random_artifact.py --like artifacts/gpu_like --out "$W/random" 2>&1 | tail -1
+    for c in 1 8; do
+      for arm in plain eagle; do
+        flags=(); [ "$arm" = eagle ] && flags=(--draft "$W/eagle-long" --k 2 --force)
+        timeout 80 python3 -m runtime.bench --artifact "$W/random" --device cuda --concurrency "$c" --requests $((c * 4)) \
+          --prompt-len 128 --max-tokens 64 --max-running 64 --max-batch-tokens 1024 --no-baseline "${flags[@]}" \
+          --out "$OUT/serve-random-c$c-$arm.json" 2>&1 | grep -v -i "warn\|it/s" | grep "server" || true
       done
     done
     ;;

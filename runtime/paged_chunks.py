@@ -32,7 +32,7 @@ class ChunkSteps:
         rotates and writes every row's K/V, then the paged decode kernel over all rows (row p sees positions
         <= p, so causality needs no mask). Five launches per layer whatever the chunks, replayed from a CUDA
         graph per token-count bucket (`ROW_BUCKETS`); the LM head runs on the wanted rows only."""
-        from runtime.triton_decode import fused_linear
+        from runtime.triton_decode import fused_linear, rms_norm_rows
 
         n, width = sum(b - a for _, a, b in spans), max(len(s.block_table) for s, _, _ in spans)
         rows = next((r for r in ROW_BUCKETS if r >= n), None)
@@ -47,8 +47,11 @@ class ChunkSteps:
         else:
             meta = self._row_inputs(spans, n, width, len(spans) + 1).to(self.device)
             hidden = self._rows_step(**self._row_args(meta, n, width))
-        index, counts = self._wanted_rows(spans, last_only)
         f = self.fused
+        if self.keep_features:  # an EAGLE head reads every new row's final-norm state (before the next replay)
+            self.features = list(rms_norm_rows(hidden[:n], f.norm, f.eps, f.lm_head.dtype)
+                                 .split([b - a for _, a, b in spans]))
+        index, counts = self._wanted_rows(spans, last_only)
         return list(fused_linear(hidden.index_select(0, index), f.lm_head, norm=f.norm, eps=f.eps).split(counts))
 
     def _wanted_rows(self, spans: list, last_only: bool | list[bool]) -> tuple[torch.Tensor, list[int]]:

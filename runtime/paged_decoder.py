@@ -81,7 +81,7 @@ class PagedDecoder(ChunkSteps):
         self.windows = [sliding_window(cfg, i) for i in range(cfg.num_hidden_layers)]
         self.softcap = attn_softcap(cfg)
         self.batched_decode = True  # decode-only steps in one attention call (False: per sequence, for benchmarks)
-        self.keep_features = False  # leave `features` (an EAGLE draft's input): no fused step or graphs then
+        self.keep_features = False  # leave `features` (an EAGLE draft's input): token-rows steps or HF modules then
         self.decode_features = torch.empty(0)  # the last HF-module decode step's final-norm rows
         self.features: list[torch.Tensor] = []  # per sequence of the last `_general` call: its new rows' final-norm states
         param = next(model.parameters())
@@ -118,10 +118,13 @@ class PagedDecoder(ChunkSteps):
         spans = [(s, s.cached, len(s.tokens) if ends is None else ends[i]) for i, s in enumerate(seqs)]
         for s, _, end in spans:
             self.pool.reserve(s, end)
-        # features come from the HF-module decode step; the fused step and its graphs do not produce them
-        if not self.batched_decode or (self.keep_features and (self.use_fused or self.use_graphs)):
+        # features come from the token-rows step (every step, when they are wanted) and the HF modules' pass;
+        # the fused decode step and its graphs do not produce them
+        rows_give_features = self.keep_features and self.use_fused and self.token_rows
+        if not self.batched_decode or (self.keep_features and not rows_give_features
+                                       and (self.use_fused or self.use_graphs)):
             return self._general(spans, last_only)
-        if self.use_fused and self.token_rows and any(b - a != 1 for _, a, b in spans):
+        if self.use_fused and self.token_rows and (rows_give_features or any(b - a != 1 for _, a, b in spans)):
             return self._token_rows(spans, last_only)
         # one new token: the batched decode step; longer spans (prompt chunks): the general pass
         single = [i for i, (_, a, b) in enumerate(spans) if b - a == 1]

@@ -161,7 +161,8 @@ def test_fused_decode_step_equals_the_module_step_and_transformers():
 def test_token_rows_step_equals_the_module_pass_and_transformers():
     """Steps with prompt chunks as token rows of the decode kernels (CUDA's default; Triton's interpreter here):
     chunks over cached prefixes beside decode rows, logits of last or all rows, the same as the HF modules'
-    pass; greedy through it = HF greedy."""
+    pass, and so are the final-norm features an EAGLE head reads (`keep_features`: every step, decode-only
+    ones too, then runs as token rows); greedy through it = HF greedy."""
     pytest.importorskip("triton")
     from runtime.kv_cache import Sequence
     from runtime.paged_decoder import PagedDecoder
@@ -170,18 +171,30 @@ def test_token_rows_step_equals_the_module_pass_and_transformers():
     model = make_tiny_family("llama").to("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator().manual_seed(6)
     prompts = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (9, 21, 14, 40)]
-    outputs = []
+    outputs, features = [], []
     for fused in (False, True):
         runner = PagedDecoder(model, block_size=16, num_blocks=32, fused=fused)
         runner.token_rows = fused
+        runner.keep_features = True
         assert runner.use_fused == fused
         seqs = [Sequence(list(p)) for p in prompts]
         runner.forward(seqs[:3], ends=[5, 20, 13])  # cached prefixes; seqs 1 and 2 then decode one token
+        features.append(runner.features)
         outputs.append(runner.forward(seqs, last_only=[False, True, False, True], ends=[9, 21, 14, 33]))
+        features.append(runner.features)
         for s in seqs:
             s.tokens.append(7)
         outputs.append(runner.forward(seqs, last_only=[True, True, True, False]))  # 3 decode rows, 1 chunk
-    for plain, rows in zip(outputs[:2], outputs[2:], strict=True):
+        features.append(runner.features)
+        for s in seqs[:3]:
+            s.tokens.append(9)
+        outputs.append(runner.forward(seqs[:3], last_only=True))  # decode rows only
+        features.append(runner.features)
+    for plain, rows in zip(features[:4], features[4:], strict=True):
+        assert [f.shape for f in rows] == [f.shape for f in plain]
+        for want, got in zip(plain, rows, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for plain, rows in zip(outputs[:3], outputs[3:], strict=True):
         for want, got in zip(plain, rows, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     runner = PagedDecoder(model, block_size=16, num_blocks=32, fused=True)
