@@ -220,7 +220,8 @@ class EagleDraft:
         tokens, qs = [], []
         for j in range(k):
             q = probabilities(logits, params)
-            tokens.append(draw(q, gen))
+            # greedy: q is one-hot at the argmax (no copy of q to the host for a draw)
+            tokens.append(int(logits.argmax()) if params.temperature <= 0 else draw(q, gen))
             qs.append(q)
             if j < k - 1:
                 feature, logits = self._step(feature, tokens[-1:], n - 1 + j)
