@@ -83,7 +83,7 @@ class PagedDecoder(ChunkSteps):
         self.batched_decode = True  # decode-only steps in one attention call (False: per sequence, for benchmarks)
         self.keep_features = False  # leave `features` (an EAGLE draft's input): token-rows steps or HF modules then
         self.decode_features = torch.empty(0)  # the last HF-module decode step's final-norm rows
-        self.features: list[torch.Tensor] = []  # per sequence of the last `_general` call: its new rows' final-norm states
+        self.features: list[torch.Tensor] = []  # per sequence of the last step (keep_features): its new rows' final-norm states
         param = next(model.parameters())
         dtype = param.dtype if param.dtype.is_floating_point else torch.float32
         self.device = param.device
