@@ -120,12 +120,11 @@ class PagedDecoder(ChunkSteps):
             self.pool.reserve(s, end)
         # features come from the token-rows step (every step, when they are wanted) and the HF modules' pass;
         # the fused decode step and its graphs do not produce them
-        rows_give_features = self.keep_features and self.use_fused and self.token_rows
-        if not self.batched_decode or (self.keep_features and not rows_give_features
-                                       and (self.use_fused or self.use_graphs)):
-            return self._general(spans, last_only)
-        if self.use_fused and self.token_rows and (rows_give_features or any(b - a != 1 for _, a, b in spans)):
+        if self.batched_decode and self.use_fused and self.token_rows and (
+                self.keep_features or any(b - a != 1 for _, a, b in spans)):
             return self._token_rows(spans, last_only)
+        if not self.batched_decode or (self.keep_features and (self.use_fused or self.use_graphs)):
+            return self._general(spans, last_only)
         # one new token: the batched decode step; longer spans (prompt chunks): the general pass
         single = [i for i, (_, a, b) in enumerate(spans) if b - a == 1]
         longer = [i for i, (_, a, b) in enumerate(spans) if b - a != 1]
