@@ -12,6 +12,8 @@
 #   spec7: (carry .gpu/a/eagle-long.tar, .whl, artifacts/gpu_like) an EAGLE head's features from the token-rows
 #          step: the CUDA tests, then the server on random weights of the real shape with and without the head
 #          at concurrency 1 and 8 (acceptance meaningless there: the step costs)
+#   spec8: the serving core with an EAGLE head against none, in-process, random weights, profiled at 1 and 8
+#          clients (bench/speculative_serving.py); the CUDA tests of heads and the scheduler
 #   3: distillation of the 15-layer student on the H200 (bf16-mixed), held-out metrics
 #   paged: CUDA tests of the batched paged decode attention; engine decode steps, batched vs per sequence
 #   serve1 / serve2 / serve3: GPU serving (issue 17), in two calls (serve3: the final figures, shorter): CUDA tests of the paged kernels, fused step, scheduler and
@@ -501,6 +503,13 @@ t = make_tiny_tokenizer(); save_reference(Path('$W/tiny'), make_tiny_llama(vocab
           --out "$OUT/serve-random-c$c-$arm.json" 2>&1 | grep -v -i "warn\|it/s" | grep "server" || true
       done
     done
+    ;;
+  spec8)
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/runtime/test_eagle.py \
+      tests/runtime/test_eagle_rows.py tests/runtime/test_scheduler.py -k "eagle or rows or token_rows or cuda or draft or greedy" 2>&1 | grep -E "^E |passed|failed" | head -10 || true
+    timeout 300 python3 bench/speculative_serving.py --clients 1 8 64 --requests-per-client 2 --new-tokens 96 \
+      --per-sequence --profile 1 8 2>&1 | grep -v -i "warn\|forward_call"
+    cp artifacts/bench/speculative_serving.json "$OUT"/
     ;;
   3)
     shift

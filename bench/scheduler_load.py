@@ -38,11 +38,15 @@ def percentile(values: list[float], p: float) -> float:
 
 def load(model: torch.nn.Module, prompts: list[list[int]], clients: int, new_tokens: int, mode: str,
          params: SamplingParams | None = None, decode_steps: int = 1, chunks_together: bool = True,
-         token_rows: bool = True) -> dict:
+         token_rows: bool = True, draft=None, k: int = 2,
+         profile=None, drafting_together: bool = True) -> dict:
     """mode: per_sequence (the old path), batched (HF modules' step), fused (the fused layer kernels' step).
     chunks_together: the prompt chunks of a step attend as one padded batch (False: one call per sequence);
     token_rows: steps with prompt chunks run as token rows of the decode kernels (fused; False: padded
-    batch). The engine is warmed up as the server does (graphs captured) before the clock starts."""
+    batch); draft: an EAGLE head (or draft engine) proposing up to `k` tokens (drafting_together: a head's greedy
+    proposals for all sequences in one pass per token; False: per sequence). The engine is warmed up as the
+    server does (graphs captured) before the clock starts. profile: a cProfile.Profile that records the
+    scheduler thread's steps."""
     engine = Engine(model, block_size=16, num_blocks=clients * (192 + new_tokens + 16) // 16 + 64)
     batched = mode != "per_sequence"
     engine.runner.batched_decode = batched
@@ -51,7 +55,11 @@ def load(model: torch.nn.Module, prompts: list[list[int]], clients: int, new_tok
     engine.runner.token_rows = engine.runner.token_rows and token_rows and chunks_together
     engine.runner.warm_up(clients, 4096)
     scheduler = Scheduler(engine, max_context=512, max_running=clients, max_queue=len(prompts) + 1,
-                          max_batch_tokens=4096, decode_steps=decode_steps)
+                          max_batch_tokens=4096, decode_steps=decode_steps, draft=draft, k=k)
+    scheduler.batched_drafting = drafting_together
+    if profile is not None:
+        step = scheduler.step
+        scheduler.step = lambda: profile.runcall(step)
     slots = threading.Semaphore(clients)
     done = threading.Event()
     finished: list[Request] = []
@@ -85,7 +93,9 @@ def load(model: torch.nn.Module, prompts: list[list[int]], clients: int, new_tok
     tpot = [(token_times[id(r)][-1] - token_times[id(r)][0]) / (len(token_times[id(r)]) - 1) for r in finished
             if len(token_times[id(r)]) > 1]  # time per output token after the first (bursts averaged out)
     itl = [b - a for r in finished for a, b in zip(token_times[id(r)], token_times[id(r)][1:], strict=False)]
-    return {"mode": mode, "fused_step": engine.runner.use_fused, "chunks_together": engine.runner.flat_prefill,
+    stats = scheduler.stats
+    return {"mode": mode, "draft": draft is not None, "acceptance": round(stats.acceptance_rate, 3),
+            "fused_step": engine.runner.use_fused, "chunks_together": engine.runner.flat_prefill,
             "token_rows": engine.runner.use_fused and engine.runner.token_rows,
             "decode_steps": decode_steps, "requests": len(prompts), "output_tokens": out_tokens, "seconds": round(wall, 2),
             "output_tok_s": round(out_tokens / wall, 1), "ttft_p50_ms": round(1e3 * statistics.median(ttft), 1),

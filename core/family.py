@@ -216,6 +216,15 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None)
     return mask
 
 
+def sdpa_without_cudnn(cudnn: bool = False):
+    """SDPA's backends but cuDNN's: it builds an execution plan per new shape (tens of ms on the H200), and
+    decoding steps bring a new one every time (True: let it, for benchmarks)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel(backends + [SDPBackend.CUDNN_ATTENTION] * cudnn)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
            softcap: float | None) -> torch.Tensor:
     """Attention over (B, H, T, D) with GQA; soft-capped logits (Gemma 2) need the explicit form."""

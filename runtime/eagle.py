@@ -46,14 +46,14 @@ class EagleHead(nn.Module):
         self.register_buffer("vocab_ids", vocab_ids, persistent=False)
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
-                past_key_values=None) -> tuple[torch.Tensor, torch.Tensor]:
+                past_key_values=None, last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """features (B, T, hidden) of positions i, tokens (B, T) at i + 1 -> predicted features of i + 1 and
-        their draft logits (over `vocab_ids` where set)."""
+        their draft logits (over `vocab_ids` where set; `last_only`: of the last entry only)."""
         x = self.fc(torch.cat([self.model.embed_tokens(tokens), features.to(self.fc.weight.dtype)], dim=-1))
         out = self.model(inputs_embeds=x, position_ids=position_ids, past_key_values=past_key_values,
                          use_cache=past_key_values is not None)
         h = out.last_hidden_state
-        return h, self.lm_head(h)
+        return h, self.lm_head(h[:, -1:] if last_only else h)
 
     def full_logits(self, draft_logits: torch.Tensor) -> torch.Tensor:
         """Draft logits over the whole vocabulary (-inf outside `vocab_ids`)."""
@@ -146,28 +146,33 @@ class EagleDraft:
     """An EAGLE head drafting for one sequence of the paged engine: sampling-exact, any k.
 
     Used by `Engine.speculative` (which hands it the target's `PagedDecoder`: the features come from the
-    runner's last pass) and by the scheduler (which hands it each sequence's rows of a batched pass).
-    Its own cache holds one entry per position whose true feature is known; drafted entries are
-    cropped away at `accept`. Where the prefix cache served part of a prompt, the head computes that
-    part's features with one pass of the target (no cache).
+    runner's last pass) and by the scheduler (which hands it each sequence's rows of a batched pass, and
+    one `HeadCache` for all its sequences, so that `propose_greedy` drafts for them together). Its slot
+    of the head's cache holds one entry per position whose true feature is known; drafted entries past
+    them are overwritten by the next catch-up. Where the prefix cache served part of a prompt, the head
+    computes that part's features with one pass of the target (no cache).
     """
 
-    def __init__(self, head: EagleHead, target_runner):
-        self.head, self.runner = head, target_runner
+    def __init__(self, head: EagleHead, target_runner, cache=None):
+        self.head, self.runner, self.cache = head, target_runner, cache
         target_runner.keep_features = True  # every pass through `_general`, which leaves `features`
         self.tokens: list[int] = []
         self.proposed: list[int] = []
+        self.slot: int | None = None
 
     def begin(self, prompt: list[int], params=None, rows: torch.Tensor | None = None) -> None:
         """A new sequence; `rows`: the features of its last len(rows) prompt positions (default: the runner's
         last pass, the prompt's prefill)."""
-        from transformers import DynamicCache
+        from runtime.eagle_rows import HeadCache
 
         rows = self.runner.features[0] if rows is None else rows
         self.tokens, self.proposed = list(prompt), []
         self._store = rows.new_empty((max(2 * len(prompt), 64), rows.shape[1]))  # grows by doubling
         self.known = 0  # positions 0..known-1 have their true feature in the store
-        self.cache = DynamicCache(config=self.head.config)
+        if self.cache is None:
+            self.cache = HeadCache(self.head, 1, max(256, 2 * len(prompt)))
+        if self.slot is None:
+            self.slot = self.cache.take()
         self.entries = 0  # cached head entries (positions 0..entries-1), each from a true feature
         if rows.shape[0]:  # none yet (the scheduler): its prompt chunks bring them
             self.extend(rows, len(prompt) - rows.shape[0], len(prompt))
@@ -198,33 +203,39 @@ class EagleDraft:
         if upto > self.known:
             self._append(rows[self.known - start:upto - start])
 
-    @torch.no_grad()
-    def _step(self, features: torch.Tensor, tokens: list[int], start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        device = features.device
-        ids = torch.tensor([tokens], device=device)
-        positions = torch.arange(start, start + len(tokens), device=device)[None]
-        h, logits = self.head(features[None], ids, positions, self.cache)
-        return h[0, -1:], self.head.full_logits(logits[0, -1])
+    def _step(self, features: torch.Tensor, ids: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head entries for positions start.. (features, and `ids`: the tokens that follow them, on the device):
+        the last entry's predicted feature (1, hidden) and its draft logits over the whole vocabulary."""
+        state = self.cache.rows([self.slot], [features], [ids], [start])
+        return state, self.head.full_logits(self.cache.logits(state)[0])
+
+    def can_propose(self) -> bool:
+        """False when the target already scored the last token (its next comes first)."""
+        return self.known < len(self.tokens)
 
     def propose(self, k: int, params, gen: torch.Generator | None) -> tuple[list[int], list[torch.Tensor | None]]:
+        """Up to k draft tokens and their distributions (greedy: None, a one-hot at the token)."""
+        from runtime.eagle_rows import propose_greedy
         from runtime.engine import draw, probabilities
 
         n = len(self.tokens)
         self.proposed = []
-        if self.known >= n or k < 1:  # the target already scored the last token: its next comes first
+        if not self.can_propose() or k < 1:
             return [], []
+        if params.temperature <= 0:
+            return propose_greedy([self], [k])[0], [None] * k
         # entry i reads the true feature of position i and token i + 1: catch up to the last accepted token
-        start = self.entries
-        feature, logits = self._step(self.features[start:n - 1], self.tokens[start + 1:n], start)
+        start, device = self.entries, self._store.device
+        feature, logits = self._step(self.features[start:n - 1], torch.tensor(self.tokens[start + 1:n], device=device),
+                                     start)
         self.entries = n - 1
         tokens, qs = [], []
         for j in range(k):
             q = probabilities(logits, params)
-            # greedy: q is one-hot at the argmax (no copy of q to the host for a draw)
-            tokens.append(int(logits.argmax()) if params.temperature <= 0 else draw(q, gen))
+            tokens.append(draw(q, gen))
             qs.append(q)
             if j < k - 1:
-                feature, logits = self._step(feature, tokens[-1:], n - 1 + j)
+                feature, logits = self._step(feature, torch.tensor(tokens[-1:], device=device), n - 1 + j)
         self.proposed = tokens
         return tokens, qs
 
@@ -236,9 +247,6 @@ class EagleDraft:
         """Keep the first `keep` tokens, then the target's `final`: the drafted entries go, true features come
         (`rows`, positions `start`..: the verify pass's; default: the runner's last pass, from the first
         position without a feature)."""
-        drafted = self.cache.get_seq_length() - self.entries
-        if drafted:
-            self.cache.crop(-drafted)
         self.tokens = (self.tokens + self.proposed)[:keep]
         if rows is None:
             rows = self.runner.features[0]
@@ -246,8 +254,14 @@ class EagleDraft:
         self.tokens.append(final)
         self.proposed = []
 
+    def release(self) -> None:
+        """The sequence is done: its slot goes back to the cache."""
+        if self.slot is not None:
+            self.cache.give_back(self.slot)
+            self.slot = None
+
     def finish(self) -> None:
-        self.cache = None
+        self.release()
         self.runner.keep_features = False
 
 

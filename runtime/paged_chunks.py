@@ -13,7 +13,7 @@ import itertools
 import numpy as np
 import torch
 
-from core.family import attend, attention_mask, final_logits, rotary_tables
+from core.family import attend, attention_mask, final_logits, rotary_tables, sdpa_without_cudnn
 from runtime.paged_attention import paged_decode_attention, rope_and_write
 from runtime.static_decode import capture_graph
 
@@ -171,10 +171,7 @@ class ChunkSteps:
         return rows.index_select(0, layout["valid_rows"])
 
     def _general(self, spans: list, last_only: bool | list[bool]) -> list[torch.Tensor]:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-        with sdpa_kernel(backends + [SDPBackend.CUDNN_ATTENTION] * self.cudnn_attention):
+        with sdpa_without_cudnn(self.cudnn_attention):
             return self._chunks(spans, last_only)
 
     def _chunks(self, spans: list, last_only: bool | list[bool]) -> list[torch.Tensor]:

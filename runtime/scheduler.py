@@ -192,6 +192,11 @@ class Scheduler:
         self.max_batch_tokens = max_batch_tokens
         self.decode_steps = decode_steps
         self.draft_max_batch = draft_max_batch
+        if self.eagle_head is not None:  # one slot per running sequence, the head's K/V up to the context limit
+            from runtime.eagle_rows import HeadCache
+
+            self.head_cache = HeadCache(self.eagle_head, max_running, max_context + k + 1)
+        self.batched_drafting = True  # greedy EAGLE proposals for all sequences in one head pass per token
         self.waiting: list[tuple[int, float, int, Request]] = []
         self.running: list[_Sample] = []
         self.pending_siblings: list[tuple[_Sample, Request, int]] = []
@@ -287,7 +292,7 @@ class Scheduler:
         if self.eagle_head is not None:
             from runtime.eagle import EagleDraft
 
-            sample.eagle = EagleDraft(self.eagle_head, self.runner)
+            sample.eagle = EagleDraft(self.eagle_head, self.runner, self.head_cache)
             hidden = self.runner.model.config.hidden_size
             sample.eagle.begin(request.prompt, rows=torch.empty(0, hidden, device=self.runner.device,
                                                                  dtype=next(self.eagle_head.parameters()).dtype))
@@ -298,6 +303,8 @@ class Scheduler:
         return [(self.pool, sample.seq)] + ([(self.draft.pool, sample.draft_seq)] if self.draft else [])
 
     def _free(self, sample: _Sample, register: bool = False) -> None:
+        if sample.eagle is not None:
+            sample.eagle.release()
         for pool, seq in self._caches(sample):
             if register:
                 pool.register_full_blocks(seq)
@@ -386,6 +393,7 @@ class Scheduler:
         if chunks:  # the draft reads the same prompt chunks
             self.draft.runner.forward([s.draft_seq for s, _ in chunks], ends=[e for _, e in chunks])
         chosen = self._next_tokens(batch, ends, logits, proposals)
+        argmaxes = self._greedy_targets(batch, logits, proposals)
         results_at = time.perf_counter()
         decoded = 0
         for sample, start, end, rows, full, feats in zip(batch, starts, ends, logits, scored, features, strict=True):
@@ -404,7 +412,7 @@ class Scheduler:
                 self._retire(sample, "length")
                 continue
             if id(sample) in proposals:
-                new = self._verify(sample, rows, *proposals[id(sample)])
+                new = self._verify(sample, rows, *proposals[id(sample)], argmaxes.get(id(sample)))
                 rows = rows[: len(new)]
             else:
                 rows = rows[-1:]
@@ -514,16 +522,30 @@ class Scheduler:
                                   self.max_context - len(s.seq.tokens) - 1)) for s in samples}
         proposals: dict[int, tuple[list[int], list[torch.Tensor]]] = {id(s): ([], []) for s in samples}
         active = [s for s in samples if room[id(s)] > 0]
-        if self.eagle_head is not None:  # one head per sequence, on the features its last pass left
+        if self.eagle_head is not None:  # on the features each sequence's last pass left
+            together = [s for s in active if self.batched_drafting and s.request.params.temperature <= 0
+                        and s.eagle.can_propose()]
+            if together:
+                from runtime.eagle_rows import propose_greedy
+
+                for sample, tokens in zip(together, propose_greedy([s.eagle for s in together],
+                                                                   [room[id(s)] for s in together]), strict=True):
+                    proposals[id(sample)] = (tokens, [None] * len(tokens))
             for sample in active:
-                proposals[id(sample)] = sample.eagle.propose(room[id(sample)], sample.request.params, sample.generator)
+                if sample not in together:
+                    proposals[id(sample)] = sample.eagle.propose(room[id(sample)], sample.request.params,
+                                                                 sample.generator)
             active = []
         while active:
             logits = self.draft.runner.forward([s.draft_seq for s in active])
             for sample, rows in zip(active, logits, strict=True):
-                generated = sample.request.outputs[sample.index] + proposals[id(sample)][0]
-                q = probabilities(adjust_logits(rows[-1], sample.request.params, generated), sample.request.params)
-                token = int(q.argmax()) if sample.request.params.temperature <= 0 else draw(q, sample.generator)
+                params = sample.request.params
+                if params.temperature <= 0 and not params.adjusts_logits:  # q: one-hot at the argmax (None)
+                    token, q = int(rows[-1].argmax()), None
+                else:
+                    generated = sample.request.outputs[sample.index] + proposals[id(sample)][0]
+                    q = probabilities(adjust_logits(rows[-1], params, generated), params)
+                    token = int(q.argmax()) if params.temperature <= 0 else draw(q, sample.generator)
                 proposals[id(sample)][0].append(token)
                 proposals[id(sample)][1].append(q)
                 sample.draft_seq.tokens.append(token)
@@ -532,13 +554,34 @@ class Scheduler:
             sample.seq.tokens.extend(proposals[id(sample)][0])
         return proposals
 
-    def _verify(self, sample: _Sample, rows: torch.Tensor, tokens: list[int], qs: list[torch.Tensor]) -> list[int]:
-        """The exact rejection rule over one sample's proposals; both caches rolled back to what stands."""
-        params = sample.request.params
-        generated = sample.request.outputs[sample.index]
-        ps = [probabilities(adjust_logits(row, params, generated + tokens[:i]), params)
-              for i, row in enumerate(rows)]  # len(tokens) + 1 target distributions
-        accepted, final = accept_draft(ps, qs, tokens, sample.generator)
+    @staticmethod
+    def _greedy_targets(batch: list[_Sample], logits: list[torch.Tensor], proposals: dict) -> dict[int, list[int]]:
+        """The target's argmax at every row of each plainly greedy sample with proposals, in one device call:
+        under greedy decoding the rejection rule reduces to them (p and q are one-hot)."""
+        picked = [(sample, rows) for sample, rows in zip(batch, logits, strict=True)
+                  if proposals.get(id(sample), ((),))[0] and sample.request.params.temperature <= 0
+                  and not sample.request.params.adjusts_logits]
+        if not picked:
+            return {}
+        best = torch.cat([rows for _, rows in picked]).argmax(-1).tolist()
+        out, at = {}, 0
+        for sample, rows in picked:
+            out[id(sample)], at = best[at:at + rows.shape[0]], at + rows.shape[0]
+        return out
+
+    def _verify(self, sample: _Sample, rows: torch.Tensor, tokens: list[int], qs: list[torch.Tensor],
+                argmaxes: list[int] | None = None) -> list[int]:
+        """The exact rejection rule over one sample's proposals (`argmaxes`: the target's per row, greedy: the
+        longest agreeing prefix, then the target's token); both caches rolled back to what stands."""
+        if argmaxes is not None:
+            accepted = next((i for i, t in enumerate(tokens) if t != argmaxes[i]), len(tokens))
+            final = argmaxes[accepted]
+        else:
+            params = sample.request.params
+            generated = sample.request.outputs[sample.index]
+            ps = [probabilities(adjust_logits(row, params, generated + tokens[:i]), params)
+                  for i, row in enumerate(rows)]  # len(tokens) + 1 target distributions
+            accepted, final = accept_draft(ps, qs, tokens, sample.generator)
         base = len(sample.seq.tokens) - len(tokens)
         for pool, seq in self._caches(sample):
             pool.truncate(seq, base + accepted)

@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+from runtime.eagle import EagleDraft, new_head
+from runtime.eagle_rows import HeadCache, propose_greedy
+from runtime.engine import Engine, SamplingParams
+from tests.conftest import make_tiny_family, make_tiny_llama
+
+
+def hf_states(head, features: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The head's final-norm states at every position from its HF modules, whole sequence, no cache."""
+    with torch.no_grad():
+        return head(features[None], ids[None])[0][0]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"])
+def test_rows_in_pieces_equal_the_hf_modules_on_the_whole_sequence(model_type):
+    """Three sequences' entries fed in pieces of different lengths (padding, a cache that grows in slots
+    and positions) give each position the state the HF modules give on the whole sequence."""
+    target = make_tiny_family(model_type, vocab_size=200, seed=3)
+    head = new_head(target).eval()
+    torch.manual_seed(0)
+    lengths = [13, 5, 9]
+    feats = [torch.randn(n, 64) for n in lengths]
+    ids = [torch.randint(0, 200, (n,)) for n in lengths]
+    cache = HeadCache(head, slots=1, positions=4)
+    slots = [cache.take() for _ in lengths]
+    assert sorted(slots) == [0, 1, 2] and cache.scratch >= 3
+    pieces = [[4, 6, 3], [1, 1, 3], [2, 7, 0]]  # per sequence, per call (0: not in that call)
+    done = [0, 0, 0]
+    for call in range(3):
+        members = [i for i in range(3) if pieces[i][call]]
+        states = cache.rows([slots[i] for i in members],
+                            [feats[i][done[i]:done[i] + pieces[i][call]] for i in members],
+                            [ids[i][done[i]:done[i] + pieces[i][call]] for i in members], [done[i] for i in members])
+        for row, i in enumerate(members):
+            done[i] += pieces[i][call]
+            expected = hf_states(head, feats[i][:done[i]], ids[i][:done[i]])[-1]
+            torch.testing.assert_close(states[row], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_proposals_together_equal_each_alone():
+    target = make_tiny_llama(vocab_size=300, hidden=96, layers=3, heads=6, kv_heads=2, tie=False, seed=4)
+    head = new_head(target, vocab_ids=torch.arange(0, 300, 3)).eval()
+    prompts = [[5, 17, 123, 9, 250, 31, 77], [3, 4], [200, 201, 202, 203, 8, 8, 8, 19]]
+
+    def drafts(cache_for):
+        engine = Engine(target, block_size=4, num_blocks=64)
+        engine.runner.keep_features = True
+        out = []
+        for prompt in prompts:
+            engine.generate([prompt], SamplingParams(max_new_tokens=1))  # leaves the prompt's features
+            draft = EagleDraft(head, engine.runner, cache_for())
+            draft.begin(prompt, rows=engine.runner.features[0])
+            draft.tokens.append(7)  # the target's first token
+            out.append(draft)
+        return out
+
+    shared = HeadCache(head, slots=2)
+    together = propose_greedy(drafts(lambda: shared), [3, 1, 2])
+    alone = [d.propose(3, SamplingParams(), None)[0] for d in drafts(lambda: None)]
+    assert together == [alone[0], alone[1][:1], alone[2][:2]]
+    assert all(t % 3 == 0 for row in together for t in row)  # the reduced vocabulary's ids, mapped back
