@@ -14,6 +14,9 @@
 #          at concurrency 1 and 8 (acceptance meaningless there: the step costs)
 #   spec8: the serving core with an EAGLE head against none, in-process, random weights, profiled at 1 and 8
 #          clients (bench/speculative_serving.py); the CUDA tests of heads and the scheduler
+#   spec9a / spec9: (carry .gpu/a with eagle-long.tar / .gpu/b, .whl, artifacts/gpu_like) the head's passes as
+#          CUDA graphs, speculative steps in 4- and 8-row graphs: tests and the serving core on random weights,
+#          then the real model served over HTTP with and without the trained head at 1, 8 and 64 clients
 #   3: distillation of the 15-layer student on the H200 (bf16-mixed), held-out metrics
 #   paged: CUDA tests of the batched paged decode attention; engine decode steps, batched vs per sequence
 #   serve1 / serve2 / serve3: GPU serving (issue 17), in two calls (serve3: the final figures, shorter): CUDA tests of the paged kernels, fused step, scheduler and
@@ -510,6 +513,28 @@ t = make_tiny_tokenizer(); save_reference(Path('$W/tiny'), make_tiny_llama(vocab
     timeout 300 python3 bench/speculative_serving.py --clients 1 8 64 --requests-per-client 2 --new-tokens 96 \
       --per-sequence --profile 1 8 2>&1 | grep -v -i "warn\|forward_call"
     cp artifacts/bench/speculative_serving.json "$OUT"/
+    ;;
+  spec9a)
+    cp .gpu/a/gguf.* "$W"/
+    tar -C "$W" -xf .gpu/a/eagle-long.tar
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/runtime/test_eagle.py \
+      tests/runtime/test_eagle_rows.py tests/runtime/test_scheduler.py tests/runtime/test_paged_attention.py \
+      -k "eagle or rows or cuda or draft or greedy" 2>&1 | grep -E "^E |passed|failed" | head -10 || true
+    timeout 200 python3 bench/speculative_serving.py --clients 1 8 64 --requests-per-client 2 --new-tokens 96 \
+      --per-sequence 2>&1 | grep -v -i "warn\|forward_call"
+    cp artifacts/bench/speculative_serving.json "$OUT"/
+    ;;
+  spec9)
+    join_reference
+    for c in 1 8 64; do
+      n=$((c == 1 ? 8 : c * 4))
+      for arm in plain eagle; do
+        flags=(); [ "$arm" = eagle ] && flags=(--draft "$W/eagle-long" --k 2 --force)
+        timeout 100 python3 -m runtime.bench --artifact "$W/reference" --device cuda --concurrency "$c" --requests "$n" \
+          --prompt-len 128 --max-tokens 128 --max-running 64 --max-batch-tokens 1024 --no-baseline "${flags[@]}" \
+          --out "$OUT/serve-c$c-$arm.json" 2>&1 | grep -v -i "warn\|it/s" | tail -3 || true
+      done
+    done
     ;;
   3)
     shift

@@ -95,6 +95,7 @@ def load(model: torch.nn.Module, prompts: list[list[int]], clients: int, new_tok
     itl = [b - a for r in finished for a, b in zip(token_times[id(r)], token_times[id(r)][1:], strict=False)]
     stats = scheduler.stats
     return {"mode": mode, "draft": draft is not None, "acceptance": round(stats.acceptance_rate, 3),
+            "draft_ms_per_call": round(1e3 * stats.draft_seconds / stats.draft_calls, 3) if stats.draft_calls else None,
             "fused_step": engine.runner.use_fused, "chunks_together": engine.runner.flat_prefill,
             "token_rows": engine.runner.use_fused and engine.runner.token_rows,
             "decode_steps": decode_steps, "requests": len(prompts), "output_tokens": out_tokens, "seconds": round(wall, 2),

@@ -264,6 +264,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                               "server_prefix_cache_hit_blocks": _metric(metrics, "shrinkwrap_prefix_cache_hit_blocks_total"),
                               "acceptance_rate": _metric(metrics, "shrinkwrap_speculative_acceptance_rate"),
                               "tokens_per_target_step": _metric(metrics, "shrinkwrap_speculative_tokens_per_target_step"),
+                              "draft_calls": _metric(metrics, "shrinkwrap_draft_calls_total"),
+                              "draft_seconds": _metric(metrics, "shrinkwrap_draft_seconds_total"),
                               "server_steps": {name: _by_kind(metrics, f"shrinkwrap_{name}_total")
                                                for name in ("steps", "step_tokens", "step_seconds", "step_host_seconds")}}
     if cfg.baseline:
@@ -296,6 +298,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{kind} {int(calls)} ({steps['step_tokens'][kind] / calls:.1f} tokens, "
             f"{1e3 * steps['step_seconds'][kind] / calls:.2f} ms of which host "
             f"{1e3 * steps['step_host_seconds'][kind] / calls:.2f} ms)" for kind, calls in steps["steps"].items()))
+    if result["draft_calls"]:
+        print(f"drafting before the steps: {int(result['draft_calls'])} calls, "
+              f"{1e3 * result['draft_seconds'] / result['draft_calls']:.2f} ms each")
     if cfg.static_baseline:
         print(f"static decoder at batch 1, same prompts: decode per request p50 "
               f"{result['static_serial']['decode_tok_s_per_request']['p50']:.1f} tok/s; the server's share "

@@ -95,7 +95,8 @@ def new_head(target: nn.Module, layers: int = 1, vocab_ids: torch.Tensor | None 
     with torch.no_grad():
         eye = torch.eye(hidden) * 0.5
         head.fc.weight.copy_(torch.cat([eye, eye], dim=1))
-    return head.to(next(target.parameters()).dtype)
+    param = next(target.parameters())
+    return head.to(device=param.device, dtype=param.dtype)
 
 
 def draft_method(path: str | Path) -> str | None:
@@ -203,10 +204,10 @@ class EagleDraft:
         if upto > self.known:
             self._append(rows[self.known - start:upto - start])
 
-    def _step(self, features: torch.Tensor, ids: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Head entries for positions start.. (features, and `ids`: the tokens that follow them, on the device):
+    def _step(self, features: torch.Tensor, ids: list[int], start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head entries for positions start.. (features, and `ids`: the tokens that follow them):
         the last entry's predicted feature (1, hidden) and its draft logits over the whole vocabulary."""
-        state = self.cache.rows([self.slot], [features], [ids], [start])
+        state, _ = self.cache.rows([self.slot], [features], [ids], [start])
         return state, self.head.full_logits(self.cache.logits(state)[0])
 
     def can_propose(self) -> bool:
@@ -225,9 +226,8 @@ class EagleDraft:
         if params.temperature <= 0:
             return propose_greedy([self], [k])[0], [None] * k
         # entry i reads the true feature of position i and token i + 1: catch up to the last accepted token
-        start, device = self.entries, self._store.device
-        feature, logits = self._step(self.features[start:n - 1], torch.tensor(self.tokens[start + 1:n], device=device),
-                                     start)
+        start = self.entries
+        feature, logits = self._step(self.features[start:n - 1], self.tokens[start + 1:n], start)
         self.entries = n - 1
         tokens, qs = [], []
         for j in range(k):
@@ -235,7 +235,7 @@ class EagleDraft:
             tokens.append(draw(q, gen))
             qs.append(q)
             if j < k - 1:
-                feature, logits = self._step(feature, torch.tensor(tokens[-1:], device=device), n - 1 + j)
+                feature, logits = self._step(feature, tokens[-1:], n - 1 + j)
         self.proposed = tokens
         return tokens, qs
 

@@ -27,12 +27,16 @@ from core.family import (
     sliding_window,
 )
 
+GRAPH_ROWS = (1, 2, 4, 8, 16, 32, 64, 128)  # sequences per captured pass (padded up to the next)
+
 
 class HeadCache:
     """K/V of an EAGLE head's layers per slot: (layers, slots + 1, kv heads, positions, head dim); the last
-    slot is scratch, where padding rows write."""
+    slot is scratch, where padding rows write. With `graph_width` > 0 (CUDA), passes of up to that many
+    entries per sequence replay a CUDA graph per (sequence bucket, width): a pass is ~60 small kernels, and
+    launching them costs more than running them."""
 
-    def __init__(self, head, slots: int = 1, positions: int = 256):
+    def __init__(self, head, slots: int = 1, positions: int = 256, graph_width: int = 0):
         cfg = head.config
         param = next(head.parameters())
         self.head, self.family = head, family_of(cfg)
@@ -43,6 +47,8 @@ class HeadCache:
         self.k = torch.zeros(shape, device=param.device, dtype=param.dtype)
         self.v = torch.zeros_like(self.k)
         self.free = list(range(slots - 1, -1, -1))
+        self.graph_width = graph_width if param.device.type == "cuda" else 0
+        self.graphs: dict[tuple[int, int], tuple] = {}
 
     @property
     def scratch(self) -> int:
@@ -54,6 +60,7 @@ class HeadCache:
             self.k, self.v = (torch.cat([t[:, :slots], torch.zeros_like(t[:, :slots]), t[:, slots:]], dim=1)
                               for t in (self.k, self.v))
             self.free = list(range(2 * slots - 1, slots - 1, -1))
+            self.graphs.clear()  # they read the old tensors
         return self.free.pop()
 
     def give_back(self, slot: int) -> None:
@@ -64,31 +71,19 @@ class HeadCache:
             grow = max(positions, 2 * self.k.shape[3]) - self.k.shape[3]
             self.k, self.v = (torch.cat([t, t.new_zeros((*t.shape[:3], grow, t.shape[4]))], dim=3)
                               for t in (self.k, self.v))
+            self.graphs.clear()
 
-    @torch.no_grad()
-    def _rows(self, slots: list[int], features: list[torch.Tensor], ids: list[torch.Tensor], starts: list[int]
-             ) -> torch.Tensor:
-        """Sequence i's entries at positions starts[i]..: its true or drafted `features[i]` (T_i, hidden) and
-        `ids[i]` (T_i,), the tokens that follow them. Writes their K/V into slot i; returns each sequence's
-        last entry's final-norm state (len(slots), hidden)."""
-        counts = [f.shape[0] for f in features]
-        width, n = max(counts), len(slots)
-        self._fit(max(s + c for s, c in zip(starts, counts, strict=True)))
-        device = self.k.device
-        pad = [width - c for c in counts]
-        x_feat = torch.stack([torch.nn.functional.pad(f, (0, 0, 0, p)) for f, p in zip(features, pad, strict=True)])
-        x_ids = torch.stack([torch.nn.functional.pad(t, (0, p)) for t, p in zip(ids, pad, strict=True)])
-        offsets = torch.arange(width, device=device)
-        valid = offsets[None] < torch.tensor(counts, device=device)[:, None]  # (n, width)
-        pos = torch.tensor(starts, device=device)[:, None] + offsets[None]
-        pos = torch.where(valid, pos, 0)  # padding rows: position 0 of the scratch slot
-        slot = torch.where(valid, torch.tensor(slots, device=device)[:, None], self.scratch)
+    def _core(self, feat: torch.Tensor, ids: torch.Tensor, meta: torch.Tensor, length: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pass over a (rows, width) grid: `meta` holds each cell's position and slot, then each row's
+        slot and last valid cell. Final-norm states of each row's last cell and their greedy draft tokens."""
+        n, width = ids.shape
+        pos, slot = meta[:2 * n * width].view(2, n, width)
+        rows, last = meta[2 * n * width:].view(2, n)
         head = self.head
-        x = head.fc(torch.cat([head.model.embed_tokens(x_ids), x_feat.to(head.fc.weight.dtype)], dim=-1))
+        x = head.fc(torch.cat([head.model.embed_tokens(ids), feat.to(head.fc.weight.dtype)], dim=-1))
         tables = rotary_tables(head, x, pos)
-        length = int(pos.max()) + 1
-        keys = torch.arange(length, device=device)
-        rows = torch.tensor(slots, device=device)
+        keys = torch.arange(length, device=ids.device)
         for li, layer in enumerate(head.model.layers):
             cos, sin = (t[:, None] for t in layer_rotary(head, tables, li))
             q, k, v = (t.transpose(1, 2) for t in project_qkv(self.family, layer.self_attn, layer.input_layernorm(x),
@@ -102,12 +97,76 @@ class HeadCache:
             o = attend(q, self.k[li, rows, :, :length], self.v[li, rows, :, :length], mask[:, None],
                        layer.self_attn.scaling, self.softcap)
             x = layer_tail(self.family, layer, x, o.transpose(1, 2).reshape(n, width, -1))
-        last = torch.tensor(counts, device=device) - 1
-        return head.model.norm(x[torch.arange(n, device=device), last])
+        states = head.model.norm(x[torch.arange(n, device=ids.device), last])
+        return states, self.greedy(states)
 
-    def rows(self, *args, **kwargs) -> torch.Tensor:  # cuDNN's attention plans each new shape: not that one
-        with sdpa_without_cudnn():
-            return self._rows(*args, **kwargs)
+    def _graph(self, n: int, width: int) -> tuple:
+        """Static inputs, graph and outputs of a pass over n rows of `width` cells, attending over every
+        position of the slots (one shape whatever the lengths); captured with every row on scratch."""
+        from runtime.static_decode import capture_graph
+
+        key = (n, width)
+        if key not in self.graphs:
+            hidden = self.head.config.hidden_size
+            feat = self.k.new_zeros((n * width, hidden))
+            ids = torch.zeros(n * width, dtype=torch.long, device=self.k.device)
+            meta = torch.zeros(2 * n * width + 2 * n, dtype=torch.long, device=self.k.device)
+            meta[n * width:2 * n * width] = self.scratch
+            meta[2 * n * width:2 * n * width + n] = self.scratch
+            out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+            def step() -> None:
+                out["pass"] = self._core(feat.view(n, width, hidden), ids.view(n, width), meta, self.k.shape[3])
+
+            graph = capture_graph(step, [])
+            self.graphs[key] = (feat, ids, meta, graph, out["pass"])
+        return self.graphs[key]
+
+    @torch.no_grad()
+    def rows(self, slots: list[int], features: list[torch.Tensor], ids: list[list[int]] | torch.Tensor,
+             starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequence i's entries at positions starts[i]..: its true or drafted `features[i]` (T_i, hidden) and
+        the tokens that follow them (`ids`: a list per sequence, or all of them in one tensor on the device).
+        Writes their K/V into slot i; returns each sequence's last entry's final-norm state (len(slots),
+        hidden) and greedy draft token (len(slots),)."""
+        counts = [f.shape[0] for f in features]
+        n, width = len(slots), max(counts)
+        self._fit(max(s + c for s, c in zip(starts, counts, strict=True)))
+        graphed = 0 < width <= self.graph_width and n <= GRAPH_ROWS[-1]
+        if graphed:
+            width = 1 if width == 1 else self.graph_width
+        total = next(b for b in GRAPH_ROWS if b >= n) if graphed else n
+        scratch = self.scratch
+        cells = [(i, j) for i, c in enumerate(counts) for j in range(c)]
+        pos, slot, grid_ids = [0] * (total * width), [scratch] * (total * width), [0] * (total * width)
+        for i, j in cells:
+            pos[i * width + j], slot[i * width + j] = starts[i] + j, slots[i]
+            if not isinstance(ids, torch.Tensor):
+                grid_ids[i * width + j] = ids[i][j]
+        m = 2 * total * width + 2 * total
+        host = torch.tensor(pos + slot + slots + [scratch] * (total - n) + [c - 1 for c in counts] + [0] * (total - n)
+                            + [i * width + j for i, j in cells] + grid_ids)
+        on_device = host.to(self.k.device, non_blocking=True)
+        meta, index = on_device[:m], on_device[m:m + len(cells)]
+        flat_feat = torch.cat(features)
+        flat_ids = ids if isinstance(ids, torch.Tensor) else on_device[m + len(cells):]
+        indexed = isinstance(ids, torch.Tensor)  # else the grid's ids came whole from the host
+        with sdpa_without_cudnn():  # cuDNN's attention plans each new shape
+            if graphed:
+                feat, grid_ids, static_meta, graph, (states, tokens) = self._graph(total, width)
+                feat.index_copy_(0, index, flat_feat.to(feat.dtype))
+                if indexed:
+                    grid_ids.index_copy_(0, index, flat_ids)
+                else:
+                    grid_ids.copy_(flat_ids)
+                static_meta.copy_(meta)
+                graph.replay()
+                return states[:n].clone(), tokens[:n].clone()  # the next replay overwrites them
+            feat = flat_feat.new_zeros((total * width, flat_feat.shape[1])).index_copy_(0, index, flat_feat)
+            if indexed:
+                flat_ids = flat_ids.new_zeros(total * width).index_copy_(0, index, flat_ids)
+            length = max(s + c for s, c in zip(starts, counts, strict=True))
+            return self._core(feat.view(total, width, -1), flat_ids.view(total, width), meta, length)
 
     def logits(self, states: torch.Tensor) -> torch.Tensor:
         """Draft logits (rows, draft vocabulary) of final-norm states."""
@@ -128,15 +187,15 @@ def propose_greedy(drafts: list, rooms: list[int]) -> list[list[int]]:
         n = len(draft.tokens)
         slots.append(draft.slot)
         features.append(draft.features[draft.entries:n - 1])
-        ids.append(torch.tensor(draft.tokens[draft.entries + 1:n], device=cache.k.device))
+        ids.append(draft.tokens[draft.entries + 1:n])
         starts.append(draft.entries)
         draft.entries = n - 1
-    states = cache.rows(slots, features, ids, starts)
-    drafted = [cache.greedy(states)]
+    states, best = cache.rows(slots, features, ids, starts)
+    drafted = [best]
     for j in range(1, max(rooms)):
-        states = cache.rows(slots, list(states[:, None]), list(drafted[-1][:, None]),
-                            [len(d.tokens) - 1 + j for d in drafts])
-        drafted.append(cache.greedy(states))
+        states, best = cache.rows(slots, list(states[:, None]), drafted[-1],
+                                  [len(d.tokens) - 1 + j for d in drafts])
+        drafted.append(best)
     tokens = torch.stack(drafted, dim=1).tolist()
     proposals = [row[:room] for row, room in zip(tokens, rooms, strict=True)]
     for draft, row in zip(drafts, proposals, strict=True):

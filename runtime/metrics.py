@@ -40,7 +40,10 @@ class SchedulerCollector:
                     "prompt_tokens": ("Prompt tokens admitted", s.stats.prompt_tokens),
                     "finished_requests": ("Requests finished", s.stats.finished_requests),
                     "cancelled_requests": ("Requests cancelled (client gone or stop string)",
-                                           s.stats.cancelled_requests)}
+                                           s.stats.cancelled_requests),
+                    "draft_calls": ("Drafting calls before a step (a draft's proposals for every sequence)",
+                                    s.stats.draft_calls),
+                    "draft_seconds": ("Wall time of the drafting calls", s.stats.draft_seconds)}
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(f"shrinkwrap_{name}", doc, value=value)
         kinds = dict(s.stats.step_kinds)  # a step's kind: mixed, decode, speculative, burst (copied: another thread adds)

@@ -17,7 +17,7 @@ from core.family import attend, attention_mask, final_logits, rotary_tables, sdp
 from runtime.paged_attention import paged_decode_attention, rope_and_write
 from runtime.static_decode import capture_graph
 
-ROW_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)  # token rows of a step with prompt chunks, under graphs
+ROW_BUCKETS = (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)  # token rows of a step with prompt chunks, under graphs
 PADDED_LIMIT = 1 << 26  # spans x longest chunk x longest sequence up to which chunks attend in one call
 
 

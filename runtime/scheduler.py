@@ -140,6 +140,8 @@ class SchedulerStats:
     draft_accepted: int = 0
     speculative_steps: int = 0  # target passes of decoding sequences that had a draft
     speculative_tokens: int = 0  # tokens those passes produced
+    draft_calls: int = 0  # drafting before a step (every sequence's proposals)
+    draft_seconds: float = 0.0  # their wall time (not in step_kinds: no token is generated there)
     step_kinds: dict[str, list[float]] = field(default_factory=dict)  # kind -> [calls, tokens, s, host s]
 
     @property
@@ -192,10 +194,10 @@ class Scheduler:
         self.max_batch_tokens = max_batch_tokens
         self.decode_steps = decode_steps
         self.draft_max_batch = draft_max_batch
-        if self.eagle_head is not None:  # one slot per running sequence, the head's K/V up to the context limit
+        if self.eagle_head is not None:  # a slot per running sequence, K/V to the context limit; graphs (CUDA)
             from runtime.eagle_rows import HeadCache
 
-            self.head_cache = HeadCache(self.eagle_head, max_running, max_context + k + 1)
+            self.head_cache = HeadCache(self.eagle_head, max_running, max_context + k + 1, graph_width=k + 1)
         self.batched_drafting = True  # greedy EAGLE proposals for all sequences in one head pass per token
         self.waiting: list[tuple[int, float, int, Request]] = []
         self.running: list[_Sample] = []
@@ -370,7 +372,12 @@ class Scheduler:
                 return ran
         decoding = [s for s in self.running if not s.prefilling]
         drafting = self.k and (self.draft_max_batch is None or len(decoding) <= self.draft_max_batch)
-        proposals = self._propose(decoding) if drafting else {}
+        proposals = {}
+        if drafting:
+            drafted_at = time.perf_counter()
+            proposals = self._propose(decoding)
+            self.stats.draft_calls += 1
+            self.stats.draft_seconds += time.perf_counter() - drafted_at
         batch = list(decoding)
         ends = [len(s.seq.tokens) for s in decoding]  # one new token each, plus any draft proposals
         budget = self.max_batch_tokens - sum(1 + len(proposals.get(id(s), ((), ()))[0]) for s in decoding)

@@ -30,9 +30,10 @@ def test_rows_in_pieces_equal_the_hf_modules_on_the_whole_sequence(model_type):
     done = [0, 0, 0]
     for call in range(3):
         members = [i for i in range(3) if pieces[i][call]]
-        states = cache.rows([slots[i] for i in members],
-                            [feats[i][done[i]:done[i] + pieces[i][call]] for i in members],
-                            [ids[i][done[i]:done[i] + pieces[i][call]] for i in members], [done[i] for i in members])
+        states, _ = cache.rows([slots[i] for i in members],
+                               [feats[i][done[i]:done[i] + pieces[i][call]] for i in members],
+                               [ids[i][done[i]:done[i] + pieces[i][call]].tolist() for i in members],
+                               [done[i] for i in members])
         for row, i in enumerate(members):
             done[i] += pieces[i][call]
             expected = hf_states(head, feats[i][:done[i]], ids[i][:done[i]])[-1]
@@ -61,3 +62,26 @@ def test_greedy_proposals_together_equal_each_alone():
     alone = [d.propose(3, SamplingParams(), None)[0] for d in drafts(lambda: None)]
     assert together == [alone[0], alone[1][:1], alone[2][:2]]
     assert all(t % 3 == 0 for row in together for t in row)  # the reduced vocabulary's ids, mapped back
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs")
+def test_graphed_passes_equal_eager_ones():
+    """Padded to a bucket of sequences and to the graph's width, replayed: the eager pass's states, tokens
+    and K/V, sequence by sequence."""
+    target = make_tiny_llama(vocab_size=300, hidden=96, layers=3, heads=6, kv_heads=2, tie=False, seed=4).cuda()
+    head = new_head(target).eval()
+    torch.manual_seed(0)
+    eager, graphed = HeadCache(head, slots=5, positions=64), HeadCache(head, slots=5, positions=64, graph_width=3)
+    for cache in (eager, graphed):
+        for _ in range(5):
+            cache.take()
+    for counts in ([3, 1, 2], [1, 1, 1, 1, 1], [2, 3, 1]):
+        feats = [torch.randn(c, 96, device="cuda") for c in counts]
+        ids = [torch.randint(0, 300, (c,)).tolist() for c in counts]
+        starts = [5 * len(counts) + i for i in range(len(counts))]
+        slots = list(range(len(counts)))
+        (s1, t1), (s2, t2) = (c.rows(slots, feats, ids, starts) for c in (eager, graphed))
+        torch.testing.assert_close(s1, s2, rtol=1e-4, atol=1e-4)
+        assert t1.tolist() == t2.tolist()
+    assert sorted(graphed.graphs) == [(4, 3), (8, 1)]  # 3 sequences padded to 4, widths 1..3 to 3; 5 to 8
+    torch.testing.assert_close(eager.k[:, :5], graphed.k[:, :5])

@@ -203,11 +203,14 @@ def test_eagle_head_in_the_batch_keeps_greedy_output_and_samples():
     run_greedy(scheduler, model, prompts, 14)
     stats = scheduler.stats
     assert 0 < stats.draft_accepted < stats.draft_proposed  # both branches of the acceptance ran
+    assert stats.draft_calls > 0 and stats.draft_seconds > 0
     assert scheduler.pool.used == 0 and scheduler.reserved_blocks == 0
     request = Request(list(range(3, 20)), SamplingParams(max_new_tokens=9, temperature=1.0, seed=5), n=2)
     scheduler.submit(request)
     drain(scheduler, [request])
     assert [len(o) for o in request.outputs] == [9, 9]
+    cache = scheduler.head_cache  # every finished sequence gave its head slot back
+    assert sorted(cache.free) == list(range(cache.scratch))
 
 
 @pytest.mark.parametrize("eagle", [False, True])

@@ -143,6 +143,7 @@ def test_speculative_server_matches_the_plain_one(artifact, tmp_path_factory):
     with running_server(str(artifact.path), model_name=MODEL, draft=str(artifact.path), k=3) as (url, _):
         spec = httpx.post(f"{url}/v1/completions", json=body).json()["choices"][0]["text"]
         assert metric(url, "shrinkwrap_speculative_acceptance_rate") == 1.0
+        assert metric(url, "shrinkwrap_draft_calls_total") > 0 and metric(url, "shrinkwrap_draft_seconds_total") > 0
     assert spec == plain
 
 
