@@ -17,6 +17,7 @@
 #   spec9a / spec9: (carry .gpu/a with eagle-long.tar / .gpu/b, .whl, artifacts/gpu_like) the head's passes as
 #          CUDA graphs, speculative steps in 4- and 8-row graphs: tests and the serving core on random weights,
 #          then the real model served over HTTP with and without the trained head at 1, 8 and 64 clients
+#   spec10a / spec10: the same served comparison with k = 1 (one head pass per cycle)
 #   3: distillation of the 15-layer student on the H200 (bf16-mixed), held-out metrics
 #   paged: CUDA tests of the batched paged decode attention; engine decode steps, batched vs per sequence
 #   serve1 / serve2 / serve3: GPU serving (issue 17), in two calls (serve3: the final figures, shorter): CUDA tests of the paged kernels, fused step, scheduler and
@@ -534,6 +535,21 @@ t = make_tiny_tokenizer(); save_reference(Path('$W/tiny'), make_tiny_llama(vocab
           --prompt-len 128 --max-tokens 128 --max-running 64 --max-batch-tokens 1024 --no-baseline "${flags[@]}" \
           --out "$OUT/serve-c$c-$arm.json" 2>&1 | grep -v -i "warn\|it/s" | tail -3 || true
       done
+    done
+    ;;
+  spec10a)
+    cp .gpu/a/gguf.* "$W"/
+    tar -C "$W" -xf .gpu/a/eagle-long.tar
+    ;;
+  spec10)
+    join_reference
+    for run in "1 plain" "1 eagle" "8 eagle" "64 eagle"; do
+      read -r c arm <<< "$run"
+      n=$((c == 1 ? 8 : c * 4))
+      flags=(); [ "$arm" = eagle ] && flags=(--draft "$W/eagle-long" --k 1 --force)
+      timeout 100 python3 -m runtime.bench --artifact "$W/reference" --device cuda --concurrency "$c" --requests "$n" \
+        --prompt-len 128 --max-tokens 128 --max-running 64 --max-batch-tokens 1024 --no-baseline "${flags[@]}" \
+        --out "$OUT/serve-c$c-$arm-k1.json" 2>&1 | grep -v -i "warn\|it/s" | grep -v "^CPU" | tail -4 || true
     done
     ;;
   3)

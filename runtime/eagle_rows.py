@@ -190,7 +190,7 @@ def propose_greedy(drafts: list, rooms: list[int]) -> list[list[int]]:
         ids.append(draft.tokens[draft.entries + 1:n])
         starts.append(draft.entries)
         draft.entries = n - 1
-    states, best = cache.rows(slots, features, ids, starts)
+    states, best = _catch_up(cache, slots, features, ids, starts, max(max(rooms) + 1, cache.graph_width))
     drafted = [best]
     for j in range(1, max(rooms)):
         states, best = cache.rows(slots, list(states[:, None]), drafted[-1],
@@ -201,3 +201,17 @@ def propose_greedy(drafts: list, rooms: list[int]) -> list[list[int]]:
     for draft, row in zip(drafts, proposals, strict=True):
         draft.proposed = row
     return proposals
+
+
+def _catch_up(cache: HeadCache, slots: list[int], features: list[torch.Tensor], ids: list[list[int]],
+              starts: list[int], short: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The catch-up pass: sequences with at most `short` new entries together (padded to that width, a
+    graph's), each longer one (a prompt just prefilled) alone, so one long prompt does not pad them all."""
+    together = [i for i, f in enumerate(features) if f.shape[0] <= short]
+    groups = ([together] if together else []) + [[i] for i, f in enumerate(features) if f.shape[0] > short]
+    if len(groups) == 1:
+        return cache.rows(slots, features, ids, starts)
+    parts = [cache.rows(*([values[i] for i in group] for values in (slots, features, ids, starts)))
+             for group in groups]
+    order = torch.tensor([i for group in groups for i in group], device=cache.k.device).argsort()
+    return torch.cat([p[0] for p in parts])[order], torch.cat([p[1] for p in parts])[order]

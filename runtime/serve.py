@@ -537,7 +537,7 @@ def build_scheduler(cfg: ServeConfig, tokenizer: Any = None) -> Scheduler:
             check_draft_target(cfg.draft, cfg.artifact, cfg.force)
             if cfg.device.startswith("cuda"):
                 print("warning: draft: speculative serving on CUDA is slower than serving without a draft today "
-                      "(H200: 0.03-0.06x at concurrency 1, docs/BENCHMARKS.md issue 19); runtime.generate --static "
+                      "(H200: 0.37-0.66x at 1-64 clients, docs/BENCHMARKS.md issue 19); runtime.generate --static "
                       "--draft is the fast speculative path", file=sys.stderr, flush=True)
             if load_tokenizer(cfg.draft).get_vocab() != tokenizer.get_vocab():
                 raise UserError(f"draft: {cfg.draft} does not share the target's tokenizer")

@@ -58,7 +58,11 @@ def test_greedy_proposals_together_equal_each_alone():
         return out
 
     shared = HeadCache(head, slots=2)
-    together = propose_greedy(drafts(lambda: shared), [3, 1, 2])
+    together_drafts = drafts(lambda: shared)
+    second = together_drafts[1]  # position 0 entered: its catch-up is one entry, the others' whole prompts
+    second.cache.rows([second.slot], [second.features[:1]], [second.tokens[1:2]], [0])
+    second.entries = 1
+    together = propose_greedy(together_drafts, [3, 1, 2])
     alone = [d.propose(3, SamplingParams(), None)[0] for d in drafts(lambda: None)]
     assert together == [alone[0], alone[1][:1], alone[2][:2]]
     assert all(t % 3 == 0 for row in together for t in row)  # the reduced vocabulary's ids, mapped back
