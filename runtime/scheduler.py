@@ -194,10 +194,12 @@ class Scheduler:
         self.max_batch_tokens = max_batch_tokens
         self.decode_steps = decode_steps
         self.draft_max_batch = draft_max_batch
-        if self.eagle_head is not None:  # a slot per running sequence, K/V to the context limit; graphs (CUDA)
+        if self.eagle_head is not None:  # a dense K/V slot per running sequence; CUDA graphs of its passes
             from runtime.eagle_rows import HeadCache
 
-            self.head_cache = HeadCache(self.eagle_head, max_running, max_context + k + 1, graph_width=k + 1)
+            # positions grow by doubling as sequences get longer (graphs re-captured then)
+            self.head_cache = HeadCache(self.eagle_head, max_running, min(max_context + k + 1, 1024),
+                                        graph_width=k + 1)
         self.batched_drafting = True  # greedy EAGLE proposals for all sequences in one head pass per token
         self.waiting: list[tuple[int, float, int, Request]] = []
         self.running: list[_Sample] = []
