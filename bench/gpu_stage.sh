@@ -89,6 +89,19 @@ serve_concurrency1() {  # one client through HTTP, beside the static decoder at 
   python3 -m runtime.generate --artifact "$W/random" --static --device cuda --max-tokens 128 \
     --prompt "The fire service says the blaze near the town is now under control, and residents" 2>&1 | tail -1
 }
+served_real() {  # the real model ($W/reference) over HTTP with and without the head ($W/eagle-long);
+                 # $1: k, then "clients arm" pairs (arm: plain or eagle)
+  local k=$1 run c arm n
+  shift
+  for run in "$@"; do
+    read -r c arm <<< "$run"
+    n=$((c == 1 ? 8 : c * 4))
+    flags=(); [ "$arm" = eagle ] && flags=(--draft "$W/eagle-long" --k "$k" --force)
+    timeout 100 python3 -m runtime.bench --artifact "$W/reference" --device cuda --concurrency "$c" --requests "$n" \
+      --prompt-len 128 --max-tokens 128 --max-running 64 --max-batch-tokens 1024 --no-baseline "${flags[@]}" \
+      --out "$OUT/serve-c$c-$arm-k$k.json" 2>&1 | grep -v -i "warn\|it/s" | grep -v "^CPU" | tail -4 || true
+  done
+}
 case "$1" in
   1)
     cp .gpu/a/* "$W"/
@@ -478,21 +491,17 @@ t = make_tiny_tokenizer(); save_reference(Path('$W/tiny'), make_tiny_llama(vocab
       --device cuda --k 1 2 3 --small gemv-rows --draft-vocab 8192 --vocab-from "$W/answers.jsonl" --lookup 2 3 \
       --new-tokens 128 2>&1 | grep -v -i "warn\|Loading weights" | tail -19
     ;;
-  spec6a)
+  spec6a|spec10a)
     cp .gpu/a/gguf.* "$W"/
     tar -C "$W" -xf .gpu/a/eagle-long.tar
     ;;
-  spec6)
+  spec6|spec9)
     join_reference
-    for c in 1 8 64; do
-      n=$((c == 1 ? 8 : c * 4))
-      for arm in plain eagle; do
-        flags=(); [ "$arm" = eagle ] && flags=(--draft "$W/eagle-long" --k 2 --force)
-        timeout 150 python3 -m runtime.bench --artifact "$W/reference" --device cuda --concurrency "$c" --requests "$n" \
-          --prompt-len 128 --max-tokens 128 --max-running 64 --max-batch-tokens 1024 --no-baseline "${flags[@]}" \
-          --out "$OUT/serve-c$c-$arm.json" 2>&1 | grep -v -i "warn\|it/s" | tail -4 || true
-      done
-    done
+    served_real 2 "1 plain" "1 eagle" "8 plain" "8 eagle" "64 plain" "64 eagle"
+    ;;
+  spec10)
+    join_reference
+    served_real 1 "1 plain" "1 eagle" "8 eagle" "64 eagle"
     ;;
   spec7)
     tar -C "$W" -xf .gpu/a/eagle-long.tar
@@ -524,33 +533,6 @@ t = make_tiny_tokenizer(); save_reference(Path('$W/tiny'), make_tiny_llama(vocab
     timeout 200 python3 bench/speculative_serving.py --clients 1 8 64 --requests-per-client 2 --new-tokens 96 \
       --per-sequence 2>&1 | grep -v -i "warn\|forward_call"
     cp artifacts/bench/speculative_serving.json "$OUT"/
-    ;;
-  spec9)
-    join_reference
-    for c in 1 8 64; do
-      n=$((c == 1 ? 8 : c * 4))
-      for arm in plain eagle; do
-        flags=(); [ "$arm" = eagle ] && flags=(--draft "$W/eagle-long" --k 2 --force)
-        timeout 100 python3 -m runtime.bench --artifact "$W/reference" --device cuda --concurrency "$c" --requests "$n" \
-          --prompt-len 128 --max-tokens 128 --max-running 64 --max-batch-tokens 1024 --no-baseline "${flags[@]}" \
-          --out "$OUT/serve-c$c-$arm.json" 2>&1 | grep -v -i "warn\|it/s" | tail -3 || true
-      done
-    done
-    ;;
-  spec10a)
-    cp .gpu/a/gguf.* "$W"/
-    tar -C "$W" -xf .gpu/a/eagle-long.tar
-    ;;
-  spec10)
-    join_reference
-    for run in "1 plain" "1 eagle" "8 eagle" "64 eagle"; do
-      read -r c arm <<< "$run"
-      n=$((c == 1 ? 8 : c * 4))
-      flags=(); [ "$arm" = eagle ] && flags=(--draft "$W/eagle-long" --k 1 --force)
-      timeout 100 python3 -m runtime.bench --artifact "$W/reference" --device cuda --concurrency "$c" --requests "$n" \
-        --prompt-len 128 --max-tokens 128 --max-running 64 --max-batch-tokens 1024 --no-baseline "${flags[@]}" \
-        --out "$OUT/serve-c$c-$arm-k1.json" 2>&1 | grep -v -i "warn\|it/s" | grep -v "^CPU" | tail -4 || true
-    done
     ;;
   3)
     shift
