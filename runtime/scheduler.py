@@ -540,8 +540,9 @@ class Scheduler:
                 for sample, tokens in zip(together, propose_greedy([s.eagle for s in together],
                                                                    [room[id(s)] for s in together]), strict=True):
                     proposals[id(sample)] = (tokens, [None] * len(tokens))
+            drafted = {id(s) for s in together}
             for sample in active:
-                if sample not in together:
+                if id(sample) not in drafted:
                     proposals[id(sample)] = sample.eagle.propose(room[id(sample)], sample.request.params,
                                                                  sample.generator)
             active = []
