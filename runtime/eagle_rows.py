@@ -207,9 +207,11 @@ def propose_greedy(drafts: list, rooms: list[int]) -> list[list[int]]:
 def _catch_up(cache: HeadCache, slots: list[int], features: list[torch.Tensor], ids: list[list[int]],
               starts: list[int], short: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The catch-up pass: sequences with at most `short` new entries together (padded to that width, a
-    graph's), each longer one (a prompt just prefilled) alone, so one long prompt does not pad them all."""
-    together = [i for i, f in enumerate(features) if f.shape[0] <= short]
-    groups = ([together] if together else []) + [[i] for i, f in enumerate(features) if f.shape[0] > short]
+    graph's), the longer ones (prompts just prefilled) in a pass of their own, so a long prompt does not
+    pad every sequence's rows to its length."""
+    short_ones = [i for i, f in enumerate(features) if f.shape[0] <= short]
+    long_ones = [i for i, f in enumerate(features) if f.shape[0] > short]
+    groups = [group for group in (short_ones, long_ones) if group]
     if len(groups) == 1:
         return cache.rows(slots, features, ids, starts)
     parts = [cache.rows(*([values[i] for i in group] for values in (slots, features, ids, starts)))

@@ -60,6 +60,7 @@ def test_greedy_proposals_together_equal_each_alone():
     shared = HeadCache(head, slots=2)
     together_drafts = drafts(lambda: shared)
     second = together_drafts[1]  # position 0 entered: its catch-up is one entry, the others' whole prompts
+    # (a pass of their own)
     second.cache.rows([second.slot], [second.features[:1]], [second.tokens[1:2]], [0])
     second.entries = 1
     together = propose_greedy(together_drafts, [3, 1, 2])
