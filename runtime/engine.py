@@ -196,13 +196,19 @@ class Engine:
             base = len(t_seq.tokens)  # accepted so far, the last (uncached) correction token included
             proposals, qs = drafter.propose(k, params, gen)
             t_seq.tokens.extend(proposals)
-            scored = ([probabilities(row, params) for row in self.runner.forward([t_seq], last_only=False)[0]]
-                      if proposals or p_first is None else [])
-            ps = ([p_first] + scored) if p_first is not None else scored  # len(proposals) + 1 target distributions
+            rows = self.runner.forward([t_seq], last_only=False)[0] if proposals or p_first is None else None
+            if params.temperature <= 0:  # p and q one-hot: the longest prefix the target's argmaxes agree with
+                best = ([int(p_first.argmax())] if p_first is not None else []) + (
+                    rows.argmax(-1).tolist() if rows is not None else [])
+                accepted = next((i for i, t in enumerate(proposals) if t != best[i]), len(proposals))
+                final = best[accepted]
+            else:
+                scored = [probabilities(row, params) for row in rows] if rows is not None else []
+                ps = ([p_first] + scored) if p_first is not None else scored  # len(proposals) + 1 distributions
+                accepted, final = accept_draft(ps, qs, proposals, gen)
             p_first = None
-            accepted, final = accept_draft(ps, qs, proposals, gen)
             new = proposals[:accepted] + [final]
-            stats.target_steps += bool(scored)  # a first token drawn from the prefill's distribution costs no pass
+            stats.target_steps += rows is not None  # a first token drawn from the prefill's distribution costs no pass
             stats.proposed += len(proposals)
             stats.accepted += accepted
             stats.per_step_accepted.append(accepted)
