@@ -46,14 +46,14 @@ class EagleHead(nn.Module):
         self.register_buffer("vocab_ids", vocab_ids, persistent=False)
 
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
-                past_key_values=None, last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                past_key_values=None) -> tuple[torch.Tensor, torch.Tensor]:
         """features (B, T, hidden) of positions i, tokens (B, T) at i + 1 -> predicted features of i + 1 and
-        their draft logits (over `vocab_ids` where set; `last_only`: of the last entry only)."""
+        their draft logits (over `vocab_ids` where set)."""
         x = self.fc(torch.cat([self.model.embed_tokens(tokens), features.to(self.fc.weight.dtype)], dim=-1))
         out = self.model(inputs_embeds=x, position_ids=position_ids, past_key_values=past_key_values,
                          use_cache=past_key_values is not None)
         h = out.last_hidden_state
-        return h, self.lm_head(h[:, -1:] if last_only else h)
+        return h, self.lm_head(h)
 
     def full_logits(self, draft_logits: torch.Tensor) -> torch.Tensor:
         """Draft logits over the whole vocabulary (-inf outside `vocab_ids`)."""
