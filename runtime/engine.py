@@ -113,6 +113,13 @@ def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     return draw(probabilities(logits, params), generator)
 
 
+def accept_greedy(tokens: list[int], argmaxes: list[int]) -> tuple[int, int]:
+    """`accept_draft` under greedy decoding (p and q one-hot): the longest prefix of the draft's tokens the
+    target's argmaxes (len(tokens) + 1 of them) agree with, and the target's token after it."""
+    accepted = next((i for i, t in enumerate(tokens) if t != argmaxes[i]), len(tokens))
+    return accepted, argmaxes[accepted]
+
+
 def accept_draft(ps: list[torch.Tensor], qs: list[torch.Tensor | None], tokens: list[int],
                  generator: torch.Generator | None) -> tuple[int, int]:
     """The exact rejection rule: (accepted draft tokens, the token that follows them).
@@ -200,8 +207,7 @@ class Engine:
             if params.temperature <= 0:  # p and q one-hot: the longest prefix the target's argmaxes agree with
                 best = ([int(p_first.argmax())] if p_first is not None else []) + (
                     rows.argmax(-1).tolist() if rows is not None else [])
-                accepted = next((i for i, t in enumerate(proposals) if t != best[i]), len(proposals))
-                final = best[accepted]
+                accepted, final = accept_greedy(proposals, best)
             else:
                 scored = [probabilities(row, params) for row in rows] if rows is not None else []
                 ps = ([p_first] + scored) if p_first is not None else scored  # len(proposals) + 1 distributions

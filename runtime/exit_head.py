@@ -21,7 +21,7 @@ from torch import nn
 
 from core.family import final_logits
 from runtime.eagle import WEIGHTS, draft_method
-from runtime.engine import Engine, GenerationStats, SamplingParams
+from runtime.engine import Engine, GenerationStats, SamplingParams, accept_greedy
 
 
 class ExitHead(nn.Module):
@@ -107,14 +107,14 @@ def self_speculative(engine: Engine, head: ExitHead, prompt: list[int], params: 
                 seq.tokens.append(proposals[-1])
         hidden = runner.run_layers(seq, first, first + k + 1, torch.cat(states, dim=1), deep)
         verified = final_logits(target, inner.norm(hidden)[0]).argmax(-1).tolist()
-        accepted = next((i for i, (p, v) in enumerate(zip(proposals, verified, strict=False)) if p != v), k)
+        accepted, final = accept_greedy(proposals, verified)
         stats.target_steps += 1
         stats.proposed += k
         stats.accepted += accepted
         stats.per_step_accepted.append(accepted)
         engine.pool.truncate(seq, first + 1 + accepted)
         seq.cached = first + 1 + accepted  # every layer holds the accepted tokens now
-        out.extend(proposals[:accepted] + [verified[accepted]])
+        out.extend(proposals[:accepted] + [final])
         if any(t in params.stop_ids for t in out):
             out = out[:next(i for i, t in enumerate(out) if t in params.stop_ids) + 1]
     out = out[:params.max_new_tokens]

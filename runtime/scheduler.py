@@ -43,6 +43,7 @@ from runtime.engine import (
     Engine,
     SamplingParams,
     accept_draft,
+    accept_greedy,
     adjust_logits,
     draw,
     probabilities,
@@ -584,8 +585,7 @@ class Scheduler:
         """The exact rejection rule over one sample's proposals (`argmaxes`: the target's per row, greedy: the
         longest agreeing prefix, then the target's token); both caches rolled back to what stands."""
         if argmaxes is not None:
-            accepted = next((i for i, t in enumerate(tokens) if t != argmaxes[i]), len(tokens))
-            final = argmaxes[accepted]
+            accepted, final = accept_greedy(tokens, argmaxes)
         else:
             params = sample.request.params
             generated = sample.request.outputs[sample.index]
