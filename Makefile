@@ -23,12 +23,13 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 demo: setup
 	$(PY) -m compress.pipeline --config configs/pipeline/demo.yaml
 
+# two workers (the CI machine has two cores), each test file whole on one worker: module fixtures built once
 test: setup
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 # llama-cpp-python (baseline of bench/onnx.py) compiles llama.cpp: only for the benchmark.
 bench-deps: setup

@@ -12,6 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if not torch.cuda.is_available():  # the fused CUDA kernels run in Triton's interpreter; set before anything
     os.environ.setdefault("TRITON_INTERPRET", "1")  # (torch's compiler stack included) imports triton
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on two cores: one thread each, so
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # they (and the servers they start) do not oversubscribe
+    torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -141,9 +144,14 @@ def tiny_artifact(tmp_path, tiny_tokenizer):
 @pytest.fixture(scope="session")
 def reference_artifact():
     """The real SmolLM2 reference, built once and cached under artifacts/ (shared by all slow tests)."""
+    from filelock import FileLock
+
     from compress.reference import ReferenceConfig, make_reference
 
-    return make_reference(ReferenceConfig(out=str(ROOT / "artifacts" / "reference"), if_missing=True))
+    out = ROOT / "artifacts" / "reference"
+    out.parent.mkdir(exist_ok=True)
+    with FileLock(str(out) + ".lock"):  # the other test worker waits rather than building it a second time
+        return make_reference(ReferenceConfig(out=str(out), if_missing=True))
 
 
 def fit_on_one_batch(module, vocab_size: int = 128, steps: int = 60, lr: float = 3e-3) -> tuple[dict, dict]:
