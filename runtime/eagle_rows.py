@@ -182,6 +182,31 @@ class HeadCache:
 def propose_greedy(drafts: list, rooms: list[int]) -> list[list[int]]:
     """Greedy proposals of several `EagleDraft`s sharing one `HeadCache`: up to rooms[i] tokens each, in
     max(rooms) passes of the head over all of them and one copy to the host."""
+    chain, _ = _chain(drafts, max(rooms))
+    proposals = [row[:room] for row, room in zip(chain.tolist(), rooms, strict=True)]
+    for draft, row in zip(drafts, proposals, strict=True):
+        draft.proposed = row
+    return proposals
+
+
+def propose_tree(draft, depth: int, width: int) -> tuple[list[int], list[int]]:
+    """A greedy draft tree for one `EagleDraft`: the head's greedy chain of `depth` tokens, and beside each
+    chain token the head's next width - 1 likeliest tokens as leaves (where the chain is rejected, the
+    target's token is often among them). Nodes (the chain first) and each node's parent (-1: the last
+    accepted token); `propose` order, so that `accept` keeps an accepted branch set by the caller."""
+    chain, top = _chain([draft], depth, width)
+    tokens, parents = chain[0].tolist(), list(range(-1, depth - 1))
+    for d, candidates in enumerate(top[0].tolist()):
+        leaves = [t for t in candidates if t != tokens[d]][:width - 1]
+        tokens += leaves
+        parents += [d - 1] * len(leaves)
+    draft.proposed = tokens
+    return tokens, parents
+
+
+def _chain(drafts: list, depth: int, width: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each draft's greedy chain of `depth` tokens (drafts, depth) and, with width > 1, the head's `width`
+    likeliest tokens at each step (drafts, depth, width); one pass of the head over all drafts per step."""
     cache = drafts[0].cache
     slots, features, ids, starts = [], [], [], []
     for draft in drafts:
@@ -191,17 +216,17 @@ def propose_greedy(drafts: list, rooms: list[int]) -> list[list[int]]:
         ids.append(draft.tokens[draft.entries + 1:n])
         starts.append(draft.entries)
         draft.entries = n - 1
-    states, best = _catch_up(cache, slots, features, ids, starts, max(max(rooms) + 1, cache.graph_width))
-    drafted = [best]
-    for j in range(1, max(rooms)):
-        states, best = cache.rows(slots, list(states[:, None]), drafted[-1],
-                                  [len(d.tokens) - 1 + j for d in drafts])
-        drafted.append(best)
-    tokens = torch.stack(drafted, dim=1).tolist()
-    proposals = [row[:room] for row, room in zip(tokens, rooms, strict=True)]
-    for draft, row in zip(drafts, proposals, strict=True):
-        draft.proposed = row
-    return proposals
+    states, best = _catch_up(cache, slots, features, ids, starts, max(depth + 1, cache.graph_width))
+    drafted, likeliest = [best], []
+    for j in range(depth):
+        if width > 1:
+            top = cache.logits(states).topk(width, dim=-1).indices
+            likeliest.append(top if cache.head.vocab_ids is None else cache.head.vocab_ids[top])
+        if j + 1 < depth:
+            states, best = cache.rows(slots, list(states[:, None]), drafted[-1],
+                                      [len(d.tokens) - 1 + j + 1 for d in drafts])
+            drafted.append(best)
+    return torch.stack(drafted, dim=1), (torch.stack(likeliest, dim=1) if likeliest else None)
 
 
 def _catch_up(cache: HeadCache, slots: list[int], features: list[torch.Tensor], ids: list[list[int]],

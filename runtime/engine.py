@@ -46,6 +46,7 @@ class GenerationStats:
     accepted: int = 0
     prefix_hit_blocks: int = 0
     exited: int = 0  # early exit: tokens the exit model emitted alone (no target pass)
+    leaves_accepted: int = 0  # tree drafting: cycles whose accepted branch ended in a leaf beside the chain
     per_step_accepted: list[int] = field(default_factory=list)
 
     @property
@@ -120,6 +121,19 @@ def accept_greedy(tokens: list[int], argmaxes: list[int]) -> tuple[int, int]:
     return accepted, argmaxes[accepted]
 
 
+def accept_tree(tokens: list[int], parents: list[int], argmaxes: list[int]) -> tuple[list[int], int]:
+    """`accept_greedy` over a draft tree (parents[i]: the node before node i, -1 the last accepted token;
+    argmaxes[0] the target's token after that one, argmaxes[i + 1] after node i): the branch the target's
+    argmaxes follow (node indices) and the target's token after it."""
+    branch, at = [], -1
+    while True:
+        want = argmaxes[at + 1]
+        at = next((i for i, (t, p) in enumerate(zip(tokens, parents, strict=True)) if p == at and t == want), None)
+        if at is None:
+            return branch, want
+        branch.append(at)
+
+
 def accept_draft(ps: list[torch.Tensor], qs: list[torch.Tensor | None], tokens: list[int],
                  generator: torch.Generator | None) -> tuple[int, int]:
     """The exact rejection rule: (accepted draft tokens, the token that follows them).
@@ -187,11 +201,19 @@ class Engine:
         return outputs, stats
 
     def speculative(self, draft: Engine | PromptLookupDraft, prompt: list[int], params: SamplingParams, k: int = 4,
-                    adaptive: bool = False) -> tuple[list[int], GenerationStats]:
-        """One sequence with a draft (a model engine or prompt lookup); rejected tokens roll back in both caches."""
+                    adaptive: bool = False, tree_width: int = 1) -> tuple[list[int], GenerationStats]:
+        """One sequence with a draft (a model engine or prompt lookup); rejected tokens roll back in both caches.
+        `tree_width` > 1 (greedy, an EAGLE head): a draft tree, the head's chain of k and its width - 1 next
+        likeliest tokens beside each, verified in one pass under a tree mask."""
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         stats = GenerationStats(prompt_tokens=len(prompt))
         drafter = ModelDraft(draft) if isinstance(draft, Engine) else draft
+        tree = tree_width > 1 and params.temperature <= 0
+        if tree:
+            from runtime.eagle import EagleDraft
+            from runtime.eagle_rows import propose_tree
+            if not isinstance(drafter, EagleDraft):
+                raise ValueError("tree drafting needs an EAGLE head as the draft")
         (t_seq,) = self._start([prompt])
         start = time.perf_counter()
         p_first = probabilities(self.runner.forward([t_seq])[0][-1], params)
@@ -201,13 +223,31 @@ class Engine:
         start = time.perf_counter()
         while len(out) < params.max_new_tokens:
             base = len(t_seq.tokens)  # accepted so far, the last (uncached) correction token included
-            proposals, qs = drafter.propose(k, params, gen)
+            parents = None
+            if tree and drafter.can_propose():
+                proposals, parents = propose_tree(drafter, k, tree_width)
+                qs, drafted = [None] * len(proposals), k  # acceptance counts the chain's depth
+            else:
+                proposals, qs = drafter.propose(k, params, gen)
+                drafted = len(proposals)
             t_seq.tokens.extend(proposals)
-            rows = self.runner.forward([t_seq], last_only=False)[0] if proposals or p_first is None else None
+            first = t_seq.cached  # the pass's first row: the correction token, or the first proposal
+            if parents is not None:
+                root = p_first is None  # the correction token is the tree's root row
+                span = [-1] * root + [p + root if p >= 0 else root - 1 for p in parents]
+                rows = self.runner.forward_tree(t_seq, span)
+            else:
+                rows = self.runner.forward([t_seq], last_only=False)[0] if proposals or p_first is None else None
             if params.temperature <= 0:  # p and q one-hot: the longest prefix the target's argmaxes agree with
                 best = ([int(p_first.argmax())] if p_first is not None else []) + (
                     rows.argmax(-1).tolist() if rows is not None else [])
-                accepted, final = accept_greedy(proposals, best)
+                if parents is not None:
+                    branch, final = accept_tree(proposals, parents, best)
+                    stats.leaves_accepted += bool(branch) and branch[-1] >= k
+                    proposals = self._keep_branch(t_seq, base, proposals, branch, drafter, first)
+                    accepted = len(branch)
+                else:
+                    accepted, final = accept_greedy(proposals, best)
             else:
                 scored = [probabilities(row, params) for row in rows] if rows is not None else []
                 ps = ([p_first] + scored) if p_first is not None else scored  # len(proposals) + 1 distributions
@@ -215,12 +255,15 @@ class Engine:
             p_first = None
             new = proposals[:accepted] + [final]
             stats.target_steps += rows is not None  # a first token drawn from the prefill's distribution costs no pass
-            stats.proposed += len(proposals)
+            stats.proposed += drafted
             stats.accepted += accepted
             stats.per_step_accepted.append(accepted)
             self.pool.truncate(t_seq, base + accepted)
             t_seq.tokens.append(final)
-            drafter.accept(base + accepted, final)
+            if parents is not None:  # the branch's features, in the order `_keep_branch` left its tokens
+                drafter.accept(base + accepted, final, self._branch_rows, first)
+            else:
+                drafter.accept(base + accepted, final)
             out.extend(new)
             if any(t in params.stop_ids for t in new):
                 out = out[: next(i for i, t in enumerate(out) if t in params.stop_ids) + 1]
@@ -233,6 +276,20 @@ class Engine:
         self.pool.free_sequence(t_seq)
         drafter.finish()
         return out, stats
+
+    def _keep_branch(self, seq: Sequence, base: int, nodes: list[int], branch: list[int], drafter, first: int
+                     ) -> list[int]:
+        """The accepted branch of a tree pass into place: its nodes' K/V and tokens to the positions after
+        `base` (a chain prefix is there already; a leaf comes from further on), its features kept for the
+        drafter (`_branch_rows`, positions `first`..). The branch's tokens, in order."""
+        for i, node in enumerate(branch):
+            if node != i:
+                self.pool.move(seq, base + node, base + i)
+                seq.tokens[base + i] = nodes[node]
+        rows = self.runner.features[0]
+        self._branch_rows = rows[[*range(base - first), *(base - first + node for node in branch)]]
+        drafter.proposed = [nodes[node] for node in branch]
+        return drafter.proposed
 
     def early_exit(self, exit_engine: Engine, prompt: list[int], params: SamplingParams, threshold: float
                    ) -> tuple[list[int], GenerationStats]:

@@ -113,6 +113,14 @@ class BlockPool:
             self.release(block)
         del seq.block_table[keep:]
 
+    def move(self, seq: Sequence, source: int, target: int) -> None:
+        """Copy position `source`'s K/V to position `target` in every layer (an accepted tree branch's node
+        into the slot its position names)."""
+        bs, table = self.block_size, seq.block_table
+        src, dst = (table[source // bs], source % bs), (table[target // bs], target % bs)
+        self.k[:, dst[0], dst[1]] = self.k[:, src[0], src[1]]
+        self.v[:, dst[0], dst[1]] = self.v[:, src[0], src[1]]
+
     def free_sequence(self, seq: Sequence) -> None:
         for block in seq.block_table:
             self.release(block)

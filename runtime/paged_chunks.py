@@ -170,25 +170,58 @@ class ChunkSteps:
         rows = o.transpose(1, 2).reshape(-1, self.heads * self.head_dim)  # (B * Lq, heads * head_dim)
         return rows.index_select(0, layout["valid_rows"])
 
-    def _general(self, spans: list, last_only: bool | list[bool]) -> list[torch.Tensor]:
+    def _general(self, spans: list, last_only: bool | list[bool], tree: list[int] | None = None
+                 ) -> list[torch.Tensor]:
         with sdpa_without_cudnn(self.cudnn_attention):
-            return self._chunks(spans, last_only)
+            return self._chunks(spans, last_only, tree)
 
-    def _chunks(self, spans: list, last_only: bool | list[bool]) -> list[torch.Tensor]:
+    def forward_tree(self, seq, parents: list[int]) -> torch.Tensor:
+        """Verify a draft tree: the sequence's uncached tokens are its nodes, parents[i] the node before node i
+        (-1: the cached prefix). Each node sits at the position after its parent's and attends to the prefix
+        and its own ancestors (a tree mask); logits of every node (nodes, vocab). Its K/V land in the slots
+        in node order: the caller moves an accepted branch's into place."""
+        start, end = seq.cached, len(seq.tokens)
+        if len(parents) != end - start or any(not -1 <= p < i for i, p in enumerate(parents)):
+            raise ValueError(f"a tree of {end - start} nodes needs that many parents, each an earlier node or -1")
+        self.pool.reserve(seq, end)
+        return self._general([(seq, start, end)], False, parents)[0]
+
+    def _tree_layout(self, start: int, parents: list[int]) -> tuple[torch.Tensor, dict]:
+        """A tree pass's positions (start + depth) and attention masks: the cached prefix, then ancestors."""
+        n = len(parents)
+        seen = torch.zeros((n, start + n), dtype=torch.bool)
+        seen[:, :start] = True
+        depth = [0] * n
+        for i, p in enumerate(parents):
+            if p >= 0:
+                seen[i] = seen[p]
+                depth[i] = depth[p] + 1
+            seen[i, start + i] = True
+        positions = torch.tensor([start + d for d in depth])
+        key_pos = torch.cat([torch.arange(start), positions])
+        masks = {w: seen if w is None else seen & (key_pos[None] > positions[:, None] - w) for w in set(self.windows)}
+        return positions.to(self.device), {w: [m.to(self.device)] for w, m in masks.items()}
+
+    def _chunks(self, spans: list, last_only: bool | list[bool], tree: list[int] | None = None
+                ) -> list[torch.Tensor]:
         inner = self.model.model
         ids = torch.tensor([t for s, a, b in spans for t in s.tokens[a:b]], device=self.device)
         positions = torch.cat([torch.arange(a, b) for _, a, b in spans]).to(self.device)
         n = ids.numel()
         new_slots = [self.pool.slots(s, a, b) for s, a, b in spans]
         padded = len(spans) * max(b - a for _, a, b in spans) * max(b for _, _, b in spans)
-        flat = self.flat_prefill and len(spans) > 1 and padded <= PADDED_LIMIT
+        flat = self.flat_prefill and len(spans) > 1 and padded <= PADDED_LIMIT and tree is None
         if flat:  # every span in one attention call: a padded batch of the chunks over their sequences' keys
             layout = self._padded_layout(spans)
             new_at = tuple(torch.cat([slot[j] for slot in new_slots]) for j in (0, 1))
         else:
             all_slots = [self.pool.slots(s, 0, b) for s, _, b in spans]
-            masks = {w: [attention_mask(torch.arange(a, b, device=self.device), torch.arange(b, device=self.device),
-                                        w) for _, a, b in spans] for w in set(self.windows)}
+            if tree is not None:
+                positions, masks = self._tree_layout(spans[0][1], tree)
+            else:
+                masks = {w: [attention_mask(torch.arange(a, b, device=self.device),
+                                            torch.arange(b, device=self.device), w) for _, a, b in spans]
+                         for w in set(self.windows)}
         x = inner.embed_tokens(ids)[None]
         tables = (None if flat and self.use_fused else
                   (self.fused.cos[positions][None, None], self.fused.sin[positions][None, None]) if self.use_fused

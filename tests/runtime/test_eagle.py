@@ -154,3 +154,25 @@ def test_lookup_first_with_a_head_keeps_its_features_in_step():
     with torch.no_grad():
         true = target.model(torch.tensor([(prompt + out)[:known]])).last_hidden_state[0]
     torch.testing.assert_close(drafter.model.features, true, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_engine_eagle_tree_greedy_equals_target(k):
+    """A draft tree (the head's chain and two more candidates beside each token) verified in one pass: output
+    equal to the target's greedy, with branches ending in a leaf among the accepted. The head proposes among
+    the target's own output tokens (a reduced vocabulary), so its top three often hold the target's."""
+    target, _ = target_and_head()
+    refs = {tuple(p): greedy_reference(target, p, 24) for p in PROMPTS}
+    vocab = sorted({t for out in refs.values() for t in out})
+    head = new_head(target, vocab_ids=torch.tensor(vocab)).eval()
+    engine = Engine(target, block_size=4, num_blocks=128)
+    leaves = accepted = 0
+    for prompt in PROMPTS:
+        out, stats = engine.speculative(EagleDraft(head, engine.runner), prompt, SamplingParams(max_new_tokens=24),
+                                        k, tree_width=3)
+        assert out == refs[tuple(prompt)]
+        leaves, accepted = leaves + stats.leaves_accepted, accepted + stats.accepted
+    assert leaves > 0 and accepted > leaves  # leaves moved into place, and chain tokens accepted
+    assert engine.pool.used == 0 and not engine.runner.keep_features
+    with pytest.raises(ValueError, match="EAGLE"):
+        engine.speculative(engine, PROMPTS[0], SamplingParams(max_new_tokens=4), k, tree_width=2)

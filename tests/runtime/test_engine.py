@@ -208,3 +208,46 @@ def test_lookup_first_draft_mixes_both_drafters_and_keeps_greedy_exact():
         assert out == expected
         assert drafter.cycles["lookup"] > 0 and drafter.cycles["model"] > 0, drafter.cycles
         assert stats.proposed > 0
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])  # mistral: a window of 6 that the tree's depth crosses
+@torch.no_grad()
+def test_tree_pass_scores_every_node_as_its_own_branch_would(family):
+    """Each node of a draft tree gets the logits of a plain pass over prefix + its ancestors + itself, and a
+    leaf's K/V moved into place are what a plain pass writes there."""
+    from runtime.engine import accept_tree
+    from tests.conftest import make_tiny_family
+
+    model = make_tiny_family(family)
+    runner = PagedDecoder(model, block_size=4, num_blocks=64)
+    prompt = PROMPTS[1][:9]
+    seq = Sequence(list(prompt))
+    runner.forward([seq])
+    nodes = [11, 12, 13, 21, 22, 31]
+    parents = [-1, 0, 1, -1, 3, 1]  # a chain 11-12-13; 21-22 beside it from the root; leaf 31 beside 13
+    seq.tokens += nodes
+    logits = runner.forward_tree(seq, parents)
+    for i in range(len(nodes)):
+        branch, at = [], i
+        while at >= 0:
+            branch.insert(0, nodes[at])
+            at = parents[at]
+        torch.testing.assert_close(logits[i], model(torch.tensor([prompt + branch])).logits[0, -1],
+                                   rtol=1e-4, atol=1e-4)
+    argmaxes = [12, 13, 31, 0, 0, 0, 0]  # [after the prefix, after node 0, ...]: 12 is not a child of the root
+    assert accept_tree(nodes, parents, [11, 12, 31, 0, 0, 0, 0]) == ([0, 1, 5], 0)
+    assert accept_tree(nodes, parents, argmaxes) == ([], 12)
+    assert accept_tree(nodes, parents, [21, 0, 0, 0, 22, 0, 0]) == ([3, 4], 0)
+    base = len(prompt)  # keep branch 11-12-31: 31's K/V (node 5) move to position base + 2
+    runner.pool.move(seq, base + 5, base + 2)
+    runner.pool.truncate(seq, base + 3)
+    seq.tokens[base + 2] = 31
+    plain = Sequence(prompt + [11, 12, 31])
+    fresh = PagedDecoder(model, block_size=4, num_blocks=64)
+    fresh.forward([plain])
+    for layer in range(len(model.model.layers)):
+        torch.testing.assert_close(runner.pool.read(layer, runner.pool.slots(seq, 0, base + 3)),
+                                   fresh.pool.read(layer, fresh.pool.slots(plain, 0, base + 3)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="parents"):
+        seq.tokens += [1, 2]
+        runner.forward_tree(seq, [-1, 1])
