@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--draft-vocab", type=int, default=0, help="EAGLE head: propose only the N most frequent "
                         "tokens of --vocab-from (0: as trained)")
     parser.add_argument("--vocab-from", default=None, help="EAGLE head: its training text (JSONL)")
+    parser.add_argument("--tree-width", type=int, nargs="*", default=[], help="EAGLE head: also draft trees, "
+                        "the head's chain of k with width - 1 more candidates beside each token (arms tree_w<W>_k<k>)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--lookup-k", type=int, default=2, help="prompt lookup: tokens proposed per step")
     parser.add_argument("--lookup-ngram", type=int, default=3, help="prompt lookup: longest n-gram matched")
@@ -100,15 +102,21 @@ def main() -> None:
         arms = {"lookup": (PromptLookupDraft(args.lookup_ngram, args.lookup_min_ngram), args.lookup_k)}
         if draft is not None:
             arms.update({f"spec_k{k}": (draft, k) for k in args.k})
+            if is_eagle_draft(args.draft):
+                arms.update({f"tree_w{w}_k{k}": (draft, k) for w in args.tree_width for k in args.k})
             if exit_head is None:
                 arms.update({f"lookup_first_k{k}": (lambda: LookupFirstDraft(  # noqa: E731
                     PromptLookupDraft(args.lookup_ngram, args.lookup_min_ngram),
                     model_draft(draft()), args.lookup_k), k) for k in args.k})
         for name, (drafter, k) in arms.items():
+            width = int(name.split("_")[1][1:]) if name.startswith("tree_") else 1
             if exit_head is not None and name.startswith("spec_k"):
                 out, s_stats = self_speculative(target, exit_head, ids, params, k)
             else:
-                out, s_stats = target.speculative(drafter() if callable(drafter) else drafter, ids, params, k=k)
+                out, s_stats = target.speculative(drafter() if callable(drafter) else drafter, ids, params, k=k,
+                                                  tree_width=width)
+            if width > 1:
+                row[f"{name}_leaves_accepted"] = s_stats.leaves_accepted / max(1, s_stats.target_steps)
             row.update({f"{name}_identical": out == plain, f"{name}_tok_s": s_stats.new_tokens / s_stats.decode_s,
                         f"{name}_e2e_tok_s": s_stats.new_tokens / (s_stats.prefill_s + s_stats.decode_s),
                         f"{name}_acceptance": s_stats.acceptance_rate,
@@ -122,7 +130,8 @@ def main() -> None:
         print({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     total = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if not k.endswith("identical")}
     total.update({k: all(r[k] for r in rows) for k in rows[0] if k.endswith("identical")})
-    for name in [f"spec_k{k}" for k in args.k] + [f"lookup_first_k{k}" for k in args.k] + ["lookup"]:
+    trees = [f"tree_w{w}_k{k}" for w in args.tree_width for k in args.k]
+    for name in [f"spec_k{k}" for k in args.k] + trees + [f"lookup_first_k{k}" for k in args.k] + ["lookup"]:
         if f"{name}_tok_s" in total:
             total[f"{name}_speedup"] = sum(r[f"{name}_tok_s"] / r["plain_tok_s"] for r in rows) / len(rows)
     total["hf_lookup_speedup"] = sum(r["hf_lookup_e2e_tok_s"] / r["hf_e2e_tok_s"] for r in rows) / len(rows)
@@ -135,6 +144,7 @@ def main() -> None:
     print(f"\nplain decode {total['plain_tok_s']:.1f} tok/s; answers {total['new_tokens']:.0f} tokens")
     for k in args.k if draft is not None else []:
         for arm, label in ((f"spec_k{k}", f"draft model (k={k})"),
+                           *((f"tree_w{w}_k{k}", f"EAGLE tree (k={k}, width {w})") for w in args.tree_width),
                            (f"lookup_first_k{k}", f"lookup first (k={args.lookup_k}), else the draft (k={k})")):
             if f"{arm}_tok_s" not in total:
                 continue

@@ -33,6 +33,8 @@ class GenerateConfig:
     k: int = field(4, help="draft tokens proposed per target step")
     force: bool = field(False, help="use a draft artifact made for another target")
     adaptive_k: bool = field(False, help="grow k after full acceptance, shrink it after a miss")
+    tree_width: int = field(1, help="with an EAGLE --draft, greedy: draft a tree, the head's chain of k with its next "
+                            "width - 1 likeliest tokens beside each, verified in one pass (1: a chain)")
     prompt_lookup: int = field(0, help="draft by prompt lookup: the longest n-gram (n <= this) of the context's end "
                                "found earlier proposes what followed it (0: off); with --draft, lookup first and the "
                                "draft where nothing matches")
@@ -69,6 +71,11 @@ class GenerateConfig:
                 self.draft is None or self.static or self.temperature > 0 or self.early_exit_threshold <= 0):
             raise UserError("early_exit_threshold: a probability > 0, with --draft, greedy, on the paged engine "
                             "(not --static)")
+        if self.tree_width < 1 or (self.tree_width > 1 and (
+                self.draft is None or self.static or self.temperature > 0 or self.prompt_lookup
+                or self.early_exit_threshold is not None)):
+            raise UserError("tree_width: a positive width; above 1 with an EAGLE --draft, greedy, on the paged engine "
+                            "(no --static, --prompt-lookup or --early-exit-threshold)")
         if self.static and (self.temperature > 0 or self.adaptive_k):
             raise UserError("static: the static decoder is greedy with a fixed k (drop --temperature / --adaptive-k)")
 
@@ -176,6 +183,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         raise UserError("early_exit_threshold: needs an early-exit or layers draft (an EAGLE head "
                                         "reads the target's features, which an exited token does not have)")
                     draft = EagleDraft(load_head(cfg.draft, target.runner.model), target.runner)
+                elif cfg.tree_width > 1:
+                    raise UserError(f"tree_width: {cfg.draft} is not an EAGLE head (compress.draft --method eagle)")
                 else:
                     draft = Engine(load_model(cfg.draft, cfg.device), cfg.block_size, cfg.num_blocks)
                 if cfg.prompt_lookup and cfg.draft is not None:
@@ -184,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 if cfg.early_exit_threshold is not None:
                     out, stats = target.early_exit(draft, ids, params, cfg.early_exit_threshold)
                 else:
-                    out, stats = target.speculative(draft, ids, params, cfg.k, cfg.adaptive_k)
+                    out, stats = target.speculative(draft, ids, params, cfg.k, cfg.adaptive_k, cfg.tree_width)
     print(tokenizer.decode(out, skip_special_tokens=True))
     line = (f"[prefill {stats.prompt_tokens / max(stats.prefill_s, 1e-9):.0f} tok/s, "
             f"decode {stats.new_tokens / max(stats.decode_s, 1e-9):.1f} tok/s, {stats.new_tokens} tokens")
@@ -196,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif cfg.draft is not None or cfg.prompt_lookup:
         line += (f", acceptance {stats.acceptance_rate:.2f}, {stats.tokens_per_target_step:.2f} tokens/target step"
                  f", k={cfg.k}{' adaptive' if cfg.adaptive_k else ''}")
+        if cfg.tree_width > 1:
+            line += f", tree width {cfg.tree_width}: {stats.leaves_accepted} branches ended in a leaf"
     print(line + "]")
 
 
