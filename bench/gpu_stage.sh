@@ -18,9 +18,10 @@
 #          CUDA graphs, speculative steps in 4- and 8-row graphs: tests and the serving core on random weights,
 #          then the real model served over HTTP with and without the trained head at 1, 8 and 64 clients
 #   spec10a / spec10: the same served comparison with k = 1 (one head pass per cycle)
-#   spec11: (carry .whl, artifacts/gpu_like) host metadata from pinned memory: CUDA tests, the serving core with
-#          and without the head, pinned against pageable copies, interleaved; the verify pass at 2..8 rows
-#   spec12a / spec12: the real model served over HTTP with and without the head (k = 1, 2), after spec11
+#   spec11: (carry .whl, artifacts/gpu_like; ran at commit f4b3c0c, whose pinned host copies were then reverted and
+#          with them --pageable-too) CUDA tests, the serving core with and without the head, the verify pass at
+#          2..8 rows
+#   spec12a / spec12: the real model served over HTTP with and without the head (k = 2)
 #   3: distillation of the 15-layer student on the H200 (bf16-mixed), held-out metrics
 #   paged: CUDA tests of the batched paged decode attention; engine decode steps, batched vs per sequence
 #   serve1 / serve2 / serve3: GPU serving (issue 17), in two calls (serve3: the final figures, shorter): CUDA tests of the paged kernels, fused step, scheduler and
@@ -526,7 +527,7 @@ t = make_tiny_tokenizer(); save_reference(Path('$W/tiny'), make_tiny_llama(vocab
       tests/runtime/test_engine.py -k "eagle or rows or cuda or draft or greedy or tree" 2>&1 \
       | grep -E "^E |passed|failed" | head -10 || true
     timeout 240 python3 bench/speculative_serving.py --clients 1 8 64 --requests-per-client 2 --new-tokens 96 \
-      --pageable-too --profile 1 2>&1 | grep -v -i "warn\|forward_call"
+      --profile 1 2>&1 | grep -v -i "warn\|forward_call"
     cp artifacts/bench/speculative_serving.json "$OUT"/
     timeout 150 python3 bench/verify_pass.py --like artifacts/gpu_like --k 1 2 3 4 5 6 7 --choices rows-chosen 2>&1 \
       | grep -v -i warn

@@ -4,8 +4,7 @@ Usage: python bench/speculative_serving.py [--target ARTIFACT] [--draft DRAFT] [
 Without --target: random weights of SmolLM2-135M's shape (bf16 on CUDA); without --draft: a head made by
 `new_head` (its layer a copy of the target's last one: on random weights acceptance means little, the costs
 are what is measured). Greedy requests, prompts 64-192 random tokens, `--new-tokens` each, `clients` in
-flight. Per concurrency: plain then with the head (`--per-sequence`: also drafting per sequence; `--pageable-too`:
-both again with the host's metadata copies from pageable memory), tok/s, acceptance and the steps by kind; `--profile C`:
+flight. Per concurrency: plain then with the head (`--per-sequence`: also drafting per sequence), tok/s, acceptance and the steps by kind; `--profile C`:
 at C clients the head's run again under cProfile, the 25 costliest functions. Writes artifacts/bench/speculative_serving.json.
 """
 
@@ -26,7 +25,6 @@ sys.path.insert(0, str(ROOT))
 
 from bench.paged_decode import SMOLLM2  # noqa: E402
 from bench.scheduler_load import load  # noqa: E402
-from runtime import static_decode  # noqa: E402
 from runtime.eagle import load_head, new_head  # noqa: E402
 
 
@@ -51,8 +49,6 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=30, help="layers of the random target")
     parser.add_argument("--per-sequence", action="store_true",
                         help="also the head drafting per sequence (one head pass per sequence and token)")
-    parser.add_argument("--pageable-too", action="store_true",
-                        help="also both arms with the host's metadata copied from pageable memory (the former way)")
     parser.add_argument("--profile", type=int, nargs="*", default=[], metavar="CLIENTS",
                         help="at these concurrencies, also profile the head's run (cProfile)")
     args = parser.parse_args()
@@ -84,15 +80,6 @@ def main() -> None:
                "ratio": round(spec["output_tok_s"] / plain["output_tok_s"], 3)}
         line = (f"clients {clients}: plain {plain['output_tok_s']} tok/s, head {spec['output_tok_s']} tok/s "
                 f"(x{row['ratio']}, acceptance {spec['acceptance']})")
-        if args.pageable_too:  # the same two arms with every metadata copy waiting for the GPU's queue
-            static_decode.PIN_HOST_COPIES = False
-            row["plain_pageable"] = load(model, batch, clients, args.new_tokens, "fused")
-            row["head_pageable"] = load(model, batch, clients, args.new_tokens, "fused", draft=head, k=args.k)
-            static_decode.PIN_HOST_COPIES = True
-            row["ratio_pageable"] = round(row["head_pageable"]["output_tok_s"] / row["plain_pageable"]["output_tok_s"], 3)
-            line += (f"; pageable copies: plain {row['plain_pageable']['output_tok_s']}, head "
-                     f"{row['head_pageable']['output_tok_s']} (x{row['ratio_pageable']}, drafting "
-                     f"{row['head_pageable']['draft_ms_per_call']} vs {spec['draft_ms_per_call']} ms a call)")
         if args.per_sequence:
             alone = load(model, batch, clients, args.new_tokens, "fused", draft=head, k=args.k, drafting_together=False)
             row["head_per_sequence"] = alone

@@ -27,7 +27,6 @@ from core.family import (
     sdpa_without_cudnn,
     sliding_window,
 )
-from runtime.static_decode import staged
 
 GRAPH_ROWS = (1, 2, 4, 8, 16, 32, 64, 128)  # sequences per captured pass (padded up to the next)
 
@@ -148,7 +147,7 @@ class HeadCache:
         m = 2 * total * width + 2 * total
         host = torch.tensor(pos + slot + slots + [scratch] * (total - n) + [c - 1 for c in counts] + [0] * (total - n)
                             + [i * width + j for i, j in cells] + grid_ids)
-        on_device = staged(host, self.k.device).to(self.k.device, non_blocking=True)
+        on_device = host.to(self.k.device, non_blocking=True)
         meta, index = on_device[:m], on_device[m:m + len(cells)]
         flat_feat = torch.cat(features)
         flat_ids = ids if isinstance(ids, torch.Tensor) else on_device[m + len(cells):]

@@ -15,7 +15,7 @@ import torch
 
 from core.family import attend, attention_mask, final_logits, rotary_tables, sdpa_without_cudnn
 from runtime.paged_attention import paged_decode_attention, rope_and_write
-from runtime.static_decode import capture_graph, staged
+from runtime.static_decode import capture_graph
 
 ROW_BUCKETS = (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)  # token rows of a step with prompt chunks, under graphs
 PADDED_LIMIT = 1 << 26  # spans x longest chunk x longest sequence up to which chunks attend in one call
@@ -42,8 +42,7 @@ class ChunkSteps:
             span_rows = (meta.numel() - len(self.ROW_META) * rows) // self.max_table  # as captured
             graphed = len(spans) < span_rows
         if graphed:
-            meta.copy_(staged(self._row_inputs(spans, rows, self.max_table, span_rows), self.device),
-                       non_blocking=True)
+            meta.copy_(self._row_inputs(spans, rows, self.max_table, span_rows), non_blocking=True)
             graph.replay()
         else:
             meta = self._row_inputs(spans, n, width, len(spans) + 1).to(self.device)
@@ -65,7 +64,7 @@ class ChunkSteps:
             counts.append(1 if last else b - a)
             start += b - a
             s.cached = b
-        return staged(torch.tensor(picked), self.device).to(self.device, non_blocking=True), counts
+        return torch.tensor(picked, device=self.device), counts
 
     def _span_rows(self, rows: int) -> int:
         """Block-table rows of a token-rows graph captured now for `rows` rows: its sequences' (up to

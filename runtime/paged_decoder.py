@@ -45,7 +45,7 @@ from runtime.paged_attention import (
     paged_qkv_decode_attention,
 )
 from runtime.paged_chunks import ROW_BUCKETS, ChunkSteps
-from runtime.static_decode import StaticDecoder, capture_graph, staged
+from runtime.static_decode import StaticDecoder, capture_graph
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -204,7 +204,7 @@ class PagedDecoder(ChunkSteps):
         if rows is None:
             return self._decode_step(**self._step_args(self._decode_inputs(spans, n, width).to(self.device), n))
         graph, meta, logits = self._graph(rows, advance=False)
-        meta.copy_(staged(self._decode_inputs(spans, rows, self.max_table), self.device), non_blocking=True)
+        meta.copy_(self._decode_inputs(spans, rows, self.max_table), non_blocking=True)
         graph.replay()
         return logits[:n].clone()  # the graph's output buffer is overwritten by the next replay
 
@@ -229,7 +229,7 @@ class PagedDecoder(ChunkSteps):
         tokens = torch.empty(steps, n, dtype=torch.int32, device=self.device)
         if rows is not None:
             graph, meta, _ = self._graph(rows, advance=True)
-            meta.copy_(staged(self._decode_inputs(spans, rows, self.max_table), self.device), non_blocking=True)
+            meta.copy_(self._decode_inputs(spans, rows, self.max_table), non_blocking=True)
             for j in range(steps):
                 graph.replay()
                 tokens[j].copy_(meta[:n])  # the ids column: this step's argmax

@@ -346,17 +346,6 @@ class StaticDecoder(nn.Module):
             torch.cuda.synchronize(self.device)
 
 
-PIN_HOST_COPIES = True  # False: `staged` leaves host tensors pageable (benchmarks compare the two)
-
-
-def staged(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host-built metadata ready for a copy that does not stall the host: a copy from pageable memory waits
-    until the GPU's queue has drained (the host then builds the next step while the GPU idles); from pinned
-    memory it is queued behind the kernels like one of them (PyTorch keeps the pinned block until the copy
-    is done). Elsewhere the tensor itself."""
-    return host.pin_memory() if device.type == "cuda" and PIN_HOST_COPIES else host
-
-
 def capture_graph(step: Callable[[], None], state: list[torch.Tensor]) -> torch.cuda.CUDAGraph:
     """A CUDA graph of `step`, after warm-up runs (compilation) on a side stream; `state` is put back after."""
     saved = [t.clone() for t in state]
