@@ -50,6 +50,8 @@ def main() -> None:
     parser.add_argument("--vocab-from", default=None, help="EAGLE head: its training text (JSONL)")
     parser.add_argument("--tree-width", type=int, nargs="*", default=[], help="EAGLE head: also draft trees, "
                         "the head's chain of k with width - 1 more candidates beside each token (arms tree_w<W>_k<k>)")
+    parser.add_argument("--confidence", type=float, nargs="*", default=[], help="EAGLE head: also arms that stop "
+                        "drafting before a token the head gives a probability below this (arms conf<p>_k<k>)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--lookup-k", type=int, default=2, help="prompt lookup: tokens proposed per step")
     parser.add_argument("--lookup-ngram", type=int, default=3, help="prompt lookup: longest n-gram matched")
@@ -84,7 +86,8 @@ def main() -> None:
 
         vocab = frequent_tokens(tokenizer, Path(args.vocab_from), args.draft_vocab) if args.draft_vocab else None
         head = load_head(args.draft, model, vocab)
-        draft = lambda: EagleDraft(head, target.runner)  # noqa: E731 - per-sequence state, one per call
+        draft = lambda confidence=0.0: EagleDraft(head, target.runner,  # noqa: E731 - per-sequence state
+                                                  min_confidence=confidence)
     elif args.draft != "none":
         engine = Engine(load_model(args.draft, args.device), block_size=16, num_blocks=512)
         draft = lambda: engine  # noqa: E731
@@ -104,6 +107,7 @@ def main() -> None:
             arms.update({f"spec_k{k}": (draft, k) for k in args.k})
             if is_eagle_draft(args.draft):
                 arms.update({f"tree_w{w}_k{k}": (draft, k) for w in args.tree_width for k in args.k})
+                arms.update({f"conf{c}_k{k}": (lambda c=c: draft(c), k) for c in args.confidence for k in args.k})
             if exit_head is None:
                 arms.update({f"lookup_first_k{k}": (lambda: LookupFirstDraft(  # noqa: E731
                     PromptLookupDraft(args.lookup_ngram, args.lookup_min_ngram),
@@ -130,7 +134,8 @@ def main() -> None:
         print({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     total = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if not k.endswith("identical")}
     total.update({k: all(r[k] for r in rows) for k in rows[0] if k.endswith("identical")})
-    trees = [f"tree_w{w}_k{k}" for w in args.tree_width for k in args.k]
+    trees = [f"tree_w{w}_k{k}" for w in args.tree_width for k in args.k] + [
+        f"conf{c}_k{k}" for c in args.confidence for k in args.k]
     for name in [f"spec_k{k}" for k in args.k] + trees + [f"lookup_first_k{k}" for k in args.k] + ["lookup"]:
         if f"{name}_tok_s" in total:
             total[f"{name}_speedup"] = sum(r[f"{name}_tok_s"] / r["plain_tok_s"] for r in rows) / len(rows)
@@ -145,6 +150,8 @@ def main() -> None:
     for k in args.k if draft is not None else []:
         for arm, label in ((f"spec_k{k}", f"draft model (k={k})"),
                            *((f"tree_w{w}_k{k}", f"EAGLE tree (k={k}, width {w})") for w in args.tree_width),
+                           *((f"conf{c}_k{k}", f"EAGLE head, drafting while p >= {c} (k <= {k})")
+                             for c in args.confidence),
                            (f"lookup_first_k{k}", f"lookup first (k={args.lookup_k}), else the draft (k={k})")):
             if f"{arm}_tok_s" not in total:
                 continue

@@ -154,8 +154,9 @@ class EagleDraft:
     computes that part's features with one pass of the target (no cache).
     """
 
-    def __init__(self, head: EagleHead, target_runner, cache=None):
+    def __init__(self, head: EagleHead, target_runner, cache=None, min_confidence: float = 0.0):
         self.head, self.runner, self.cache = head, target_runner, cache
+        self.min_confidence = min_confidence  # greedy: stop drafting before a token the head is less sure of
         target_runner.keep_features = True  # every pass through `_general`, which leaves `features`
         self.tokens: list[int] = []
         self.proposed: list[int] = []
@@ -224,7 +225,8 @@ class EagleDraft:
         if not self.can_propose() or k < 1:
             return [], []
         if params.temperature <= 0:
-            return propose_greedy([self], [k])[0], [None] * k
+            tokens = propose_greedy([self], [k], self.min_confidence)[0]
+            return tokens, [None] * len(tokens)
         # entry i reads the true feature of position i and token i + 1: catch up to the last accepted token
         start = self.entries
         feature, logits = self._step(self.features[start:n - 1], self.tokens[start + 1:n], start)

@@ -179,11 +179,17 @@ class HeadCache:
         return best if self.head.vocab_ids is None else self.head.vocab_ids[best]
 
 
-def propose_greedy(drafts: list, rooms: list[int]) -> list[list[int]]:
+def propose_greedy(drafts: list, rooms: list[int], min_confidence: float = 0.0) -> list[list[int]]:
     """Greedy proposals of several `EagleDraft`s sharing one `HeadCache`: up to rooms[i] tokens each, in
-    max(rooms) passes of the head over all of them and one copy to the host."""
-    chain, _ = _chain(drafts, max(rooms))
+    max(rooms) passes of the head over all of them and one copy to the host. With `min_confidence` > 0 a
+    draft stops before its first token whose probability under the head is below it (EAGLE-2's observation:
+    the head's confidence tracks the target's acceptance), so unlikely tokens cost no verify rows."""
+    chain, confidence = _chain(drafts, max(rooms), confidence=min_confidence > 0)
     proposals = [row[:room] for row, room in zip(chain.tolist(), rooms, strict=True)]
+    if confidence is not None:
+        sure = (confidence >= min_confidence).tolist()
+        proposals = [row[:next((j for j, ok in enumerate(oks) if not ok), len(row))]
+                     for row, oks in zip(proposals, sure, strict=True)]
     for draft, row in zip(drafts, proposals, strict=True):
         draft.proposed = row
     return proposals
@@ -204,9 +210,11 @@ def propose_tree(draft, depth: int, width: int) -> tuple[list[int], list[int]]:
     return tokens, parents
 
 
-def _chain(drafts: list, depth: int, width: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _chain(drafts: list, depth: int, width: int = 1, confidence: bool = False
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Each draft's greedy chain of `depth` tokens (drafts, depth) and, with width > 1, the head's `width`
-    likeliest tokens at each step (drafts, depth, width); one pass of the head over all drafts per step."""
+    likeliest tokens at each step (drafts, depth, width), or with `confidence` the head's probability of each
+    chain token (drafts, depth); one pass of the head over all drafts per step."""
     cache = drafts[0].cache
     slots, features, ids, starts = [], [], [], []
     for draft in drafts:
@@ -217,16 +225,18 @@ def _chain(drafts: list, depth: int, width: int = 1) -> tuple[torch.Tensor, torc
         starts.append(draft.entries)
         draft.entries = n - 1
     states, best = _catch_up(cache, slots, features, ids, starts, max(depth + 1, cache.graph_width))
-    drafted, likeliest = [best], []
+    drafted, extra = [best], []
     for j in range(depth):
         if width > 1:
             top = cache.logits(states).topk(width, dim=-1).indices
-            likeliest.append(top if cache.head.vocab_ids is None else cache.head.vocab_ids[top])
+            extra.append(top if cache.head.vocab_ids is None else cache.head.vocab_ids[top])
+        elif confidence:
+            extra.append(cache.logits(states).float().softmax(-1).amax(-1))
         if j + 1 < depth:
             states, best = cache.rows(slots, list(states[:, None]), drafted[-1],
                                       [len(d.tokens) - 1 + j + 1 for d in drafts])
             drafted.append(best)
-    return torch.stack(drafted, dim=1), (torch.stack(likeliest, dim=1) if likeliest else None)
+    return torch.stack(drafted, dim=1), (torch.stack(extra, dim=1) if extra else None)
 
 
 def _catch_up(cache: HeadCache, slots: list[int], features: list[torch.Tensor], ids: list[list[int]],

@@ -33,6 +33,8 @@ class GenerateConfig:
     k: int = field(4, help="draft tokens proposed per target step")
     force: bool = field(False, help="use a draft artifact made for another target")
     adaptive_k: bool = field(False, help="grow k after full acceptance, shrink it after a miss")
+    draft_confidence: float = field(0.0, help="with an EAGLE --draft, greedy: propose up to k tokens, stopping before "
+                                    "the first the head gives a probability below this (0: always k)")
     tree_width: int = field(1, help="with an EAGLE --draft, greedy: draft a tree, the head's chain of k with its next "
                             "width - 1 likeliest tokens beside each, verified in one pass (1: a chain)")
     prompt_lookup: int = field(0, help="draft by prompt lookup: the longest n-gram (n <= this) of the context's end "
@@ -71,6 +73,10 @@ class GenerateConfig:
                 self.draft is None or self.static or self.temperature > 0 or self.early_exit_threshold <= 0):
             raise UserError("early_exit_threshold: a probability > 0, with --draft, greedy, on the paged engine "
                             "(not --static)")
+        if not 0 <= self.draft_confidence < 1 or (self.draft_confidence and (
+                self.draft is None or self.static or self.temperature > 0 or self.early_exit_threshold is not None)):
+            raise UserError("draft_confidence: a probability in [0, 1); above 0 with an EAGLE --draft, greedy, on the "
+                            "paged engine (no --static or --early-exit-threshold)")
         if self.tree_width < 1 or (self.tree_width > 1 and (
                 self.draft is None or self.static or self.temperature > 0 or self.prompt_lookup
                 or self.early_exit_threshold is not None)):
@@ -182,9 +188,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                     if cfg.early_exit_threshold is not None:
                         raise UserError("early_exit_threshold: needs an early-exit or layers draft (an EAGLE head "
                                         "reads the target's features, which an exited token does not have)")
-                    draft = EagleDraft(load_head(cfg.draft, target.runner.model), target.runner)
-                elif cfg.tree_width > 1:
-                    raise UserError(f"tree_width: {cfg.draft} is not an EAGLE head (compress.draft --method eagle)")
+                    draft = EagleDraft(load_head(cfg.draft, target.runner.model), target.runner,
+                                       min_confidence=cfg.draft_confidence)
+                elif cfg.tree_width > 1 or cfg.draft_confidence:
+                    raise UserError(f"tree_width / draft_confidence: {cfg.draft} is not an EAGLE head "
+                                    "(compress.draft --method eagle)")
                 else:
                     draft = Engine(load_model(cfg.draft, cfg.device), cfg.block_size, cfg.num_blocks)
                 if cfg.prompt_lookup and cfg.draft is not None:

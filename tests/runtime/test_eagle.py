@@ -176,3 +176,37 @@ def test_engine_eagle_tree_greedy_equals_target(k):
     assert engine.pool.used == 0 and not engine.runner.keep_features
     with pytest.raises(ValueError, match="EAGLE"):
         engine.speculative(engine, PROMPTS[0], SamplingParams(max_new_tokens=4), k, tree_width=2)
+
+
+def test_engine_eagle_confidence_drafts_fewer_tokens_and_stays_exact():
+    """Drafting stops before a token the head is unsure of: fewer proposals, a higher share of them accepted
+    (the head's probability tracks acceptance), the target's greedy output all the same. The head is fitted to
+    the target's own continuations of the prompts, so it is sure of some tokens and not of others."""
+    from train.distillation import OptimConfig
+    from train.eagle import EagleModule
+
+    target, head = target_and_head()
+    with torch.no_grad():  # a peaked next-token distribution, as a trained model's (random weights give a flat one)
+        target.lm_head.weight.mul_(30)  # (the head shares it)
+    refs = {tuple(p): greedy_reference(target, p, 24) for p in PROMPTS}
+    module = EagleModule(head, target, OptimConfig(lr=1e-2, warmup_steps=2, max_steps=60), kl_weight=1.0)
+    ids = torch.tensor([(list(p) + out)[:25] for p, out in refs.items()])
+    opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(60):
+        opt.zero_grad()
+        module.losses(ids)["loss"].backward()
+        opt.step()
+    head.eval()
+    engine = Engine(target, block_size=4, num_blocks=128)
+    counts = {}
+    for confidence in (0.0, 0.5):
+        proposed = accepted = 0
+        for prompt in PROMPTS:
+            out, stats = engine.speculative(EagleDraft(head, engine.runner, min_confidence=confidence), prompt,
+                                            SamplingParams(max_new_tokens=24), 3)
+            assert out == refs[tuple(prompt)]
+            proposed, accepted = proposed + stats.proposed, accepted + stats.accepted
+        counts[confidence] = (proposed, accepted)
+    (all_proposed, all_accepted), (sure_proposed, sure_accepted) = counts[0.0], counts[0.5]
+    assert 0 < sure_proposed < all_proposed
+    assert sure_accepted / sure_proposed > all_accepted / all_proposed
