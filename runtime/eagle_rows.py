@@ -210,6 +210,7 @@ def propose_tree(draft, depth: int, width: int) -> tuple[list[int], list[int]]:
     return tokens, parents
 
 
+@torch.no_grad()
 def _chain(drafts: list, depth: int, width: int = 1, confidence: bool = False
            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Each draft's greedy chain of `depth` tokens (drafts, depth) and, with width > 1, the head's `width`

@@ -175,6 +175,7 @@ class ChunkSteps:
         with sdpa_without_cudnn(self.cudnn_attention):
             return self._chunks(spans, last_only, tree)
 
+    @torch.inference_mode()
     def forward_tree(self, seq, parents: list[int]) -> torch.Tensor:
         """Verify a draft tree: the sequence's uncached tokens are its nodes, parents[i] the node before node i
         (-1: the cached prefix). Each node sits at the position after its parent's and attends to the prefix

@@ -1,0 +1,92 @@
+"""The scheduler's speculative parts (`Scheduler` inherits them; split out for length): every decoding
+sequence's proposals before a step (an EAGLE head for all greedy ones in one pass per draft token, else per
+sequence; or a draft model's batched passes), and the exact rejection rule over each sequence's rows after."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from runtime.engine import accept_draft, accept_greedy, adjust_logits, draw, probabilities
+
+
+class DraftSteps:
+    """Reads the scheduler's k, max_context, draft, eagle_head, batched_drafting, stats and `_caches`."""
+
+    def _propose(self, samples: list[Any]) -> dict[int, tuple[list[int], list[torch.Tensor]]]:
+        """Up to k draft tokens per decoding sample (fewer near max_tokens or the context limit)."""
+        room = {id(s): max(0, min(self.k, s.request.params.max_new_tokens - len(s.request.outputs[s.index]) - 1,
+                                  self.max_context - len(s.seq.tokens) - 1)) for s in samples}
+        proposals: dict[int, tuple[list[int], list[torch.Tensor]]] = {id(s): ([], []) for s in samples}
+        active = [s for s in samples if room[id(s)] > 0]
+        if self.eagle_head is not None:  # on the features each sequence's last pass left
+            together = [s for s in active if self.batched_drafting and s.request.params.temperature <= 0
+                        and s.eagle.can_propose()]
+            if together:
+                from runtime.eagle_rows import propose_greedy
+
+                for sample, tokens in zip(together, propose_greedy([s.eagle for s in together],
+                                                                   [room[id(s)] for s in together]), strict=True):
+                    proposals[id(sample)] = (tokens, [None] * len(tokens))
+            drafted = {id(s) for s in together}
+            for sample in active:
+                if id(sample) not in drafted:
+                    proposals[id(sample)] = sample.eagle.propose(room[id(sample)], sample.request.params,
+                                                                 sample.generator)
+            active = []
+        while active:
+            logits = self.draft.runner.forward([s.draft_seq for s in active])
+            for sample, rows in zip(active, logits, strict=True):
+                params = sample.request.params
+                if params.temperature <= 0 and not params.adjusts_logits:  # q: one-hot at the argmax (None)
+                    token, q = int(rows[-1].argmax()), None
+                else:
+                    generated = sample.request.outputs[sample.index] + proposals[id(sample)][0]
+                    q = probabilities(adjust_logits(rows[-1], params, generated), params)
+                    token = int(q.argmax()) if params.temperature <= 0 else draw(q, sample.generator)
+                proposals[id(sample)][0].append(token)
+                proposals[id(sample)][1].append(q)
+                sample.draft_seq.tokens.append(token)
+            active = [s for s in active if len(proposals[id(s)][0]) < room[id(s)]]
+        for sample in samples:
+            sample.seq.tokens.extend(proposals[id(sample)][0])
+        return proposals
+
+    @staticmethod
+    def _greedy_targets(batch: list[Any], logits: list[torch.Tensor], proposals: dict) -> dict[int, list[int]]:
+        """The target's argmax at every row of each plainly greedy sample with proposals, in one device call:
+        under greedy decoding the rejection rule reduces to them (p and q are one-hot)."""
+        picked = [(sample, rows) for sample, rows in zip(batch, logits, strict=True)
+                  if proposals.get(id(sample), ((),))[0] and sample.request.params.temperature <= 0
+                  and not sample.request.params.adjusts_logits]
+        if not picked:
+            return {}
+        best = torch.cat([rows for _, rows in picked]).argmax(-1).tolist()
+        out, at = {}, 0
+        for sample, rows in picked:
+            out[id(sample)], at = best[at:at + rows.shape[0]], at + rows.shape[0]
+        return out
+
+    def _verify(self, sample: Any, rows: torch.Tensor, tokens: list[int], qs: list[torch.Tensor],
+                argmaxes: list[int] | None = None) -> list[int]:
+        """The exact rejection rule over one sample's proposals (`argmaxes`: the target's per row, greedy: the
+        longest agreeing prefix, then the target's token); both caches rolled back to what stands."""
+        if argmaxes is not None:
+            accepted, final = accept_greedy(tokens, argmaxes)
+        else:
+            params = sample.request.params
+            generated = sample.request.outputs[sample.index]
+            ps = [probabilities(adjust_logits(row, params, generated + tokens[:i]), params)
+                  for i, row in enumerate(rows)]  # len(tokens) + 1 target distributions
+            accepted, final = accept_draft(ps, qs, tokens, sample.generator)
+        base = len(sample.seq.tokens) - len(tokens)
+        for pool, seq in self._caches(sample):
+            pool.truncate(seq, base + accepted)
+            seq.tokens.append(final)
+        if tokens:
+            self.stats.draft_proposed += len(tokens)
+            self.stats.draft_accepted += accepted
+            self.stats.speculative_steps += 1
+            self.stats.speculative_tokens += accepted + 1
+        return tokens[:accepted] + [final]
