@@ -22,6 +22,8 @@
 #          with them --pageable-too) CUDA tests, the serving core with and without the head, the verify pass at
 #          2..8 rows
 #   spec12a / spec12: the real model served over HTTP with and without the head (k = 2)
+#   spec13: the CUDA tests of heads, head rows, engine (draft trees), scheduler (its drafting split out) and
+#          paged kernels
 #   3: distillation of the 15-layer student on the H200 (bf16-mixed), held-out metrics
 #   paged: CUDA tests of the batched paged decode attention; engine decode steps, batched vs per sequence
 #   serve1 / serve2 / serve3: GPU serving (issue 17), in two calls (serve3: the final figures, shorter): CUDA tests of the paged kernels, fused step, scheduler and
@@ -532,6 +534,11 @@ t = make_tiny_tokenizer(); save_reference(Path('$W/tiny'), make_tiny_llama(vocab
     timeout 150 python3 bench/verify_pass.py --like artifacts/gpu_like --k 1 2 3 4 5 6 7 --choices rows-chosen 2>&1 \
       | grep -v -i warn
     cp artifacts/bench/verify-pass.json "$OUT"/ 2>/dev/null || true
+    ;;
+  spec13)
+    timeout 300 python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/runtime/test_eagle.py \
+      tests/runtime/test_eagle_rows.py tests/runtime/test_scheduler.py tests/runtime/test_paged_attention.py \
+      tests/runtime/test_engine.py tests/runtime/test_static_speculative.py 2>&1 | grep -E "^E |passed|failed" | head -10
     ;;
   spec12a)
     cp .gpu/a/gguf.* "$W"/
