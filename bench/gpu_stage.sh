@@ -22,6 +22,8 @@
 #          with them --pageable-too) CUDA tests, the serving core with and without the head, the verify pass at
 #          2..8 rows
 #   spec12a / spec12: the real model served over HTTP with and without the head (k = 2)
+#   spec14a / spec14: (carry .gpu/a with eagle-long.tar and answers.jsonl.gz / .gpu/b, .whl) the static decoder's
+#          EAGLE cycles with 8, 2 and 1 cycles between looks at the output (end of turn), k = 1 and 2
 #   spec13: the CUDA tests of heads, head rows, engine (draft trees), scheduler (its drafting split out) and
 #          paged kernels
 #   3: distillation of the 15-layer student on the H200 (bf16-mixed), held-out metrics
@@ -534,6 +536,17 @@ t = make_tiny_tokenizer(); save_reference(Path('$W/tiny'), make_tiny_llama(vocab
     timeout 150 python3 bench/verify_pass.py --like artifacts/gpu_like --k 1 2 3 4 5 6 7 --choices rows-chosen 2>&1 \
       | grep -v -i warn
     cp artifacts/bench/verify-pass.json "$OUT"/ 2>/dev/null || true
+    ;;
+  spec14a)
+    cp .gpu/a/gguf.* "$W"/
+    tar -C "$W" -xf .gpu/a/eagle-long.tar
+    gunzip -c .gpu/a/answers.jsonl.gz > "$W/answers.jsonl"
+    ;;
+  spec14)
+    join_reference
+    OUT="$OUT/long" timeout 420 python3 bench/static_speculative.py --target "$W/reference" --draft "$W/eagle-long" \
+      --device cuda --k 1 2 --small gemv-rows --draft-vocab 8192 --vocab-from "$W/answers.jsonl" --new-tokens 128 \
+      --stop-chunk 8 2 1 2>&1 | grep -v -i "warn\|Loading weights" | tail -12
     ;;
   spec13)
     timeout 300 python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/runtime/test_eagle.py \

@@ -79,6 +79,8 @@ def main() -> None:
     parser.add_argument("--draft", default="artifacts/chat-draft")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--k", type=int, nargs="+", default=[2, 3, 4, 6])
+    parser.add_argument("--stop-chunk", type=int, nargs="+", default=[2], help="cycles between looks at the output "
+                        "when generating to the end of turn (several: each an arm, interleaved)")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--small", nargs="+", default=["gemv"], choices=["gemv", "gemv-rows", "gemm", "gemm+pdl"],
@@ -144,7 +146,10 @@ def main() -> None:
         for name, spec in speculators.items():
             if cuda:  # lookup captures a graph per proposal count on first use: with its arm's verify kernels
                 triton_decode.TILES["small"] = (name.split("_")[0],)
-            for budget, stop_ids, expected in (("eos", stop, answer), ("fixed", (), plain)):
+            runs = [(f"eos{c}" if len(args.stop_chunk) > 1 else "eos", stop, answer, c) for c in args.stop_chunk]
+            for budget, stop_ids, expected, chunk in [*runs, ("fixed", (), plain, None)]:
+                if chunk is not None:
+                    spec.stop_chunk = chunk
                 out = spec.generate(ids, args.new_tokens, stop_ids)
                 s = spec.stats
                 if out != expected and "first_difference" not in row:
@@ -165,8 +170,9 @@ def main() -> None:
           + ", ".join(f"{key} {value:.3f}" for key, value in summary.items() if key.startswith(("verify", "draft"))))
     print(f"{'verify_k':>12} {'budget':>6} {'tok/s':>8} {'speed-up':>9} {'accept':>7} {'tok/pass':>9} {'cycle ms':>9} "
           f"{'identical':>10}")
+    budgets = [f"eos{c}" if len(args.stop_chunk) > 1 else "eos" for c in args.stop_chunk] + ["fixed"]
     for name in speculators:
-        for budget in ("eos", "fixed"):
+        for budget in budgets:
             cells = [r[f"{name}_{budget}"] for r in rows]
             entry = {"tok_s": mean([c["tok_s"] for c in cells]),
                      "speedup": mean([c["tok_s"] / r["plain_tok_s"] for c, r in zip(cells, rows, strict=True)]),

@@ -59,6 +59,9 @@ class StaticSpeculator:
         self.accepted = torch.zeros(1, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.stats = SpeculativeStats(k=k)
+        # cycles between looks at the output when a stop token may end it: each look costs a round trip
+        # (the GPU idles while the host reads and relaunches), each cycle run past the stop is wasted
+        self.stop_chunk = 2
 
     def cycle(self) -> None:
         """Draft k tokens, verify them, append the accepted ones and the target's next token to `out`."""
@@ -107,7 +110,7 @@ class StaticSpeculator:
         while done < new_tokens and not any(t in stop_ids for t in out):
             # each cycle adds 1..k+1 tokens: this many cannot overshoot the budget (few near a stop token)
             chunk = math.ceil((new_tokens - done) / (k + 1))
-            chunk = min(chunk, 8) if stop_ids else chunk
+            chunk = min(chunk, self.stop_chunk) if stop_ids else chunk
             for _ in range(chunk):
                 self.graph.replay() if use_graph else self.cycle()
             cycles += chunk
