@@ -244,7 +244,8 @@ class Engine:
                 if parents is not None:
                     branch, final = accept_tree(proposals, parents, best)
                     stats.leaves_accepted += bool(branch) and branch[-1] >= k
-                    proposals = self._keep_branch(t_seq, base, proposals, branch, drafter, first)
+                    proposals, branch_rows = self._keep_branch(t_seq, base, proposals, branch, first)
+                    drafter.proposed = proposals
                     accepted = len(branch)
                 else:
                     accepted, final = accept_greedy(proposals, best)
@@ -261,7 +262,7 @@ class Engine:
             self.pool.truncate(t_seq, base + accepted)
             t_seq.tokens.append(final)
             if parents is not None:  # the branch's features, in the order `_keep_branch` left its tokens
-                drafter.accept(base + accepted, final, self._branch_rows, first)
+                drafter.accept(base + accepted, final, branch_rows, first)
             else:
                 drafter.accept(base + accepted, final)
             out.extend(new)
@@ -277,19 +278,17 @@ class Engine:
         drafter.finish()
         return out, stats
 
-    def _keep_branch(self, seq: Sequence, base: int, nodes: list[int], branch: list[int], drafter, first: int
-                     ) -> list[int]:
+    def _keep_branch(self, seq: Sequence, base: int, nodes: list[int], branch: list[int], first: int
+                     ) -> tuple[list[int], torch.Tensor]:
         """The accepted branch of a tree pass into place: its nodes' K/V and tokens to the positions after
-        `base` (a chain prefix is there already; a leaf comes from further on), its features kept for the
-        drafter (`_branch_rows`, positions `first`..). The branch's tokens, in order."""
+        `base` (a chain prefix is there already; a leaf comes from further on). The branch's tokens, and the
+        pass's features in that order (positions `first`.., for the drafter)."""
         for i, node in enumerate(branch):
             if node != i:
                 self.pool.move(seq, base + node, base + i)
                 seq.tokens[base + i] = nodes[node]
         rows = self.runner.features[0]
-        self._branch_rows = rows[[*range(base - first), *(base - first + node for node in branch)]]
-        drafter.proposed = [nodes[node] for node in branch]
-        return drafter.proposed
+        return [nodes[node] for node in branch], rows[[*range(base - first), *(base - first + n for n in branch)]]
 
     def early_exit(self, exit_engine: Engine, prompt: list[int], params: SamplingParams, threshold: float
                    ) -> tuple[list[int], GenerationStats]:
