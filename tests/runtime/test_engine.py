@@ -234,9 +234,9 @@ def test_tree_pass_scores_every_node_as_its_own_branch_would(family):
             at = parents[at]
         torch.testing.assert_close(logits[i], model(torch.tensor([prompt + branch])).logits[0, -1],
                                    rtol=1e-4, atol=1e-4)
-    argmaxes = [12, 13, 31, 0, 0, 0, 0]  # [after the prefix, after node 0, ...]: 12 is not a child of the root
+    # the target's argmaxes: after the prefix, then after each node; a branch follows them from the root
     assert accept_tree(nodes, parents, [11, 12, 31, 0, 0, 0, 0]) == ([0, 1, 5], 0)
-    assert accept_tree(nodes, parents, argmaxes) == ([], 12)
+    assert accept_tree(nodes, parents, [12, 13, 31, 0, 0, 0, 0]) == ([], 12)  # 12 is no child of the root
     assert accept_tree(nodes, parents, [21, 0, 0, 0, 22, 0, 0]) == ([3, 4], 0)
     base = len(prompt)  # keep branch 11-12-31: 31's K/V (node 5) move to position base + 2
     runner.pool.move(seq, base + 5, base + 2)
