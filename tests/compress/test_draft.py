@@ -115,12 +115,13 @@ def test_smoke_eagle_head_is_tied_to_its_target_and_exact(tiny_artifact, tmp_pat
     tokens, _ = engine.speculative(EagleDraft(head, engine.runner), prompt, SamplingParams(max_new_tokens=12), 3)
     assert tokens == greedy_reference(target, prompt, 12)
     texts = set()
-    for extra in ([], ["--static"], ["--tree-width", "3"]):  # the paged engine, the static decoder, a draft tree
+    # the paged engine, the static decoder, a draft tree, drafting while the head is confident
+    for extra in ([], ["--static"], ["--tree-width", "3"], ["--draft-confidence", "0.4"]):
         run = subprocess.run([sys.executable, "-m", "runtime.generate", "--artifact", str(tiny_artifact.path),
                               "--draft", str(out), "--prompt", "The river rose after the storm", "--max-tokens", "12",
                               "--k", "3", *extra], capture_output=True, text=True, cwd=ROOT)
         assert run.returncode == 0, run.stderr[-800:]
-        assert "acceptance" in run.stdout and ("tree width 3" in run.stdout) == bool(extra[1:])
+        assert "acceptance" in run.stdout and ("tree width 3" in run.stdout) == (extra[:1] == ["--tree-width"])
         texts.add(run.stdout.rsplit("[prefill", 1)[0].strip())
     assert texts == {tiny_tokenizer.decode(tokens, skip_special_tokens=True).strip()}
     # served: the same greedy text as the plain server, the head's proposals counted in /metrics

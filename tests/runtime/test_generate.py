@@ -72,6 +72,8 @@ def test_generate_cli_bad_input(tiny_artifact, tmp_path):
     assert proc.returncode == 2 and "prompt_lookup" in proc.stderr
     proc = _call("--artifact", str(tiny_artifact.path), "--prompt", "x", "--prompt-lookup", "3", "--lookup-k", "2")
     assert proc.returncode == 2 and "lookup_k" in proc.stderr
+    proc = _call("--artifact", str(tiny_artifact.path), "--prompt", "x", "--draft-confidence", "0.5")
+    assert proc.returncode == 2 and "draft_confidence" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     proc = _call("--artifact", str(tiny_artifact.path), "--prompt", "x", "--tree-width", "2")
     assert proc.returncode == 2 and "tree_width" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     proc = _call("--artifact", str(tiny_artifact.path), "--prompt", "x", "--draft", str(tiny_artifact.path),
