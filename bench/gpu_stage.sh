@@ -26,6 +26,9 @@
 #          EAGLE cycles with 8, 2 and 1 cycles between looks at the output (end of turn), k = 1 and 2
 #   spec13: the CUDA tests of heads, head rows, engine (draft trees), scheduler (its drafting split out) and
 #          paged kernels
+#   exit2a / exit2: (carry .gpu/a / .gpu/b, .whl, artifacts/gpu_like) the CUDA tests of the static decoder's
+#          speculators (the KV-sharing exit cycle among them); then two exit heads (after layer 8 and 15) trained
+#          side by side on the target's answers, each on the static decoder (fused + graphs) at k = 1..3
 #   3: distillation of the 15-layer student on the H200 (bf16-mixed), held-out metrics
 #   paged: CUDA tests of the batched paged decode attention; engine decode steps, batched vs per sequence
 #   serve1 / serve2 / serve3: GPU serving (issue 17), in two calls (serve3: the final figures, shorter): CUDA tests of the paged kernels, fused step, scheduler and
@@ -547,6 +550,35 @@ t = make_tiny_tokenizer(); save_reference(Path('$W/tiny'), make_tiny_llama(vocab
     OUT="$OUT/long" timeout 420 python3 bench/static_speculative.py --target "$W/reference" --draft "$W/eagle-long" \
       --device cuda --k 1 2 --small gemv-rows --draft-vocab 8192 --vocab-from "$W/answers.jsonl" --new-tokens 128 \
       --stop-chunk 8 2 1 2>&1 | grep -v -i "warn\|Loading weights" | tail -12
+    ;;
+  exit2a)
+    cp .gpu/a/gguf.* "$W"/
+    timeout 300 python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/runtime/test_static_speculative.py \
+      tests/runtime/test_static_decode.py tests/runtime/test_eagle.py tests/runtime/test_exit_head.py 2>&1 \
+      | grep -E "^E |passed|failed" | head -10
+    ;;
+  exit2)
+    join_reference
+    train_exit() {  # $1: the exit layer
+      timeout 300 python3 -m compress.draft --target "$W/reference" --method exit-head --layers "$1" \
+        --out "$W/exit$1" --prompts 16000 --answer-tokens 128 --eval-prompts 8 --k 3 --seq-len 512 --batch-size 16 \
+        --max-steps 40000 --max-minutes "${MINUTES:-2.5}" --lr 1e-3 --no-gradient-checkpointing --accelerator gpu \
+        --overwrite > "$OUT/exit$1.log" 2>&1 || true
+    }
+    train_exit 8 &
+    for _ in $(seq 150); do ls "$W"/exit8.work/target-answers-*.jsonl > /dev/null 2>&1 && break; sleep 2; done
+    mkdir -p "$W/exit15.work" && cp "$W"/exit8.work/target-answers-*.jsonl "$W/exit15.work/"  # the same answers
+    train_exit 15 &
+    wait
+    cp "$(ls "$W"/exit8.work/target-answers-*.jsonl | head -1)" "$W/answers.jsonl"
+    for layer in 8 15; do
+      grep -v -i "warn\|it/s\]" "$OUT/exit$layer.log" | tail -2
+      [ -d "$W/exit$layer" ] || continue
+      tar -C "$W" -cf "$OUT/exit$layer.tar" "exit$layer"
+      OUT="$OUT/exit$layer" timeout 140 python3 bench/static_speculative.py --target "$W/reference" \
+        --draft "$W/exit$layer" --device cuda --k 1 2 3 --small gemv-rows --draft-vocab 0 8192 \
+        --vocab-from "$W/answers.jsonl" --new-tokens 128 2>&1 | grep -v -i "warn\|Loading weights" | tail -14
+    done
     ;;
   spec13)
     timeout 300 python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/runtime/test_eagle.py \

@@ -13,7 +13,9 @@ artifacts/bench/static-speculative-<device>.json.
 With an EAGLE head as --draft (`compress.draft --method eagle`), each --draft-vocab N runs the head
 restricted to the N tokens most frequent in --vocab-from (its training text; 0: as trained), and
 each k also times the target's verify pass alone (a CUDA graph of it), so a cycle splits into
-verify and drafting. --lookup K... adds prompt lookup (n-grams of the prompt and output so far) arms.
+verify and drafting. An exit head (`compress.draft --method exit-head`, the KV-sharing early exit) runs
+the same way, its verify pass timed over the layers after the exit only. --lookup K... adds prompt lookup
+(n-grams of the prompt and output so far) arms.
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core.data import chat_prompts  # noqa: E402
 from runtime import triton_decode  # noqa: E402
 from runtime.eagle import is_eagle_draft, load_head  # noqa: E402
+from runtime.exit_head import is_exit_head, load_exit_head  # noqa: E402
 from runtime.loading import load_model, load_tokenizer  # noqa: E402
 from runtime.static_decode import StaticDecoder, capture_graph  # noqa: E402
 from runtime.static_speculative import (  # noqa: E402
     StaticEagleSpeculator,
+    StaticExitSpeculator,
     StaticLookupSpeculator,
     StaticSpeculator,
 )
@@ -59,11 +63,18 @@ def first_difference(model: torch.nn.Module, prompt: list[int], plain: list[int]
 
 
 @torch.inference_mode()
-def verify_ms(target: StaticDecoder, k: int, replays: int = 200) -> float:
-    """The target's verify pass over k + 1 rows alone (with the features an EAGLE head reads), from a CUDA graph."""
+def verify_ms(target: StaticDecoder, k: int, replays: int = 200, first_layer: int = 0) -> float:
+    """The target's verify pass over k + 1 rows alone (with the features an EAGLE head reads; from `first_layer`
+    on, as after an exit head), from a CUDA graph."""
     tokens = torch.zeros(k + 1, 1, dtype=torch.long, device=target.device)
     features = torch.zeros(k + 1, target.embed.shape[1], dtype=target.dtype, device=target.device)
-    graph = capture_graph(lambda: target.verify_step(tokens, features), [*target.state(1)])
+    if first_layer:
+        def step() -> None:
+            target.greedy(target.run_rows(features, layers=slice(first_layer, None)))
+    else:
+        def step() -> None:
+            target.verify_step(tokens, features)
+    graph = capture_graph(step, [*target.state(1)])
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(replays):
@@ -86,7 +97,8 @@ def main() -> None:
     parser.add_argument("--small", nargs="+", default=["gemv"], choices=["gemv", "gemv-rows", "gemm", "gemm+pdl"],
                         help="CUDA: kernels for the verify pass's k + 1 rows (runtime/triton_decode.py TILES['small'])")
     parser.add_argument("--draft-vocab", type=int, nargs="+", default=[0],
-                        help="EAGLE head: propose only the N tokens most frequent in --vocab-from (0: as trained)")
+                        help="EAGLE or exit head: propose only the N tokens most frequent in --vocab-from (0: as "
+                        "trained)")
     parser.add_argument("--vocab-from", default=None, help="EAGLE head: its training text (JSONL, compress.draft's "
                         "<out>.work/target-answers-*.jsonl)")
     parser.add_argument("--lookup", type=int, nargs="*", default=[],
@@ -97,9 +109,9 @@ def main() -> None:
     prompts = [tokenizer(t, add_special_tokens=False)["input_ids"]
                for t in chat_prompts(tokenizer, args.prompts, split="heldout")]
     max_len = max(map(len, prompts)) + args.new_tokens + max(args.k) + 1
-    eagle = is_eagle_draft(args.draft)
+    eagle, exit_head = is_eagle_draft(args.draft), is_exit_head(args.draft)
     decoders, models = [], []
-    for name in (args.target, None if eagle else args.draft):
+    for name in (args.target, None if eagle or exit_head else args.draft):
         if name is None:
             continue
         models.append(load_model(name, args.device, dtype=torch.bfloat16 if cuda else torch.float32))
@@ -107,14 +119,19 @@ def main() -> None:
         if cuda:
             decoder.use_fused_kernels()
         decoders.append(decoder)
-    target, draft = decoders[0], (None if eagle else decoders[1])
+    target, draft = decoders[0], (None if eagle or exit_head else decoders[1])
     settings = args.small if cuda else ["torch"]
-    if eagle:
+    if eagle or exit_head:
         from compress.draft import frequent_tokens
 
-        heads = {v: load_head(args.draft, models[0], frequent_tokens(tokenizer, Path(args.vocab_from), v) if v else None)
-                 for v in args.draft_vocab}
+        vocab = {v: frequent_tokens(tokenizer, Path(args.vocab_from), v) if v else None for v in args.draft_vocab}
+    if eagle:
+        heads = {v: load_head(args.draft, models[0], vocab[v]) for v in args.draft_vocab}
         speculators = {f"{small}_v{v}_k{k}": StaticEagleSpeculator(target, heads[v], k)
+                       for small in settings for v in args.draft_vocab for k in args.k}
+    elif exit_head:
+        exit_model = load_exit_head(args.draft, models[0])
+        speculators = {f"{small}_v{v}_k{k}": StaticExitSpeculator(target, exit_model, k, vocab[v])
                        for small in settings for v in args.draft_vocab for k in args.k}
     else:
         speculators = {f"{small}_k{k}": StaticSpeculator(target, draft, k) for small in settings for k in args.k}
@@ -140,7 +157,8 @@ def main() -> None:
         elif cuda:
             for small in settings:
                 triton_decode.TILES["small"] = (small,)
-                row.update({f"verify_ms_{small}_k{k}": verify_ms(target, k) for k in args.k})
+                first = exit_model.exit_layer if exit_head else 0
+                row.update({f"verify_ms_{small}_k{k}": verify_ms(target, k, first_layer=first) for k in args.k})
         answer = plain[:next((i + 1 for i, t in enumerate(plain) if t in stop), len(plain))]
         row["answer_tokens"] = len(answer)
         for name, spec in speculators.items():
@@ -184,8 +202,10 @@ def main() -> None:
                   f"{entry['tokens_per_target_step']:>9.2f} {entry['cycle_ms']:>9.3f} {entry['identical']:>7}/{len(rows)}")
     result = {"target": args.target, "draft": args.draft, "device": args.device,
               "gpu": torch.cuda.get_device_name() if cuda else None, "new_tokens": args.new_tokens,
-              "draft_layers": len(heads[args.draft_vocab[0]].model.layers) if eagle else len(draft.layers),
-              "eagle": eagle, "target_layers": len(target.layers), "rows": rows, "summary": summary}
+              "draft_layers": (len(heads[args.draft_vocab[0]].model.layers) if eagle
+                               else exit_model.exit_layer if exit_head else len(draft.layers)),
+              "eagle": eagle, "exit_head": exit_head, "target_layers": len(target.layers), "rows": rows,
+              "summary": summary}
     out = Path(os.environ.get("OUT", "artifacts/bench"))
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"static-speculative-{args.device.split(':')[0]}.json"

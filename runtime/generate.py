@@ -91,14 +91,18 @@ def static_generate(cfg: GenerateConfig, ids: list[int], stop: tuple[int, ...]) 
     from runtime.eagle import is_eagle_draft, load_head
     from runtime.exit_head import is_exit_head
     from runtime.static_decode import StaticDecoder
-    from runtime.static_speculative import StaticEagleSpeculator, StaticLookupSpeculator, StaticSpeculator
+    from runtime.static_speculative import (
+        StaticEagleSpeculator,
+        StaticExitSpeculator,
+        StaticLookupSpeculator,
+        StaticSpeculator,
+    )
 
-    if cfg.draft is not None and is_exit_head(cfg.draft):
-        raise UserError("static: an exit-head draft runs on the paged engine (drop --static)")
     cuda = cfg.device.startswith("cuda")
     eagle = cfg.draft is not None and is_eagle_draft(cfg.draft)
+    exit_head = cfg.draft is not None and is_exit_head(cfg.draft)
     decoders, models = [], []
-    for name in (cfg.artifact, None if eagle else cfg.draft):
+    for name in (cfg.artifact, None if eagle or exit_head else cfg.draft):
         if name is None:
             continue
         model = load_model(name, cfg.device, dtype=torch.bfloat16 if cuda else None)
@@ -119,6 +123,10 @@ def static_generate(cfg: GenerateConfig, ids: list[int], stop: tuple[int, ...]) 
                                           decode_s=static.timings[1] * (cut - 1) / max(len(out) - 1, 1))
     elif eagle:
         speculator = StaticEagleSpeculator(decoders[0], load_head(cfg.draft, models[0]), k=cfg.k)
+    elif exit_head:
+        from runtime.exit_head import load_exit_head
+
+        speculator = StaticExitSpeculator(decoders[0], load_exit_head(cfg.draft, models[0]), k=cfg.k)
     else:
         speculator = StaticSpeculator(*decoders, k=cfg.k)
     if cuda:

@@ -141,8 +141,9 @@ class StaticDecoder(nn.Module):
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits
 
-    def hidden(self, x: torch.Tensor, pos: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
-        """Input embeddings x (B, T, hidden) through every layer, eagerly -> the last layer's output."""
+    def hidden(self, x: torch.Tensor, pos: torch.Tensor, col: torch.Tensor, layers: slice = slice(None)
+               ) -> torch.Tensor:
+        """Input embeddings x (B, T, hidden) through every layer (or `layers`), eagerly -> the last one's output."""
         b, t = x.shape[:2]
         rope = {kind: (cos[pos][:, None], sin[pos][:, None]) for kind, (cos, sin) in self.rope.items()}  # (B,1,T,R)
         columns = torch.arange(self.max_len, device=self.device)
@@ -151,7 +152,8 @@ class StaticDecoder(nn.Module):
             True if w is None else columns[None, None, None, :] > col[None, None, :, None] - w)
             for w in set(self.windows)}  # columns differ as positions do within a row, padding or not
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        for p, window, (k_cache, v_cache) in zip(self.layers, self.windows, self.cache(b), strict=True):
+        for p, window, (k_cache, v_cache) in zip(self.layers[layers], self.windows[layers], self.cache(b)[layers],
+                                                 strict=True):
             h = self._rms(x, p["attn_norm"])
             qkv = h @ p["wqkv"].t() if p["bqkv"] is None else F.linear(h, p["wqkv"], p["bqkv"])
             q, k, v = (part.view(b, t, -1, self.head_dim).transpose(1, 2)
@@ -184,12 +186,12 @@ class StaticDecoder(nn.Module):
         self.pos[:batch].add_(1)
         self.col.add_(1)
 
-    def _fused_layers(self, tokens: torch.Tensor | None, caches: list, attention, x: torch.Tensor | None = None
-                      ) -> torch.Tensor:
-        """Embedding (or the given inputs x), then each layer in five Triton kernels; `attention(qkv, k_cache,
-        v_cache)` is the varying one."""
+    def _fused_layers(self, tokens: torch.Tensor | None, caches: list, attention, x: torch.Tensor | None = None,
+                      layers: slice = slice(None)) -> torch.Tensor:
+        """Embedding (or the given inputs x), then each layer (of `layers`) in five Triton kernels;
+        `attention(qkv, k_cache, v_cache)` is the varying one."""
         x = F.embedding(tokens, self.embed) if x is None else x
-        for p, (k_cache, v_cache) in zip(self.layers, caches, strict=True):
+        for p, (k_cache, v_cache) in zip(self.layers[layers], caches[layers], strict=True):
             x = self.fused_tail(p, x, attention(self.fused_qkv(p, x), k_cache, v_cache))
         return x
 
@@ -233,34 +235,36 @@ class StaticDecoder(nn.Module):
             features.copy_(self.features(hidden))
         return self.greedy(hidden)
 
-    def greedy(self, hidden: torch.Tensor, eager: bool = False) -> torch.Tensor:
-        """The greedy token after each row of last-layer outputs (T, hidden): the final norm, the LM head and
-        the argmax in one kernel when the fused kernels are in use."""
-        if eager or self.step_fn != self.fused_step:
-            return self.logits(self.features(hidden)).argmax(-1)
+    def greedy(self, hidden: torch.Tensor, eager: bool = False, lm_head: torch.Tensor | None = None) -> torch.Tensor:
+        """The greedy token after each row of last-layer outputs (T, hidden): the final norm, the LM head (or the
+        given rows of it: an index into them) and the argmax in one kernel when the fused kernels are in use."""
+        lm_head = self.lm_head if lm_head is None else lm_head
+        if eager or self.step_fn != self.fused_step:  # soft-capping keeps the argmax: left out
+            return (self.features(hidden) @ lm_head.t()).argmax(-1)
         from runtime.triton_decode import ARGMAX_EMPTY, fused_linear, unpack_argmax
 
         best = self.best[:hidden.shape[0]]
-        fused_linear(hidden, self.lm_head, norm=self.norm, eps=self.eps, argmax_into=best)
+        fused_linear(hidden, lm_head, norm=self.norm, eps=self.eps, argmax_into=best)
         argmax = unpack_argmax(best)
         best.fill_(ARGMAX_EMPTY)
         return argmax
 
-    def run_rows(self, x: torch.Tensor, eager: bool = False) -> torch.Tensor:
+    def run_rows(self, x: torch.Tensor, eager: bool = False, layers: slice = slice(None)) -> torch.Tensor:
         """Row 0's T consecutive inputs x (T, hidden) at positions `pos[0]..`, cache columns `col..` -> the last
-        layer's output (T, hidden); their k/v enter the cache, pos/col are not advanced. The fused kernels when
-        in use (small T), else (or `eager`) the PyTorch layers."""
+        layer's output (T, hidden) (of `layers`: a KV-sharing exit runs the first ones, its verify pass the
+        rest); their k/v enter the cache, pos/col are not advanced. The fused kernels when in use (small T),
+        else (or `eager`) the PyTorch layers."""
         count = x.shape[0]
         if eager or self.step_fn != self.fused_step:
             offsets = torch.arange(count, device=self.device)
             self.valid[:1].index_fill_(1, self.col + offsets, True)
-            return self.hidden(x[None], self.pos[:1] + offsets, self.col + offsets)[0]
+            return self.hidden(x[None], self.pos[:1] + offsets, self.col + offsets, layers)[0]
         from runtime.triton_decode import verify_attention
 
         def attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
             return verify_attention(qkv, k_cache, v_cache, self.cos, self.sin, self.pos[0], self.col, self.valid[:1],
                                     self.heads, self.kv_heads, self.head_dim)
-        return self._fused_layers(None, self.cache(1), attention, x=x)
+        return self._fused_layers(None, self.cache(1), attention, x=x, layers=layers)
 
     @classmethod
     def fastest(cls, model: nn.Module, max_batch: int, max_len: int) -> StaticDecoder:

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from runtime.static_decode import StaticDecoder, capture_graph
 
@@ -45,10 +46,10 @@ class SpeculativeStats:
 
 
 class StaticSpeculator:
-    def __init__(self, target: StaticDecoder, draft: StaticDecoder, k: int = 4):
+    def __init__(self, target: StaticDecoder, draft: StaticDecoder | None, k: int = 4):
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
-        if target.embed.shape[0] != draft.embed.shape[0] or target.device != draft.device:
+        if draft is not None and (target.embed.shape[0] != draft.embed.shape[0] or target.device != draft.device):
             raise ValueError("draft and target need the same vocabulary and device")
         self.target, self.draft, self.k = target, draft, k
         device = target.device
@@ -68,32 +69,40 @@ class StaticSpeculator:
         target, draft, k = self.target, self.draft, self.k
         for i in range(k + 1):
             draft.step_fn(1, self.tokens[i:i + 1], self.tokens[i + 1:i + 2])
-        argmax = target.verify_step(self.tokens[:k + 1])  # the target's token after each of the k + 1
+        self._accept(target.verify_step(self.tokens[:k + 1]))  # the target's token after each of the k + 1
+        draft.pos[:1].copy_(target.pos[:1])
+        draft.col.copy_(target.col)
+
+    def _accept(self, argmax: torch.Tensor) -> torch.Tensor:
+        """The longest prefix of proposals equal to the target's argmax, and its token after them, appended to
+        `out`; the target's position and cache column moved past them. Returns the accepted count (a tensor)."""
+        k, target = self.k, self.target
         accepted = (argmax[:k] == self.tokens[1:k + 1, 0]).long().cumprod(0).sum()
         self.out.index_copy_(0, self.count + self.offsets, argmax)  # argmax[:accepted + 1] are the new tokens
         self.tokens[0].copy_(argmax.gather(0, accepted.view(1)))
         advance = accepted + 1
         target.pos[:1] += advance
         target.col += advance
-        draft.pos[:1].copy_(target.pos[:1])
-        draft.col.copy_(target.col)
         self.count += advance
         self.accepted += accepted
+        return accepted
 
     def _prefill_draft(self, prompt: list[int], new_tokens: int) -> None:
         self.draft.prefill([prompt], new_tokens)  # its own first token is not used: the target's is
 
     def _state(self) -> list[torch.Tensor]:
-        return [self.tokens, self.out, self.count, self.accepted, *self.target.state(1), *self.draft.state(1)]
+        drafts = [] if self.draft is None else self.draft.state(1)
+        return [self.tokens, self.out, self.count, self.accepted, *self.target.state(1), *drafts]
 
     @torch.inference_mode()
     def generate(self, prompt: list[int], new_tokens: int, stop_ids: tuple[int, ...] = (),
                  use_graph: bool | None = None) -> list[int]:
         """Greedy continuation of one prompt: `new_tokens` ids, or up to and including the first stop id."""
-        target, draft, k = self.target, self.draft, self.k
-        if len(prompt) + new_tokens + k > min(target.max_len, draft.max_len):
+        target, k = self.target, self.k
+        limit = target.max_len if self.draft is None else min(target.max_len, self.draft.max_len)
+        if len(prompt) + new_tokens + k > limit:
             raise ValueError(f"prompt {len(prompt)} + {new_tokens} new tokens + k {k} exceed the static cache "
-                             f"({min(target.max_len, draft.max_len)})")
+                             f"({limit})")
         use_graph = target.device.type == "cuda" if use_graph is None else use_graph
         started = time.perf_counter()
         target.prefill([prompt], new_tokens)
@@ -180,21 +189,74 @@ class StaticEagleSpeculator(StaticSpeculator):
             head.pos[:1] += 1
             head.col += 1
         argmax = target.verify_step(self.tokens[:k + 1], features=self.features)
-        accepted = (argmax[:k] == self.tokens[1:k + 1, 0]).long().cumprod(0).sum()
-        self.out.index_copy_(0, self.count + self.offsets, argmax)
-        self.tokens[0].copy_(argmax.gather(0, accepted.view(1)))
-        self.targets.copy_(argmax)
-        self.last.copy_(accepted.view(1))
         head.pos[:1].copy_(target.pos[:1])  # the next catch-up starts at this verify pass's first position
         head.col.copy_(target.col)
-        advance = accepted + 1
-        target.pos[:1] += advance
-        target.col += advance
-        self.count += advance
-        self.accepted += accepted
+        self.targets.copy_(argmax)
+        self.last.copy_(self._accept(argmax).view(1))
 
     def _state(self) -> list[torch.Tensor]:
         return [*super()._state(), self.features, self.targets, self.last]
+
+
+class StaticExitSpeculator(StaticSpeculator):
+    """The KV-sharing early exit (runtime/exit_head.py) on the static decoder, one graph per cycle.
+
+    The draft is the target's own first L layers and the exit: drafting a token writes those layers'
+    K/V into the target's cache where plain decoding would, so the verify pass runs only layers L.. over
+    the k + 1 rows (the last accepted token and the k proposals), from the layer-L states the draft left
+    (the k-th proposal's first layers run too, without an exit). Rejected rows lie past every later
+    query's causal limit until overwritten, as in the base cycle. `vocab_ids`: the exit proposes only
+    these tokens (the LM head's rows for them).
+    """
+
+    def __init__(self, target: StaticDecoder, head, k: int = 4, vocab_ids: torch.Tensor | None = None):
+        super().__init__(target, None, k)
+        if not 0 < head.exit_layer < len(target.layers):
+            raise ValueError(f"the exit layer {head.exit_layer} is not inside the target's {len(target.layers)}")
+        device, dtype = target.device, target.dtype
+
+        def w(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to(device=device, dtype=dtype).contiguous()
+
+        self.shallow, self.deep = slice(0, head.exit_layer), slice(head.exit_layer, None)
+        self.exit_norm, self.exit_eps = w(head.norm.weight), head.norm.eps or target.eps
+        self.w13, self.w2 = w(head.gate_up.weight), w(head.down.weight)
+        self.vocab_ids = None if vocab_ids is None else vocab_ids.to(device)
+        self.exit_lm_head = target.lm_head if vocab_ids is None else w(target.lm_head[self.vocab_ids])
+        self.states = torch.zeros(k + 1, target.embed.shape[1], dtype=dtype, device=device)  # layer-L outputs
+
+    def _prefill_draft(self, prompt: list[int], new_tokens: int) -> None:
+        pass  # the prefill filled every layer's cache: the draft's layers are the target's
+
+    def _exit_token(self, state: torch.Tensor) -> torch.Tensor:
+        """A layer-L state (1, hidden) -> the exit's greedy token (1,): the adapter, the final norm, the LM head."""
+        target = self.target
+        if target.step_fn == target.fused_step:
+            from runtime.triton_decode import fused_linear
+
+            gated = fused_linear(state, self.w13, norm=self.exit_norm, eps=self.exit_eps, swiglu=True)
+            hidden = fused_linear(gated, self.w2, residual=state)
+        else:
+            gate, up = (F.rms_norm(state, self.exit_norm.shape, self.exit_norm, self.exit_eps)
+                        @ self.w13.t()).chunk(2, dim=-1)
+            hidden = state + (F.silu(gate) * up) @ self.w2.t()
+        best = target.greedy(hidden, lm_head=self.exit_lm_head)
+        return best if self.vocab_ids is None else self.vocab_ids[best]
+
+    def cycle(self) -> None:
+        target, k = self.target, self.k
+        for i in range(k + 1):  # each row at its own position: pos/col walk forward, then back for the verify
+            self.states[i:i + 1].copy_(target.run_rows(target.embed_tokens(self.tokens[i]), layers=self.shallow))
+            if i < k:
+                self.tokens[i + 1].copy_(self._exit_token(self.states[i:i + 1]))
+            target.pos[:1] += 1
+            target.col += 1
+        target.pos[:1] -= k + 1
+        target.col -= k + 1
+        self._accept(target.greedy(target.run_rows(self.states, layers=self.deep)))
+
+    def _state(self) -> list[torch.Tensor]:
+        return [*super()._state(), self.states]
 
 
 class StaticLookupSpeculator:

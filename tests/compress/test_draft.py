@@ -141,7 +141,7 @@ def test_smoke_eagle_head_is_tied_to_its_target_and_exact(tiny_artifact, tmp_pat
 
 def test_smoke_exit_head_shares_the_targets_layers_and_is_exact(tiny_artifact, tmp_path, tiny_tokenizer):
     """configs/draft/smoke-exit.yaml: an exit after the target's layer 1, stored alone; runtime.generate with it
-    gives the plain greedy text; the static decoder and the server refuse it in one line."""
+    gives the plain greedy text, on the paged engine and on the static decoder."""
     from safetensors import safe_open
 
     from runtime.exit_head import is_exit_head, load_exit_head, self_speculative
@@ -165,8 +165,10 @@ def test_smoke_exit_head_shares_the_targets_layers_and_is_exact(tiny_artifact, t
     run = subprocess.run([*base, "--draft", str(out), "--k", "3"], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-800:]
     assert run.stdout.splitlines()[0] == plain.stdout.splitlines()[0] and "acceptance" in run.stdout
-    refused = subprocess.run([*base, "--draft", str(out), "--static"], capture_output=True, text=True, cwd=ROOT)
-    assert refused.returncode == 2 and "exit-head" in refused.stderr and "Traceback" not in refused.stderr
+    static = subprocess.run([*base, "--draft", str(out), "--k", "2", "--static"], capture_output=True, text=True,
+                            cwd=ROOT)  # the static decoder's exit cycle (PyTorch layers on the CPU)
+    assert static.returncode == 0, static.stderr[-800:]
+    assert static.stdout.splitlines()[0] == plain.stdout.splitlines()[0] and "acceptance" in static.stdout
     lossy = subprocess.run([*base, "--draft", str(out), "--early-exit-threshold", "0.001"], capture_output=True,
                            text=True, cwd=ROOT)
     assert lossy.returncode == 0 and "11 of 12 tokens exited, 0 target passes" in lossy.stdout, lossy.stderr[-500:]

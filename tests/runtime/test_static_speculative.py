@@ -124,3 +124,69 @@ def test_fused_verify_graphs_equal_target_greedy_every_time():
             spec = StaticLookupSpeculator(decoder, k=3)
             for i in order:
                 assert spec.generate(list(prompts[i]), 24, use_graph=True) == expected[i]
+
+
+
+EXIT_PROMPTS = [PROMPT, [3], [200, 201, 202, 203, 8, 8, 8, 19, 44, 45, 46, 47, 48]]
+
+
+def target_and_exit(after_exit: float = 0.3):
+    """A 4-layer target whose greedy output varies and an exit at layer 2 (the identity adapter: the target's
+    own norm and LM head on layer 2); the layers after it scaled by `after_exit` (0: the exit is the target)."""
+    from runtime.exit_head import new_exit_head
+
+    target = make_tiny_llama(vocab_size=300, hidden=96, layers=4, heads=6, kv_heads=2, tie=False, seed=1)
+    with torch.no_grad():
+        for layer in target.model.layers[2:]:
+            layer.self_attn.o_proj.weight.mul_(after_exit)
+            layer.mlp.down_proj.weight.mul_(after_exit)
+    return target, new_exit_head(target, 2).eval()
+
+
+def exit_speculator(target, head, k: int, fused: bool, vocab_ids=None):
+    from runtime.static_speculative import StaticExitSpeculator
+
+    decoder = StaticDecoder(target.to(DEVICE), 1, 64)
+    if fused:
+        pytest.importorskip("triton")
+        decoder.use_fused_kernels()
+    return StaticExitSpeculator(decoder, head.to(DEVICE), k, vocab_ids)
+
+
+@pytest.mark.parametrize(("k", "fused"), [(1, False), (3, False), (2, True)])
+def test_static_exit_greedy_equals_target_and_leaves_its_cache(k, fused):
+    """The KV-sharing exit on the static decoder (PyTorch layers, or the Triton kernels: on the CPU under the
+    interpreter): greedy = the target's, and every layer's cache at every kept column = a plain prefill's."""
+    target, head = target_and_exit()
+    spec = exit_speculator(target, head, k, fused)
+    proposed = accepted = 0
+    for prompt in EXIT_PROMPTS:
+        out = spec.generate(prompt, 16, use_graph=False)
+        assert out == greedy_reference(target, prompt, 16)
+        proposed, accepted = proposed + spec.stats.cycles * k, accepted + spec.stats.accepted
+    assert 0 < accepted < proposed  # both branches of the acceptance ran
+    plain = StaticDecoder(target, 1, 64)
+    kept = EXIT_PROMPTS[-1] + out[:-1]  # the last token is the next cycle's input: in no cache yet
+    plain.prefill([kept], 1)
+    for (k_ours, v_ours), (k_plain, v_plain) in zip(spec.target.cache(1), plain.cache(1), strict=True):
+        torch.testing.assert_close(k_ours[:, :, :len(kept)], k_plain[:, :, :len(kept)], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(v_ours[:, :, :len(kept)], v_plain[:, :, :len(kept)], rtol=1e-4, atol=1e-4)
+    if DEVICE == "cuda":
+        assert spec.generate(PROMPT, 16, use_graph=True) == greedy_reference(target, PROMPT, 16)
+
+
+def test_static_exact_exit_is_always_accepted_and_vocab_subset():
+    """Positive control (the layers after the exit add nothing: the exit is the target), then the same exit
+    without one of the answer's tokens in its vocabulary: where the target says it, the exit cannot."""
+    target, head = target_and_exit(after_exit=0.0)
+    expected = greedy_reference(target, PROMPT, 13)
+    spec = exit_speculator(target, head, 3, fused=False)
+    assert spec.generate(PROMPT, 13) == expected
+    assert spec.stats.accepted == 3 * spec.stats.cycles and spec.stats.cycles == 3  # 1 + 3 x 4
+    subset = torch.tensor([t for t in range(300) if t != expected[5]])
+    spec = exit_speculator(target, head, 3, fused=False, vocab_ids=subset)
+    assert spec.generate(PROMPT, 13) == expected
+    assert spec.stats.accepted < 3 * spec.stats.cycles
+    head.exit_layer = 4
+    with pytest.raises(ValueError, match="exit layer"):
+        exit_speculator(target, head, 3, fused=False)
