@@ -87,26 +87,43 @@ def _prefill(engine: Engine, prompt: list[int]) -> tuple:
     return seq, out, stats
 
 
+def draft_with_exit(runner, head: ExitHead, seq, first: int, count: int) -> tuple[list[int], torch.Tensor]:
+    """The exit's `count` greedy proposals after the token at position `first` (in no layer's cache yet): the
+    target's first L layers run for it and for each proposal (their K/V enter those layers' cache) ->
+    the proposals and the count + 1 layer-L states (1, count + 1, hidden) the verify pass starts from.
+    `seq.tokens` is not extended."""
+    target, inner = runner.model, runner.model.model
+    tokens, states = [seq.tokens[first]], []
+    for i in range(count + 1):  # count drafts, then the last proposal's first layers for the verify pass
+        x = inner.embed_tokens(torch.tensor([[tokens[i]]], device=runner.device))
+        states.append(runner.run_layers(seq, first + i, first + i + 1, x, range(head.exit_layer)))
+        if i < count:
+            tokens.append(int(exit_logits(head, target, states[-1][0, -1]).argmax()))
+    return tokens[1:], torch.cat(states, dim=1)
+
+
+def verify_from_exit(runner, head: ExitHead, seq, first: int, states: torch.Tensor) -> torch.Tensor:
+    """The target's logits (n, vocab) at positions first.. from their layer-L states: layers L.. only."""
+    target = runner.model
+    deep = range(head.exit_layer, target.config.num_hidden_layers)
+    hidden = runner.run_layers(seq, first, first + states.shape[1], states, deep)
+    return final_logits(target, target.model.norm(hidden)[0])
+
+
 @torch.inference_mode()
 def self_speculative(engine: Engine, head: ExitHead, prompt: list[int], params: SamplingParams, k: int = 3
                      ) -> tuple[list[int], GenerationStats]:
     """Greedy self-speculative decoding on the paged engine: the target's own first L layers + the exit draft k
     tokens, the target's remaining layers verify them (with the token after the last) in one pass."""
-    runner, target, inner, shallow, deep = _parts(engine, head, params, "self-speculative decoding")
+    _parts(engine, head, params, "self-speculative decoding")
     seq, out, stats = _prefill(engine, prompt)
     start = time.perf_counter()
     while out[-1] not in params.stop_ids and len(out) < params.max_new_tokens:
         first = len(seq.tokens)  # the position of the newest token, not in any layer's cache yet
         seq.tokens.append(out[-1])
-        states, proposals = [], []
-        for i in range(k + 1):  # k drafts, then the last proposal's first layers for the verify pass
-            x = inner.embed_tokens(torch.tensor([[seq.tokens[first + i]]], device=runner.device))
-            states.append(runner.run_layers(seq, first + i, first + i + 1, x, shallow))
-            if i < k:
-                proposals.append(int(exit_logits(head, target, states[-1][0, -1]).argmax()))
-                seq.tokens.append(proposals[-1])
-        hidden = runner.run_layers(seq, first, first + k + 1, torch.cat(states, dim=1), deep)
-        verified = final_logits(target, inner.norm(hidden)[0]).argmax(-1).tolist()
+        proposals, states = draft_with_exit(engine.runner, head, seq, first, k)
+        seq.tokens.extend(proposals)
+        verified = verify_from_exit(engine.runner, head, seq, first, states).argmax(-1).tolist()
         accepted, final = accept_greedy(proposals, verified)
         stats.target_steps += 1
         stats.proposed += k

@@ -18,7 +18,9 @@ step: the draft proposes up to k tokens for all of them, the target scores each 
 positions in the one forward, and the exact rejection rule decides per sequence (greedy output
 equals the target's; sampled output has the target's distribution); rejected tokens are rolled
 back in both caches. An EAGLE head (runtime/eagle.py) drafts instead from each sequence's features of
-the batched pass, one head cache per sequence.
+the batched pass, one head cache per sequence. An exit head (runtime/exit_head.py) drafts each greedy
+sequence with the target's own first layers, and its verify pass runs only the layers after the exit
+(per sequence, beside the batched pass of the others).
 
 The next tokens of all other rows (greedy or sampled, any temperature / top-k / top-p / seed)
 come from one `runtime.sampling.sample_rows` call on the logits' device: one host synchronisation
@@ -114,6 +116,7 @@ class _Sample:
     seed: int  # the batch sampler's key (with the count of generated tokens)
     draft_seq: Sequence | None = None
     eagle: Any = None  # its EagleDraft, with an EAGLE head as the draft
+    exit_states: Any = None  # with an exit head: the layer-L states of this step's rows, where it drafted
 
     @property
     def prefilling(self) -> bool:
@@ -172,17 +175,21 @@ class Scheduler(DraftSteps):
         prefill, and tokens stream in bursts.
         draft_max_batch: the draft proposes only while at most this many sequences decode (None: always)."""
         from runtime.eagle import EagleHead
+        from runtime.exit_head import ExitHead
 
         self.pool, self.runner = engine.pool, engine.runner
         self.eagle_head = draft if isinstance(draft, EagleHead) else None  # drafts on the target's features
+        self.exit_head = draft if isinstance(draft, ExitHead) else None  # drafts with the target's first layers
         if self.eagle_head is not None:
             draft = None
             self.runner.keep_features = True
+        elif self.exit_head is not None:
+            draft = None
         elif draft is not None and (draft.pool.num_blocks, draft.pool.block_size) != (self.pool.num_blocks,
                                                                                        self.pool.block_size):
             raise ValueError("the draft's KV pool must have the target's block size and block count")
         self.draft = draft
-        self.k = k if draft is not None or self.eagle_head is not None else 0
+        self.k = k if draft is not None or self.eagle_head is not None or self.exit_head is not None else 0
         self.max_context, self.max_running, self.max_queue = max_context, max_running, max_queue
         self.max_batch_tokens = max_batch_tokens
         self.decode_steps = decode_steps
@@ -390,7 +397,7 @@ class Scheduler(DraftSteps):
         scored = [s.prefilling and s.request.prompt_logprobs and s.index == 0 for s in batch]
         starts = [s.seq.cached for s in batch]
         last_only = [id(s) not in proposals and not full for s, full in zip(batch, scored, strict=True)]
-        logits = self.runner.forward([s.seq for s in batch], last_only=last_only, ends=ends)
+        logits = self._forward(batch, last_only, ends)
         features = self.runner.features if self.eagle_head is not None else [None] * len(batch)
         if chunks:  # the draft reads the same prompt chunks
             self.draft.runner.forward([s.draft_seq for s, _ in chunks], ends=[e for _, e in chunks])

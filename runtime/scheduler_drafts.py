@@ -1,6 +1,8 @@
 """The scheduler's speculative parts (`Scheduler` inherits them; split out for length): every decoding
 sequence's proposals before a step (an EAGLE head for all greedy ones in one pass per draft token, else per
-sequence; or a draft model's batched passes), and the exact rejection rule over each sequence's rows after."""
+sequence; an exit head per greedy sequence; or a draft model's batched passes), the step's target pass (an
+exit head's sequences verified from their layer-L states), and the exact rejection rule over each sequence's
+rows after."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from runtime.engine import accept_draft, accept_greedy, adjust_logits, draw, pro
 
 
 class DraftSteps:
-    """Reads the scheduler's k, max_context, draft, eagle_head, batched_drafting, stats and `_caches`."""
+    """Reads the scheduler's k, max_context, runner, draft, eagle_head, exit_head, batched_drafting, stats and
+    `_caches`."""
 
     def _propose(self, samples: list[Any]) -> dict[int, tuple[list[int], list[torch.Tensor]]]:
         """Up to k draft tokens per decoding sample (fewer near max_tokens or the context limit)."""
@@ -35,6 +38,16 @@ class DraftSteps:
                     proposals[id(sample)] = sample.eagle.propose(room[id(sample)], sample.request.params,
                                                                  sample.generator)
             active = []
+        if self.exit_head is not None:  # greedy sequences only (the exit's proposals are one-hot)
+            from runtime.exit_head import draft_with_exit
+
+            for sample in active:
+                params = sample.request.params
+                if params.temperature <= 0 and not params.adjusts_logits:
+                    tokens, sample.exit_states = draft_with_exit(self.runner, self.exit_head, sample.seq,
+                                                                 len(sample.seq.tokens) - 1, room[id(sample)])
+                    proposals[id(sample)] = (tokens, [None] * len(tokens))
+            active = []
         while active:
             logits = self.draft.runner.forward([s.draft_seq for s in active])
             for sample, rows in zip(active, logits, strict=True):
@@ -52,6 +65,28 @@ class DraftSteps:
         for sample in samples:
             sample.seq.tokens.extend(proposals[id(sample)][0])
         return proposals
+
+    def _forward(self, batch: list[Any], last_only: list[bool], ends: list[int]) -> list[torch.Tensor]:
+        """The target's pass over the step's rows: one batched pass, except the sequences an exit head drafted,
+        whose rows run only the layers after the exit, from the states the drafting left."""
+        exits = {i for i, s in enumerate(batch) if s.exit_states is not None}
+        if not exits:
+            return self.runner.forward([s.seq for s in batch], last_only=last_only, ends=ends)
+        from runtime.exit_head import verify_from_exit
+
+        rest = [i for i in range(len(batch)) if i not in exits]
+        logits: list[Any] = [None] * len(batch)
+        if rest:
+            passed = self.runner.forward([batch[i].seq for i in rest], last_only=[last_only[i] for i in rest],
+                                         ends=[ends[i] for i in rest])
+            for i, rows in zip(rest, passed, strict=True):
+                logits[i] = rows
+        for i in sorted(exits):
+            sample = batch[i]
+            logits[i] = verify_from_exit(self.runner, self.exit_head, sample.seq, sample.seq.cached,
+                                         sample.exit_states)
+            sample.seq.cached, sample.exit_states = ends[i], None  # every layer holds these positions now
+        return logits
 
     @staticmethod
     def _greedy_targets(batch: list[Any], logits: list[torch.Tensor], proposals: dict) -> dict[int, list[int]]:

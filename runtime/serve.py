@@ -531,15 +531,12 @@ def build_scheduler(cfg: ServeConfig, tokenizer: Any = None) -> Scheduler:
         if cfg.draft is not None:  # before any model is loaded or graph captured
             from runtime.exit_head import is_exit_head
 
-            if is_exit_head(cfg.draft):
-                raise UserError(f"draft: {cfg.draft} is an exit head (the target's own first layers): it runs in "
-                                "runtime.generate, not in the batched server yet")
             check_draft_target(cfg.draft, cfg.artifact, cfg.force)
             if cfg.device.startswith("cuda"):
                 print("warning: draft: speculative serving on CUDA is slower than serving without a draft today "
                       "(H200: 0.37-0.66x at 1-64 clients, docs/BENCHMARKS.md issue 19); runtime.generate --static "
                       "--draft is the fast speculative path", file=sys.stderr, flush=True)
-            if load_tokenizer(cfg.draft).get_vocab() != tokenizer.get_vocab():
+            if not is_exit_head(cfg.draft) and load_tokenizer(cfg.draft).get_vocab() != tokenizer.get_vocab():
                 raise UserError(f"draft: {cfg.draft} does not share the target's tokenizer")
         model = load_model(cfg.artifact, cfg.device)
         if not isinstance(model, torch.nn.Module) or not hasattr(model, "model"):
@@ -548,8 +545,10 @@ def build_scheduler(cfg: ServeConfig, tokenizer: Any = None) -> Scheduler:
         engine.runner.warm_up(cfg.max_running, cfg.max_batch_tokens)
         if cfg.draft is not None:
             from runtime.eagle import is_eagle_draft, load_head
+            from runtime.exit_head import load_exit_head
 
             draft = (load_head(cfg.draft, model) if is_eagle_draft(cfg.draft) else
+                     load_exit_head(cfg.draft, model) if is_exit_head(cfg.draft) else
                      Engine(load_model(cfg.draft, cfg.device), cfg.block_size, cfg.num_blocks))
         limit = getattr(model.config, "max_position_embeddings", None) or cfg.block_size * cfg.num_blocks
         max_context = min(cfg.max_model_len or limit, limit, cfg.block_size * cfg.num_blocks)

@@ -52,6 +52,20 @@ def make_tiny_llama(vocab_size: int = 512, hidden: int = 64, layers: int = 2, he
     return LlamaForCausalLM(config).eval()
 
 
+def tiny_target_and_exit(after_exit: float = 0.3):
+    """A 4-layer target whose greedy output varies and an exit head at layer 2 (the identity adapter: the
+    target's own norm and LM head on layer 2); the layers after it scaled by `after_exit` (0: the exit is the
+    target, every proposal accepted; 0.3: some accepted, some not)."""
+    from runtime.exit_head import new_exit_head
+
+    target = make_tiny_llama(vocab_size=300, hidden=96, layers=4, heads=6, kv_heads=2, tie=False, seed=1)
+    with torch.no_grad():
+        for layer in target.model.layers[2:]:
+            layer.self_attn.o_proj.weight.mul_(after_exit)
+            layer.mlp.down_proj.weight.mul_(after_exit)
+    return target, new_exit_head(target, 2).eval()
+
+
 FAMILY_EXTRAS = {  # what each family's tiny test model sets beyond the shared shape
     "llama": {},
     "mistral": {"sliding_window": 6},

@@ -213,6 +213,29 @@ def test_eagle_head_in_the_batch_keeps_greedy_output_and_samples():
     assert sorted(cache.free) == list(range(cache.scratch))
 
 
+def test_exit_head_in_the_batch_keeps_greedy_output_beside_chunks_and_samples():
+    """An exit head as the served draft: greedy sequences draft with the target's first layers and are verified
+    from their layer-L states beside the batched pass of prompt chunks and a sampled request (not drafted);
+    greedy = the target's greedy output, both branches of the acceptance run, every block comes back."""
+    from tests.conftest import tiny_target_and_exit
+
+    model, head = tiny_target_and_exit()
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 300, (n,), generator=gen).tolist() for n in (4, 30, 12, 1)]
+    prompts.append(prompts[1][:24] + [7, 7])  # shares three full blocks with the second prompt
+    scheduler = Scheduler(Engine(model, block_size=8, num_blocks=128), max_context=256, max_batch_tokens=16,
+                          draft=head, k=3)
+    sampled = Request(list(range(3, 20)), SamplingParams(max_new_tokens=9, temperature=1.0, seed=5))
+    scheduler.submit(sampled)
+    run_greedy(scheduler, model, prompts, 14)
+    drain(scheduler, [sampled])
+    stats = scheduler.stats
+    assert 0 < stats.draft_accepted < stats.draft_proposed
+    assert stats.step_kinds["mixed"][0] > 0  # drafted sequences verified while prompt chunks ran
+    assert len(sampled.outputs[0]) == 9
+    assert scheduler.pool.used == 0 and scheduler.reserved_blocks == 0
+
+
 @pytest.mark.parametrize("eagle", [False, True])
 def test_drafting_pauses_above_draft_max_batch(eagle):
     """With draft_max_batch=1 the draft proposes only once a single sequence decodes; both drafts stay in step

@@ -5,7 +5,7 @@ import torch
 
 from runtime.static_decode import StaticDecoder
 from runtime.static_speculative import StaticSpeculator
-from tests.conftest import greedy_reference, make_tiny_llama
+from tests.conftest import greedy_reference, make_tiny_llama, tiny_target_and_exit
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -130,19 +130,6 @@ def test_fused_verify_graphs_equal_target_greedy_every_time():
 EXIT_PROMPTS = [PROMPT, [3], [200, 201, 202, 203, 8, 8, 8, 19, 44, 45, 46, 47, 48]]
 
 
-def target_and_exit(after_exit: float = 0.3):
-    """A 4-layer target whose greedy output varies and an exit at layer 2 (the identity adapter: the target's
-    own norm and LM head on layer 2); the layers after it scaled by `after_exit` (0: the exit is the target)."""
-    from runtime.exit_head import new_exit_head
-
-    target = make_tiny_llama(vocab_size=300, hidden=96, layers=4, heads=6, kv_heads=2, tie=False, seed=1)
-    with torch.no_grad():
-        for layer in target.model.layers[2:]:
-            layer.self_attn.o_proj.weight.mul_(after_exit)
-            layer.mlp.down_proj.weight.mul_(after_exit)
-    return target, new_exit_head(target, 2).eval()
-
-
 def exit_speculator(target, head, k: int, fused: bool, vocab_ids=None):
     from runtime.static_speculative import StaticExitSpeculator
 
@@ -157,7 +144,7 @@ def exit_speculator(target, head, k: int, fused: bool, vocab_ids=None):
 def test_static_exit_greedy_equals_target_and_leaves_its_cache(k, fused):
     """The KV-sharing exit on the static decoder (PyTorch layers, or the Triton kernels: on the CPU under the
     interpreter): greedy = the target's, and every layer's cache at every kept column = a plain prefill's."""
-    target, head = target_and_exit()
+    target, head = tiny_target_and_exit()
     spec = exit_speculator(target, head, k, fused)
     proposed = accepted = 0
     for prompt in EXIT_PROMPTS:
@@ -178,7 +165,7 @@ def test_static_exit_greedy_equals_target_and_leaves_its_cache(k, fused):
 def test_static_exact_exit_is_always_accepted_and_vocab_subset():
     """Positive control (the layers after the exit add nothing: the exit is the target), then the same exit
     without one of the answer's tokens in its vocabulary: where the target says it, the exit cannot."""
-    target, head = target_and_exit(after_exit=0.0)
+    target, head = tiny_target_and_exit(after_exit=0.0)
     expected = greedy_reference(target, PROMPT, 13)
     spec = exit_speculator(target, head, 3, fused=False)
     assert spec.generate(PROMPT, 13) == expected
