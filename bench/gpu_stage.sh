@@ -29,6 +29,8 @@
 #   exit2a / exit2: (carry .gpu/a / .gpu/b, .whl, artifacts/gpu_like) the CUDA tests of the static decoder's
 #          speculators (the KV-sharing exit cycle among them); then two exit heads (after layer 8 and 15) trained
 #          side by side on the target's answers, each on the static decoder (fused + graphs) at k = 1..3
+#   exit3a / exit3: (as exit2a / exit2) early-exit drafts (the target's first 4 and 6 layers, distilled on its
+#          answers side by side), each on the static decoder at k = 1..3 (a draft model with its own cache)
 #   3: distillation of the 15-layer student on the H200 (bf16-mixed), held-out metrics
 #   paged: CUDA tests of the batched paged decode attention; engine decode steps, batched vs per sequence
 #   serve1 / serve2 / serve3: GPU serving (issue 17), in two calls (serve3: the final figures, shorter): CUDA tests of the paged kernels, fused step, scheduler and
@@ -578,6 +580,30 @@ t = make_tiny_tokenizer(); save_reference(Path('$W/tiny'), make_tiny_llama(vocab
       OUT="$OUT/exit$layer" timeout 140 python3 bench/static_speculative.py --target "$W/reference" \
         --draft "$W/exit$layer" --device cuda --k 1 2 3 --small gemv-rows --draft-vocab 0 8192 \
         --vocab-from "$W/answers.jsonl" --new-tokens 128 2>&1 | grep -v -i "warn\|Loading weights" | tail -14
+    done
+    ;;
+  exit3a)
+    cp .gpu/a/gguf.* "$W"/
+    ;;
+  exit3)
+    join_reference
+    train_early() {  # $1: the draft's layers (the target's first ones)
+      timeout 300 python3 -m compress.draft --target "$W/reference" --method early-exit --layers "$1" \
+        --out "$W/early$1" --prompts 16000 --answer-tokens 128 --eval-prompts 8 --k 3 --seq-len 512 --batch-size 16 \
+        --max-steps 40000 --max-minutes "${MINUTES:-2.5}" --lr 5e-4 --no-gradient-checkpointing --accelerator gpu \
+        --overwrite > "$OUT/early$1.log" 2>&1 || true
+    }
+    train_early 4 &
+    for _ in $(seq 150); do ls "$W"/early4.work/target-answers-*.jsonl > /dev/null 2>&1 && break; sleep 2; done
+    mkdir -p "$W/early6.work" && cp "$W"/early4.work/target-answers-*.jsonl "$W/early6.work/"  # the same answers
+    train_early 6 &
+    wait
+    for layers in 4 6; do
+      grep -v -i "warn\|it/s\]" "$OUT/early$layers.log" | tail -2
+      [ -d "$W/early$layers" ] || continue
+      OUT="$OUT/early$layers" timeout 140 python3 bench/static_speculative.py --target "$W/reference" \
+        --draft "$W/early$layers" --device cuda --k 1 2 3 --small gemv-rows --new-tokens 128 2>&1 \
+        | grep -v -i "warn\|Loading weights" | tail -8
     done
     ;;
   spec13)
