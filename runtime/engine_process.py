@@ -30,7 +30,7 @@ from typing import Any
 
 from core.errors import UserError
 from runtime.metrics import PoolCounters
-from runtime.scheduler import EngineGone, QueueFull, Request, SchedulerStats, check_request, worst_case_blocks
+from runtime.requests import EngineGone, QueueFull, Request, SchedulerStats, check_request, worst_case_blocks
 
 STATS_FIELDS = tuple(f.name for f in fields(SchedulerStats))
 

@@ -50,7 +50,8 @@ from runtime.openai_api import (
     new_id,
     now,
 )
-from runtime.scheduler import EngineGone, Event, QueueFull, Request, Scheduler
+from runtime.requests import EngineGone, Event, QueueFull, Request
+from runtime.scheduler import Scheduler
 
 
 @dataclass

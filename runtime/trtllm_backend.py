@@ -134,7 +134,7 @@ class TrtllmScheduler:  # pragma: no cover - needs TensorRT-LLM and a GPU
         import tensorrt_llm.bindings.executor as trtllm
 
         from runtime.metrics import PoolCounters
-        from runtime.scheduler import SchedulerStats
+        from runtime.requests import SchedulerStats
 
         self.trtllm = trtllm
         self.executor = trtllm.Executor(Path(engine_dir), trtllm.ModelType.DECODER_ONLY, trtllm.ExecutorConfig(1))
@@ -150,7 +150,7 @@ class TrtllmScheduler:  # pragma: no cover - needs TensorRT-LLM and a GPU
         return 0
 
     def submit(self, request: Any) -> None:
-        from runtime.scheduler import QueueFull
+        from runtime.requests import QueueFull
 
         p = request.params
         if request.logprobs is not None or request.prompt_logprobs or p.logit_bias:
