@@ -115,6 +115,21 @@ served_real() {  # the real model ($W/reference) over HTTP with and without the 
       --out "$OUT/serve-c$c-$arm-k$k.json" 2>&1 | grep -v -i "warn\|it/s" | grep -v "^CPU" | tail -4 || true
   done
 }
+two_drafts() {  # two drafts trained side by side on one GPU ($MINUTES each), the second on the first's answers;
+               # $1: method, $2: name prefix ($W/<prefix><layers>), $3: learning rate, $4 $5: their --layers
+  local method=$1 name=$2 lr=$3 first=$4 second=$5
+  train() {
+    timeout 300 python3 -m compress.draft --target "$W/reference" --method "$method" --layers "$1" \
+      --out "$W/$name$1" --prompts 16000 --answer-tokens 128 --eval-prompts 8 --k 3 --seq-len 512 --batch-size 16 \
+      --max-steps 40000 --max-minutes "${MINUTES:-2.5}" --lr "$lr" --no-gradient-checkpointing --accelerator gpu \
+      --overwrite > "$OUT/$name$1.log" 2>&1 || true
+  }
+  train "$first" &
+  for _ in $(seq 150); do ls "$W/$name$first.work"/target-answers-*.jsonl > /dev/null 2>&1 && break; sleep 2; done
+  mkdir -p "$W/$name$second.work" && cp "$W/$name$first.work"/target-answers-*.jsonl "$W/$name$second.work/"
+  train "$second" &
+  wait
+}
 case "$1" in
   1)
     cp .gpu/a/* "$W"/
@@ -561,17 +576,7 @@ t = make_tiny_tokenizer(); save_reference(Path('$W/tiny'), make_tiny_llama(vocab
     ;;
   exit2)
     join_reference
-    train_exit() {  # $1: the exit layer
-      timeout 300 python3 -m compress.draft --target "$W/reference" --method exit-head --layers "$1" \
-        --out "$W/exit$1" --prompts 16000 --answer-tokens 128 --eval-prompts 8 --k 3 --seq-len 512 --batch-size 16 \
-        --max-steps 40000 --max-minutes "${MINUTES:-2.5}" --lr 1e-3 --no-gradient-checkpointing --accelerator gpu \
-        --overwrite > "$OUT/exit$1.log" 2>&1 || true
-    }
-    train_exit 8 &
-    for _ in $(seq 150); do ls "$W"/exit8.work/target-answers-*.jsonl > /dev/null 2>&1 && break; sleep 2; done
-    mkdir -p "$W/exit15.work" && cp "$W"/exit8.work/target-answers-*.jsonl "$W/exit15.work/"  # the same answers
-    train_exit 15 &
-    wait
+    two_drafts exit-head exit 1e-3 8 15
     cp "$(ls "$W"/exit8.work/target-answers-*.jsonl | head -1)" "$W/answers.jsonl"
     for layer in 8 15; do
       grep -v -i "warn\|it/s\]" "$OUT/exit$layer.log" | tail -2
@@ -587,17 +592,7 @@ t = make_tiny_tokenizer(); save_reference(Path('$W/tiny'), make_tiny_llama(vocab
     ;;
   exit3)
     join_reference
-    train_early() {  # $1: the draft's layers (the target's first ones)
-      timeout 300 python3 -m compress.draft --target "$W/reference" --method early-exit --layers "$1" \
-        --out "$W/early$1" --prompts 16000 --answer-tokens 128 --eval-prompts 8 --k 3 --seq-len 512 --batch-size 16 \
-        --max-steps 40000 --max-minutes "${MINUTES:-2.5}" --lr 5e-4 --no-gradient-checkpointing --accelerator gpu \
-        --overwrite > "$OUT/early$1.log" 2>&1 || true
-    }
-    train_early 4 &
-    for _ in $(seq 150); do ls "$W"/early4.work/target-answers-*.jsonl > /dev/null 2>&1 && break; sleep 2; done
-    mkdir -p "$W/early6.work" && cp "$W"/early4.work/target-answers-*.jsonl "$W/early6.work/"  # the same answers
-    train_early 6 &
-    wait
+    two_drafts early-exit early 5e-4 4 6
     for layers in 4 6; do
       grep -v -i "warn\|it/s\]" "$OUT/early$layers.log" | tail -2
       [ -d "$W/early$layers" ] || continue
