@@ -150,8 +150,9 @@ class EagleDraft:
     runner's last pass) and by the scheduler (which hands it each sequence's rows of a batched pass, and
     one `HeadCache` for all its sequences, so that `propose_greedy` drafts for them together). Its slot
     of the head's cache holds one entry per position whose true feature is known; drafted entries past
-    them are overwritten by the next catch-up. Where the prefix cache served part of a prompt, the head
-    computes that part's features with one pass of the target (no cache).
+    them are overwritten by the next catch-up. Where the prefix cache served part of a prompt, the scheduler
+    hands over the features it kept for those blocks (`DraftSteps._give_prefix_features`); failing that,
+    the head computes them with one pass of the target (no cache).
     """
 
     def __init__(self, head: EagleHead, target_runner, cache=None, min_confidence: float = 0.0):

@@ -85,6 +85,7 @@ class SchedulerStats:
     speculative_tokens: int = 0  # tokens those passes produced
     draft_calls: int = 0  # drafting before a step (every sequence's proposals)
     draft_seconds: float = 0.0  # their wall time (not in step_kinds: no token is generated there)
+    prefix_feature_blocks: int = 0  # prefix-cache blocks whose EAGLE features came kept, not recomputed
     step_kinds: dict[str, list[float]] = field(default_factory=dict)  # kind -> [calls, tokens, s, host s]
 
     @property

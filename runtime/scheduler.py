@@ -100,6 +100,7 @@ class Scheduler(DraftSteps):
             self.head_cache = HeadCache(self.eagle_head, max_running, min(max_context + k + 1, 1024),
                                         graph_width=k + 1)
         self.batched_drafting = True  # greedy EAGLE proposals for all sequences in one head pass per token
+        self.prefix_features: OrderedDict[int, torch.Tensor] = OrderedDict()  # an EAGLE head's, by block hash
         self.waiting: list[tuple[int, float, int, Request]] = []
         self.running: list[_Sample] = []
         self.pending_siblings: list[tuple[_Sample, Request, int]] = []
@@ -199,6 +200,7 @@ class Scheduler(DraftSteps):
             hidden = self.runner.model.config.hidden_size
             sample.eagle.begin(request.prompt, rows=torch.empty(0, hidden, device=self.runner.device,
                                                                  dtype=next(self.eagle_head.parameters()).dtype))
+            self._give_prefix_features(sample)
         return sample
 
     def _caches(self, sample: _Sample) -> list[tuple[Any, Sequence]]:
@@ -207,6 +209,8 @@ class Scheduler(DraftSteps):
 
     def _free(self, sample: _Sample, register: bool = False) -> None:
         if sample.eagle is not None:
+            if register:
+                self._keep_prefix_features(sample)
             sample.eagle.release()
         for pool, seq in self._caches(sample):
             if register:
@@ -330,6 +334,8 @@ class Scheduler(DraftSteps):
                         seq.tokens.append(new[0])
             if sample.eagle is not None:  # the tokens that stand, then the target's new one
                 sample.eagle.accept(len(sample.seq.tokens) - 1, new[-1], feats, start)
+                if end == sample.prompt_len:  # the prompt's blocks were just registered (siblings come next)
+                    self._keep_prefix_features(sample)
             records = (token_logprobs(rows, new, request.logprobs) if request.logprobs is not None
                        else [(None, None)] * len(new))
             for token, (logprob, top) in zip(new, records, strict=True):

@@ -14,8 +14,8 @@ from runtime.engine import accept_draft, accept_greedy, adjust_logits, draw, pro
 
 
 class DraftSteps:
-    """Reads the scheduler's k, max_context, runner, draft, eagle_head, exit_head, batched_drafting, stats and
-    `_caches`."""
+    """Reads the scheduler's k, max_context, pool, runner, draft, eagle_head, exit_head, batched_drafting,
+    prefix_features, stats and `_caches`."""
 
     def _propose(self, samples: list[Any]) -> dict[int, tuple[list[int], list[torch.Tensor]]]:
         """Up to k draft tokens per decoding sample (fewer near max_tokens or the context limit)."""
@@ -65,6 +65,34 @@ class DraftSteps:
         for sample in samples:
             sample.seq.tokens.extend(proposals[id(sample)][0])
         return proposals
+
+    def _block_hashes(self, seq: Any, blocks: int) -> list[int]:
+        """The chain hashes of the sequence's first `blocks` blocks, as the prefix cache keys them."""
+        h, bs, hashes = 0, self.pool.block_size, []
+        for i in range(blocks):
+            h = self.pool.chain_hash(h, seq.tokens[i * bs:(i + 1) * bs])
+            hashes.append(h)
+        return hashes
+
+    def _keep_prefix_features(self, sample: Any) -> None:
+        """An EAGLE head's features of the sample's full blocks, kept by the blocks' chain hashes: a prompt the
+        prefix cache serves later gives them to its head instead of a pass of the target over the cached
+        part. At most as many blocks as the pool has, the least recently used dropped first."""
+        eagle, bs = sample.eagle, self.pool.block_size
+        for i, h in enumerate(self._block_hashes(sample.seq, min(sample.seq.cached, eagle.known) // bs)):
+            if h not in self.prefix_features:
+                self.prefix_features[h] = eagle.features[i * bs:(i + 1) * bs].clone()
+            self.prefix_features.move_to_end(h)
+        while len(self.prefix_features) > self.pool.num_blocks:
+            self.prefix_features.popitem(last=False)
+
+    def _give_prefix_features(self, sample: Any) -> None:
+        """At admission: the kept features of the blocks the prefix cache served, if it has all of them."""
+        blocks = sample.seq.cached // self.pool.block_size
+        rows = [self.prefix_features.get(h) for h in self._block_hashes(sample.seq, blocks)]
+        if rows and all(r is not None for r in rows):
+            sample.eagle.extend(torch.cat(rows), 0, sample.seq.cached)
+            self.stats.prefix_feature_blocks += blocks
 
     def _forward(self, batch: list[Any], last_only: list[bool], ends: list[int]) -> list[torch.Tensor]:
         """The target's pass over the step's rows: one batched pass, except the sequences an exit head drafted,

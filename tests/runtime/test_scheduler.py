@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from runtime.engine import Engine, SamplingParams
+from runtime.kv_cache import Sequence
 from runtime.scheduler import QueueFull, Request, Scheduler
 from tests.conftest import greedy_reference, make_tiny_llama
 
@@ -234,6 +235,38 @@ def test_exit_head_in_the_batch_keeps_greedy_output_beside_chunks_and_samples():
     assert stats.step_kinds["mixed"][0] > 0  # drafted sequences verified while prompt chunks ran
     assert len(sampled.outputs[0]) == 9
     assert scheduler.pool.used == 0 and scheduler.reserved_blocks == 0
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_eagle_head_takes_kept_features_for_a_prefix_cache_hit(keep, monkeypatch):
+    """A prompt whose first three blocks the prefix cache serves: the head gets those blocks' features as the
+    first request left them instead of a pass of the target over the cached part (counted); greedy output
+    stays the target's. Control (`keep=False`: the kept features dropped): the target runs once over them."""
+    from runtime.eagle import new_head
+
+    model = make_tiny_llama(vocab_size=300, hidden=96, layers=3, heads=6, kv_heads=2, tie=False, seed=4)
+    head = new_head(model).eval()
+    first = torch.randint(3, 300, (30,), generator=torch.Generator().manual_seed(3)).tolist()
+    scheduler = Scheduler(Engine(model, block_size=8, num_blocks=128), max_context=256, max_batch_tokens=64,
+                          draft=head, k=3)
+    run_greedy(scheduler, model, [first], 10)
+    with torch.no_grad():  # what the head's fallback computes for the three blocks: what was kept
+        truth = model.model(torch.tensor([first[:24]]), use_cache=False).last_hidden_state[0]
+    kept = torch.cat([scheduler.prefix_features[h] for h in scheduler._block_hashes(Sequence(first), 3)])
+    torch.testing.assert_close(kept, truth, rtol=1e-4, atol=1e-4)
+    if not keep:
+        scheduler.prefix_features.clear()
+    passes = []
+    forward = model.model.forward
+
+    def counted(*args, **kwargs):  # the head's fallback: the target's layers over the cached prompt part
+        passes.append(kwargs.get("use_cache"))
+        return forward(*args, **kwargs)
+    monkeypatch.setattr(model.model, "forward", counted)
+    run_greedy(scheduler, model, [first[:24] + [7, 7]], 10)
+    assert scheduler.pool.prefix_hits == 3
+    assert passes.count(False) == (0 if keep else 1)
+    assert scheduler.stats.prefix_feature_blocks == (3 if keep else 0)
 
 
 @pytest.mark.parametrize("eagle", [False, True])
