@@ -147,13 +147,14 @@ def test_static_exit_greedy_equals_target_and_leaves_its_cache(k, fused):
     target, head = tiny_target_and_exit()
     spec = exit_speculator(target, head, k, fused)
     proposed = accepted = 0
-    for prompt in EXIT_PROMPTS:
-        out = spec.generate(prompt, 16, use_graph=False)
-        assert out == greedy_reference(target, prompt, 16)
+    prompts, n = (EXIT_PROMPTS[::2], 12) if fused else (EXIT_PROMPTS, 16)  # the interpreter is slow
+    for prompt in prompts:
+        out = spec.generate(prompt, n, use_graph=False)
+        assert out == greedy_reference(target, prompt, n)
         proposed, accepted = proposed + spec.stats.cycles * k, accepted + spec.stats.accepted
     assert 0 < accepted < proposed  # both branches of the acceptance ran
     plain = StaticDecoder(target, 1, 64)
-    kept = EXIT_PROMPTS[-1] + out[:-1]  # the last token is the next cycle's input: in no cache yet
+    kept = prompts[-1] + out[:-1]  # the last token is the next cycle's input: in no cache yet
     plain.prefill([kept], 1)
     for (k_ours, v_ours), (k_plain, v_plain) in zip(spec.target.cache(1), plain.cache(1), strict=True):
         torch.testing.assert_close(k_ours[:, :, :len(kept)], k_plain[:, :, :len(kept)], rtol=1e-4, atol=1e-4)
