@@ -232,7 +232,7 @@ def test_exit_head_in_the_batch_keeps_greedy_output_beside_chunks_and_samples():
     drain(scheduler, [sampled])
     stats = scheduler.stats
     assert 0 < stats.draft_accepted < stats.draft_proposed
-    assert stats.step_kinds["mixed"][0] > 0  # drafted sequences verified while prompt chunks ran
+    assert stats.step_kinds["mixed"][0] > 0  # steps where prompt chunks ran beside decoding rows
     assert len(sampled.outputs[0]) == 9
     assert scheduler.pool.used == 0 and scheduler.reserved_blocks == 0
 
