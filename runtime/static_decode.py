@@ -135,8 +135,8 @@ class StaticDecoder(nn.Module):
         """The final norm of the last layer's output: what the LM head reads (and an EAGLE head too)."""
         return self._rms(hidden, self.norm)
 
-    def logits(self, features: torch.Tensor) -> torch.Tensor:
-        logits = features @ self.lm_head.t()
+    def logits(self, features: torch.Tensor, lm_head: torch.Tensor | None = None) -> torch.Tensor:
+        logits = features @ (self.lm_head if lm_head is None else lm_head).t()
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits
@@ -238,9 +238,9 @@ class StaticDecoder(nn.Module):
     def greedy(self, hidden: torch.Tensor, eager: bool = False, lm_head: torch.Tensor | None = None) -> torch.Tensor:
         """The greedy token after each row of last-layer outputs (T, hidden): the final norm, the LM head (or the
         given rows of it: an index into them) and the argmax in one kernel when the fused kernels are in use."""
+        if eager or self.step_fn != self.fused_step:
+            return self.logits(self.features(hidden), lm_head).argmax(-1)
         lm_head = self.lm_head if lm_head is None else lm_head
-        if eager or self.step_fn != self.fused_step:  # soft-capping keeps the argmax: left out
-            return (self.features(hidden) @ lm_head.t()).argmax(-1)
         from runtime.triton_decode import ARGMAX_EMPTY, fused_linear, unpack_argmax
 
         best = self.best[:hidden.shape[0]]

@@ -15,12 +15,12 @@ output (up to floating-point ties between the one-token and the (k + 1)-token ke
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from runtime.static_decode import StaticDecoder, capture_graph
 
@@ -214,15 +214,11 @@ class StaticExitSpeculator(StaticSpeculator):
         if not 0 < head.exit_layer < len(target.layers):
             raise ValueError(f"the exit layer {head.exit_layer} is not inside the target's {len(target.layers)}")
         device, dtype = target.device, target.dtype
-
-        def w(t: torch.Tensor) -> torch.Tensor:
-            return t.detach().to(device=device, dtype=dtype).contiguous()
-
         self.shallow, self.deep = slice(0, head.exit_layer), slice(head.exit_layer, None)
-        self.exit_norm, self.exit_eps = w(head.norm.weight), head.norm.eps or target.eps
-        self.w13, self.w2 = w(head.gate_up.weight), w(head.down.weight)
+        self.exit = copy.deepcopy(head).to(device=device, dtype=dtype).eval().requires_grad_(False)  # decoder dtype
+        self.exit_eps = head.norm.eps or target.eps
         self.vocab_ids = None if vocab_ids is None else vocab_ids.to(device)
-        self.exit_lm_head = target.lm_head if vocab_ids is None else w(target.lm_head[self.vocab_ids])
+        self.exit_lm_head = target.lm_head if vocab_ids is None else target.lm_head[self.vocab_ids]
         self.states = torch.zeros(k + 1, target.embed.shape[1], dtype=dtype, device=device)  # layer-L outputs
 
     def _prefill_draft(self, prompt: list[int], new_tokens: int) -> None:
@@ -231,15 +227,14 @@ class StaticExitSpeculator(StaticSpeculator):
     def _exit_token(self, state: torch.Tensor) -> torch.Tensor:
         """A layer-L state (1, hidden) -> the exit's greedy token (1,): the adapter, the final norm, the LM head."""
         target = self.target
-        if target.step_fn == target.fused_step:
+        if target.step_fn == target.fused_step:  # the adapter's two linears with the fused kernels' epilogues
             from runtime.triton_decode import fused_linear
 
-            gated = fused_linear(state, self.w13, norm=self.exit_norm, eps=self.exit_eps, swiglu=True)
-            hidden = fused_linear(gated, self.w2, residual=state)
+            exit_ = self.exit
+            gated = fused_linear(state, exit_.gate_up.weight, norm=exit_.norm.weight, eps=self.exit_eps, swiglu=True)
+            hidden = fused_linear(gated, exit_.down.weight, residual=state)
         else:
-            gate, up = (F.rms_norm(state, self.exit_norm.shape, self.exit_norm, self.exit_eps)
-                        @ self.w13.t()).chunk(2, dim=-1)
-            hidden = state + (F.silu(gate) * up) @ self.w2.t()
+            hidden = self.exit(state)
         best = target.greedy(hidden, lm_head=self.exit_lm_head)
         return best if self.vocab_ids is None else self.vocab_ids[best]
 
